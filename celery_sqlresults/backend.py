@@ -1,0 +1,321 @@
+"""The Celery result-backend protocol, mapped onto :mod:`celery_sqlresults.store`.
+
+Thin by design: this module turns Celery's calls into rows and rows back
+into Celery's meta dicts; the SQL lives in ``store.py``, waiting in
+``wait.py``, schema creation in ``startup.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from celery import states
+from celery.backends.base import BaseBackend
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import GroupResult, result_from_tuple
+from celery.utils.time import maybe_timedelta
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from .exceptions import SQLResultsError
+from .settings import Settings
+from .startup import ensure_schema
+from .store import Store
+from .wait import waiter_for
+
+__all__ = ["SQLResultsBackend"]
+
+logger = logging.getLogger("celery_sqlresults")
+
+_PICKLE = "application/x-python-serialize"
+_DEFAULT_MAX_RETRIES = 10
+
+
+class SQLResultsBackend(BaseBackend):
+    """Celery result backend storing results in SQL tables Celery's ``db+`` also reads.
+
+    Select it with ``result_backend = "sql+<SQLAlchemy URL>"``.
+    """
+
+    supports_native_join = True
+    #: ``ResultSet.iterate`` sleeps this long between ids; our joins batch instead.
+    subpolling_interval = 0.005
+
+    def __init__(
+        self,
+        app: Any = None,
+        url: str | None = None,
+        dburi: str | None = None,
+        engine_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, expires_type=maybe_timedelta, url=url, **kwargs)
+        conf = self.app.conf
+        self.settings = Settings.from_app(self.app, url or dburi, engine_options)
+        # Keep the URL Celery shows (as_uri masks the password).
+        self.url = self.settings.url.render_as_string(hide_password=False)
+        # Like Celery's db+: retry transient database errors unless told otherwise.
+        if not conf.value_set_for("result_backend_always_retry"):
+            self.always_retry = True
+        if not conf.value_set_for("result_backend_max_retries"):
+            self.max_retries = _DEFAULT_MAX_RETRIES
+        self.store = Store(self.settings)
+        self._waiter = waiter_for(self.store, self.settings)
+        if self.settings.create_tables_on_startup:
+            try:
+                ensure_schema(self.store, wait=0)
+            except (SQLResultsError, DBAPIError) as exc:
+                # A process that only reads must not die here; workers and
+                # beat retry (bounded) and fail loudly in their start-up hook.
+                logger.warning("celery-sqlresults: schema not checked yet: %s", exc)
+
+    @property
+    def extended_result(self) -> bool:
+        return bool(self.app.conf.find_value_for_key("extended", "result"))
+
+    # ---- retries --------------------------------------------------------
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        if isinstance(exc, (OperationalError, InterfaceError)):
+            return True
+        return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+    # ---- tasks --------------------------------------------------------
+    def _store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(
+            result=result,
+            state=state,
+            traceback=traceback,
+            request=request,
+            format_date=False,
+            encode=True,
+        )
+        children = meta.get("children")
+        row: dict[str, Any] = {
+            "task_id": bytes_to_str(task_id),
+            "status": state,
+            "result": ensure_bytes(self.encode(result)),
+            "traceback": traceback,
+            "date_done": _to_utc_naive(meta.get("date_done")),
+            "children": ensure_bytes(self.encode(children)) if children else None,
+        }
+        if self.extended_result and request is not None:
+            for key in ("name", "args", "kwargs", "worker", "retries", "queue"):
+                row[key] = meta.get(key)
+            stamped = meta.get("stamped_headers")
+            row["stamps"] = (
+                ensure_bytes(
+                    self.encode(
+                        {
+                            "stamped_headers": stamped,
+                            "stamps": {h: meta.get(h) for h in stamped if h in meta},
+                        }
+                    )
+                )
+                if stamped
+                else None
+            )
+        self.store.store_task(row, notify=self._waiter.notifies and state in self.READY_STATES)
+        return result
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        row = self.store.get_task(bytes_to_str(task_id))
+        if row is None:
+            return {
+                "task_id": bytes_to_str(task_id),
+                "status": states.PENDING,
+                "result": None,
+                "traceback": None,
+                "date_done": None,
+                "children": None,
+            }
+        return self._meta_from_row(row)
+
+    def task_result_exists(self, task_id: str) -> bool:
+        return bool(self._ensure_retryable(self.store.task_exists, bytes_to_str(task_id)))
+
+    def _forget(self, task_id: str) -> None:
+        self.store.forget(bytes_to_str(task_id))
+
+    def cleanup(self) -> None:
+        """Delete results older than ``result_expires`` (beat's ``celery.backend_cleanup``)."""
+        expires = self.expires
+        if not expires:
+            return
+        if not isinstance(expires, timedelta):
+            expires = timedelta(seconds=float(expires))
+        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - expires
+        deleted = self._ensure_retryable(self.store.cleanup, cutoff)
+        logger.info("celery-sqlresults: cleanup removed %d expired row(s)", deleted)
+
+    # ---- groups -------------------------------------------------------
+    def _save_group(self, group_id: str, result: GroupResult) -> GroupResult:
+        payload = ensure_bytes(self.encode(self.prepare_value(result)))
+        self.store.save_group(bytes_to_str(group_id), payload, _utc_now_naive())
+        return result
+
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
+        row = self.store.get_group(bytes_to_str(group_id))
+        if row is None:
+            return None
+        value = self._decode_column(row["result"])
+        return {
+            "taskset_id": row["taskset_id"],
+            "result": None if value is None else result_from_tuple(value, self.app),
+            "date_done": _aware(row["date_done"]),
+        }
+
+    def _delete_group(self, group_id: str) -> None:
+        self.store.delete_group(bytes_to_str(group_id))
+
+    # ---- waiting ------------------------------------------------------
+    def wait_for(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Any = None,
+    ) -> dict[str, Any]:
+        """Wait for one task: wake on NOTIFY (PostgreSQL) or poll from 1 ms upwards."""
+        self._ensure_not_eager()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._waiter.watch([bytes_to_str(task_id)], interval) as wait:
+            while True:
+                meta = self.get_task_meta(task_id)
+                if meta["status"] in states.READY_STATES:
+                    return meta
+                if on_interval:
+                    on_interval()
+                wait(_remaining(deadline))
+
+    def get_many(
+        self,
+        task_ids: Iterable[str],
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Any = None,
+        on_interval: Any = None,
+        max_iterations: int | None = None,
+        READY_STATES: frozenset[str] = states.READY_STATES,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(task_id, meta)`` as tasks become ready; one query per batch of ids."""
+        interval = 0.5 if interval is None else interval
+        pending = {bytes_to_str(t) for t in task_ids}
+        for task_id in list(pending):
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                pending.discard(task_id)
+                yield task_id, cached
+        deadline = None if timeout is None else time.monotonic() + timeout
+        iterations = 0
+        with self._waiter.watch(pending, interval) as wait:
+            while pending:
+                rows = self._ensure_retryable(self.store.get_ready, sorted(pending))
+                for row in rows:
+                    meta = self._meta_from_row(row)
+                    task_id = meta["task_id"]
+                    if task_id not in pending or meta["status"] not in READY_STATES:
+                        continue
+                    pending.discard(task_id)
+                    self._cache[task_id] = meta
+                    if on_message is not None:
+                        on_message(meta)
+                    yield task_id, meta
+                if not pending:
+                    break
+                if on_interval:
+                    on_interval()
+                iterations += 1
+                if max_iterations and iterations >= max_iterations:
+                    break
+                wait(_remaining(deadline))
+
+    # ---- rows <-> meta ------------------------------------------------
+    def _meta_from_row(self, row: RowMapping) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "task_id": row["task_id"],
+            "status": row["status"],
+            "result": self._decode_column(row["result"]),
+            "traceback": row["traceback"],
+            "date_done": _aware(row["date_done"]),
+            "children": self._decode_column(row.get("children")),
+        }
+        for key in ("name", "worker", "retries", "queue"):
+            if key in row:
+                meta[key] = row[key]
+        for key in ("args", "kwargs"):
+            if key in row:
+                meta[key] = self._decode_column(row[key])
+        stamps = self._decode_column(row.get("stamps"), quiet=True)
+        if isinstance(stamps, dict):
+            if "stamped_headers" in stamps:
+                meta["stamped_headers"] = stamps["stamped_headers"]
+            if isinstance(stamps.get("stamps"), dict):
+                meta.update(stamps["stamps"])
+        return self.meta_from_decoded(meta)
+
+    def _decode_column(self, payload: Any, quiet: bool = False) -> Any:
+        """Decode a stored value with the result serializer.
+
+        Rows written by very old Celery versions hold a raw pickle whatever the
+        serializer; those are unpickled only if the app accepts pickle.
+        """
+        if payload is None:
+            return None
+        payload = ensure_bytes(payload)
+        try:
+            return self.decode(payload)
+        except Exception:
+            if payload[:1] == b"\x80" and _PICKLE in self.accept:
+                return pickle.loads(payload)
+            if quiet:
+                return None
+            raise
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        kwargs.update({"url": self.url, "expires": self.expires})
+        return super().__reduce__(args, kwargs)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CeleryTimeoutError("The operation timed out.")
+    return left
+
+
+def _utc_now_naive() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _to_utc_naive(value: datetime | None) -> datetime | None:
+    """Store UTC wall-clock time in Celery's naive ``DateTime`` column."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)

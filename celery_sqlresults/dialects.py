@@ -1,0 +1,184 @@
+"""Everything that differs between PostgreSQL, MySQL/MariaDB and SQLite.
+
+The rest of the package asks this module for a :class:`Dialect` and never
+looks at the dialect name itself. Each dialect knows how to write the
+never-overwrite-SUCCESS upsert, how to serialise schema creation with the
+database's own lock, how to delete in bounded batches and how to recognise
+"that table does not exist".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from celery import states
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+__all__ = ["SUPPORTED", "Dialect", "dialect_for"]
+
+#: Names a user may put in front of ``+driver`` in the URL.
+SUPPORTED = ("postgresql", "mysql", "mariadb", "sqlite")
+
+#: Stable key for PostgreSQL's advisory lock and MySQL's named lock.
+_LOCK_NAME = "celery_sqlresults.schema"
+_PG_LOCK_KEY = 0x53514C52  # "SQLR"
+
+_MISSING_TABLE = re.compile(r"no such table|doesn't exist|does not exist|undefined_?table", re.I)
+# PostgreSQL SQLSTATE for undefined table, MySQL/MariaDB errno for the same.
+_PG_UNDEFINED_TABLE = "42P01"
+_MYSQL_NO_SUCH_TABLE = 1146
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One database family's way of doing the few things SQL does not standardise."""
+
+    name: str
+
+    # ---- writes -------------------------------------------------------
+    def upsert(self, table: sa.Table, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        """INSERT … or UPDATE the row for ``task_id``, unless it already holds SUCCESS.
+
+        The SUCCESS rule lives in the statement, so it holds against any
+        concurrent writer without a read first or a row lock held by Python.
+        """
+        values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
+        if id_seq:
+            values["id"] = _next_id(table)
+        updated = [c for c in columns if c != "task_id"]
+        if self.name == "mysql":
+            stmt = mysql.insert(table).values(values)
+            guard = table.c.status == states.SUCCESS
+            # MySQL applies assignments left to right: status must come last,
+            # or the guard would see the freshly written value.
+            ordered = sorted(updated, key=lambda c: c == "status")
+            return stmt.on_duplicate_key_update(
+                [(c, sa.case((guard, table.c[c]), else_=stmt.inserted[c])) for c in ordered]
+            )
+        ins = (postgresql if self.name == "postgresql" else sqlite).insert(table).values(values)
+        return ins.on_conflict_do_update(
+            index_elements=[table.c.task_id],
+            set_={c: ins.excluded[c] for c in updated},
+            where=sa.or_(table.c.status.is_(None), table.c.status != states.SUCCESS),
+        )
+
+    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        """Plain upsert on ``key`` (group rows: the newest save wins)."""
+        values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
+        if id_seq:
+            values["id"] = _next_id(table)
+        updated = [c for c in columns if c != key]
+        if self.name == "mysql":
+            stmt = mysql.insert(table).values(values)
+            return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in updated})
+        ins = (postgresql if self.name == "postgresql" else sqlite).insert(table).values(values)
+        return ins.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in updated}
+        )
+
+    def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
+        """The upsert plus a ``pg_notify`` of the written task id, still one statement.
+
+        Only PostgreSQL has notifications; elsewhere the upsert is returned as is.
+        The notification is sent at commit, and only when the row was written.
+        """
+        if self.name != "postgresql":
+            return upsert
+        written = upsert.returning(table.c.task_id).cte("written")
+        return sa.select(sa.func.pg_notify(channel, written.c.task_id))
+
+    def id_from_sequence(self, id_column: dict[str, Any]) -> bool:
+        """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).
+
+        Decided from the reflected table, so tables made by any Celery or
+        SQLAlchemy version (sequence or auto-increment) are written correctly.
+        """
+        if self.name == "sqlite":
+            return False
+        if self.name == "mysql":
+            return not id_column.get("autoincrement", False)
+        return id_column.get("default") is None and not id_column.get("identity")
+
+    def delete_batch(self, table: sa.Table, where: sa.ColumnElement[bool], limit: int) -> sa.Delete:
+        """DELETE at most ``limit`` rows matching ``where`` (short transactions, short locks)."""
+        if self.name == "mysql":
+            return sa.delete(table).where(where).with_dialect_options(mysql_limit=limit)
+        ids = sa.select(table.c.id).where(where).limit(limit).scalar_subquery()
+        return sa.delete(table).where(table.c.id.in_(ids))
+
+    # ---- schema -------------------------------------------------------
+    @contextlib.contextmanager
+    def schema_lock(self, conn: Connection, timeout: float) -> Iterator[None]:
+        """Hold the database's own lock for schema changes while the block runs.
+
+        PostgreSQL: a transaction-scoped advisory lock (DDL is transactional
+        there, so the lock and the CREATEs commit together). MySQL/MariaDB:
+        ``GET_LOCK``. SQLite: ``BEGIN IMMEDIATE``, the database write lock.
+        """
+        if self.name == "postgresql":
+            with conn.begin():
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(timeout * 1000)}ms'"))
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+                yield
+        elif self.name == "mysql":
+            got = conn.execute(
+                sa.text("SELECT GET_LOCK(:n, :t)"), {"n": _LOCK_NAME, "t": int(timeout)}
+            ).scalar()
+            conn.commit()
+            if got != 1:
+                raise TimeoutError(f"waited {timeout:.0f}s for MySQL lock {_LOCK_NAME!r}")
+            try:
+                yield
+                conn.commit()
+            finally:
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": _LOCK_NAME})
+                conn.commit()
+        else:
+            # The pysqlite driver opens transactions lazily and never for DDL;
+            # take manual control so the DDL runs inside our write lock.
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.exec_driver_sql("ROLLBACK")
+                raise
+            conn.exec_driver_sql("COMMIT")
+
+    # ---- errors -------------------------------------------------------
+    def is_missing_table(self, exc: BaseException) -> bool:
+        """True when ``exc`` says a table does not exist (and nothing else went wrong)."""
+        orig = getattr(exc, "orig", None)
+        if orig is None:
+            return False
+        if self.name == "postgresql":
+            return getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE
+        if self.name == "mysql":
+            args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+            return bool(args) and args[0] == _MYSQL_NO_SUCH_TABLE
+        return bool(_MISSING_TABLE.search(str(orig)))
+
+
+def _next_id(table: sa.Table) -> Any:
+    """``nextval`` of the sequence Celery's layout gives ``id`` (PostgreSQL, MariaDB).
+
+    Drawn inline so the write stays one statement; tables whose ``id``
+    auto-increments (SQLite, MySQL) leave the column out instead.
+    """
+    seq = table.c.id.default
+    assert isinstance(seq, sa.Sequence)
+    return seq.next_value()
+
+
+def dialect_for(name: str) -> Dialect:
+    """The :class:`Dialect` for an SQLAlchemy dialect name (``mariadb`` is ``mysql``)."""
+    family = "mysql" if name in ("mysql", "mariadb") else name
+    if family not in ("postgresql", "mysql", "sqlite"):
+        raise ValueError(name)
+    return Dialect(family)

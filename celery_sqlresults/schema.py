@@ -1,0 +1,92 @@
+"""The result tables, laid out exactly as Celery's ``db+`` backend lays them out.
+
+Same names, columns, types, sequences and the ``date_done`` index, so a
+``db+`` user who switches to ``sql+`` keeps every row and ``db+`` can still
+read what we write. The one deliberate difference: on MySQL/MariaDB the
+binary columns are ``LONGBLOB`` in tables *we* create, so results over 64 KB
+fit (``db+`` reads them the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from celery import states
+from sqlalchemy.dialects import mysql
+
+__all__ = ["DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables"]
+
+#: Table names Celery uses unless ``database_table_names`` says otherwise.
+DEFAULT_NAMES = {"task": "celery_taskmeta", "group": "celery_tasksetmeta"}
+
+#: Columns Celery fills only with ``result_extended`` (always created, as Celery does).
+EXTENDED_COLUMNS = ("name", "args", "kwargs", "worker", "retries", "queue", "stamps")
+
+_Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The task and group tables of one configuration, in their own ``MetaData``."""
+
+    metadata: sa.MetaData
+    task: sa.Table
+    group: sa.Table
+
+    @property
+    def all(self) -> tuple[sa.Table, ...]:
+        return (self.task, self.group)
+
+
+def build_tables(
+    names: dict[str, str] | None = None, schemas: dict[str, str | None] | None = None
+) -> Tables:
+    """Build the tables for the given ``database_table_names``/``database_table_schemas``."""
+    names = {**DEFAULT_NAMES, **(names or {})}
+    schemas = schemas or {}
+    md = sa.MetaData()
+    task_schema, group_schema = schemas.get("task"), schemas.get("group")
+    task = sa.Table(
+        names["task"],
+        md,
+        sa.Column(
+            "id",
+            sa.Integer,
+            sa.Sequence("task_id_sequence", schema=task_schema),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("status", sa.String(50), default=states.PENDING),
+        sa.Column("result", _Blob, nullable=True),
+        sa.Column("date_done", sa.DateTime, nullable=True, index=True),
+        sa.Column("traceback", sa.Text, nullable=True),
+        sa.Column("children", _Blob, nullable=True),
+        sa.Column("name", sa.String(155), nullable=True),
+        sa.Column("args", _Blob, nullable=True),
+        sa.Column("kwargs", _Blob, nullable=True),
+        sa.Column("worker", sa.String(155), nullable=True),
+        sa.Column("retries", sa.Integer, nullable=True),
+        sa.Column("queue", sa.String(155), nullable=True),
+        sa.Column("stamps", _Blob, nullable=True),
+        schema=task_schema,
+        sqlite_autoincrement=True,
+    )
+    group = sa.Table(
+        names["group"],
+        md,
+        sa.Column(
+            "id",
+            sa.Integer,
+            sa.Sequence("taskset_id_sequence", schema=group_schema),
+            primary_key=True,
+            autoincrement=True,
+        ),
+        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("result", _Blob, nullable=True),
+        sa.Column("date_done", sa.DateTime, nullable=True, index=True),
+        schema=group_schema,
+        sqlite_autoincrement=True,
+    )
+    return Tables(md, task, group)

@@ -1,0 +1,206 @@
+"""Creating the schema at start-up: once per process, under the database's lock.
+
+Three entry points:
+
+* :func:`ensure_schema` — what the backend runs when it is constructed and
+  what a worker/beat runs while starting (through the signals connected at
+  the bottom). Costs one catalog query when the tables are already there.
+* :func:`create_schema` — the DDL itself, serialised across processes and
+  hosts with the database's own lock; also what lazy mode runs on first write.
+* :func:`wait_for_database` — bounded retry with backoff while the database
+  is unreachable, ending in an error that shows the masked URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from celery import signals
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from .exceptions import DatabaseUnavailable, SchemaMissing
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["create_schema", "ensure_schema"]
+
+logger = logging.getLogger("celery_sqlresults")
+
+_ready: set[str] = set()
+_ready_lock = threading.Lock()
+
+
+def _target(store: Store) -> str:
+    names = ",".join(t.fullname for t in store.tables.all)
+    return f"{store.settings.url.render_as_string(hide_password=False)}|{names}"
+
+
+def create_schema(store: Store) -> list[str]:
+    """Create missing tables and columns; return the names of the tables created.
+
+    Checks first without a lock (the common case: nothing to do), then takes
+    the database's schema lock and checks again, so any number of processes
+    starting together create each object exactly once.
+    """
+    with store.engine.connect() as conn:
+        if not _needs_ddl(store, conn):
+            return []
+    timeout = store.settings.lock_timeout
+    with store.engine.connect() as conn:
+        # Schema work runs in a real transaction, not the hot path's autocommit.
+        if store.dialect.name != "sqlite":
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+        with store.dialect.schema_lock(conn, timeout):
+            missing = store.missing_tables(conn)
+            try:
+                store.tables.metadata.create_all(conn, tables=missing, checkfirst=True)
+            except DBAPIError as exc:
+                raise SchemaMissing(_no_rights_message(store, missing, exc)) from None
+            _add_missing_columns(store, conn)
+    store.forget_layout()
+    if missing:
+        logger.info(
+            "celery-sqlresults: created %s at %s",
+            ", ".join(t.fullname for t in missing),
+            store.settings.masked_url,
+        )
+    return [t.fullname for t in missing]
+
+
+def ensure_schema(store: Store, wait: float | None = None) -> None:
+    """Make sure the schema exists, once per process and target.
+
+    ``wait`` bounds how long an unreachable database is retried (default:
+    ``sqlresults_startup_timeout``).
+    """
+    key = _target(store)
+    if key in _ready:
+        return
+    with _ready_lock:
+        if key in _ready:
+            return
+        wait_for_database(store, store.settings.startup_timeout if wait is None else wait)
+        _ready.add(key)
+
+
+def wait_for_database(store: Store, wait: float) -> None:
+    """Run :func:`create_schema`, retrying with backoff for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.1
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            create_schema(store)
+            return
+        except (OperationalError, TimeoutError) as exc:
+            left = deadline - time.monotonic()
+            reason = _reason(exc)
+            if left <= 0:
+                raise DatabaseUnavailable(
+                    f"result database {store.settings.masked_url} unreachable after "
+                    f"{attempt} attempt(s) in {wait:.0f}s: {reason}. Start the database or "
+                    "fix result_backend; raise sqlresults_startup_timeout to wait longer."
+                ) from None
+            logger.warning(
+                "celery-sqlresults: result database %s not reachable (%s); retrying in %.1fs",
+                store.settings.masked_url,
+                reason,
+                min(delay, left),
+            )
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 5.0)
+
+
+def _needs_ddl(store: Store, conn: sa.Connection) -> bool:
+    layout = store.layout(conn)
+    return layout is None or bool(
+        _missing_columns(store, layout.task_columns, layout.group_columns)
+    )
+
+
+def _missing_columns(
+    store: Store, task_columns: frozenset[str], group_columns: frozenset[str]
+) -> list[tuple[sa.Table, sa.Column[Any]]]:
+    out: list[tuple[sa.Table, sa.Column[Any]]] = []
+    for table, present in ((store.tables.task, task_columns), (store.tables.group, group_columns)):
+        out.extend((table, c) for c in table.columns if c.name not in present)
+    return out
+
+
+def _add_missing_columns(store: Store, conn: sa.Connection) -> None:
+    """Adopt tables from older Celery versions: add the nullable columns they lack.
+
+    Without ALTER rights we log and carry on: the backend then reads and
+    writes only the columns that exist.
+    """
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    store.forget_layout()
+    layout = store.layout(conn)
+    if layout is None:
+        return
+    missing = _missing_columns(store, layout.task_columns, layout.group_columns)
+    if not missing:
+        return
+    ops = Operations(MigrationContext.configure(conn))
+    for table, column in missing:
+        try:
+            ops.add_column(table.name, column._copy(), schema=table.schema)
+        except DBAPIError as exc:
+            logger.warning(
+                "celery-sqlresults: could not add column %s.%s (%s); continuing without it",
+                table.fullname,
+                column.name,
+                _reason(exc),
+            )
+            return
+    store.forget_layout()
+
+
+def _no_rights_message(store: Store, missing: list[sa.Table], exc: DBAPIError) -> str:
+    names = ", ".join(t.fullname for t in missing) or "(columns only)"
+    return (
+        f"result tables {names} are missing at {store.settings.masked_url} and could not be "
+        f"created: {_reason(exc)}. Create them once as a user with CREATE rights: "
+        "`celery -A proj results init` (or `celery_sqlresults.create_tables(app)`), "
+        "or grant CREATE to this user."
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return " ".join(str(orig).split())[:300]
+
+
+# ---- worker and beat start-up ---------------------------------------------
+def _ensure_for_app(app: Any) -> None:
+    from .backend import SQLResultsBackend
+
+    backend = app.backend
+    if isinstance(backend, SQLResultsBackend) and backend.settings.create_tables_on_startup:
+        ensure_schema(backend.store)
+        logger.info(
+            "celery-sqlresults: result schema ready (%s) at %s",
+            ", ".join(t.fullname for t in backend.store.tables.all),
+            backend.settings.masked_url,
+        )
+
+
+@signals.celeryd_after_setup.connect(weak=False)
+def _on_worker_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Worker: logging is configured and no task has been consumed yet."""
+    if instance is not None:
+        _ensure_for_app(instance.app)
+
+
+@signals.beat_init.connect(weak=False)
+def _on_beat_init(sender: Any = None, **_: Any) -> None:
+    if sender is not None:
+        _ensure_for_app(sender.app)

@@ -1,0 +1,279 @@
+"""All SQL the backend runs, readable top to bottom.
+
+Each public method is one statement per call (one per batch for
+:meth:`Store.get_ready`), executed in autocommit on the process's pooled
+engine. Statements are built once per table layout and reused.
+
+Missing tables never make a read fail: a read of a table that does not
+exist answers "nothing stored". A write to a missing table creates the
+schema first (that is how lazy mode creates it), then writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from celery import states
+from sqlalchemy.engine import Connection, Engine, RowMapping
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
+
+from .dialects import Dialect, dialect_for
+from .engine import get_engine
+from .exceptions import SchemaMissing
+from .schema import Tables, build_tables
+from .settings import Settings
+
+__all__ = ["BATCH_SIZE", "Store"]
+
+#: Ids per query in :meth:`Store.get_ready`: well inside every driver's parameter limit.
+BATCH_SIZE = 1000
+#: Rows per DELETE in :meth:`Store.cleanup`: short transactions, short locks.
+CLEANUP_BATCH = 5000
+
+_READY = sorted(states.READY_STATES)
+T = TypeVar("T")
+
+
+@dataclass
+class _Layout:
+    """What the tables in the database actually look like, and the statements for them."""
+
+    task_columns: frozenset[str]
+    group_columns: frozenset[str]
+    task_seq: bool
+    group_seq: bool
+    statements: dict[Any, sa.Executable] = field(default_factory=dict)
+
+
+class Store:
+    """The result tables of one configuration, and every statement run against them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tables: Tables = build_tables(settings.table_names, settings.table_schemas)
+        self.dialect: Dialect = dialect_for(settings.url.get_backend_name())
+        self.channel = _channel_name(self.tables.task)
+        self._layout: _Layout | None = None
+        self._layout_lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.settings)
+
+    # ---- writes -------------------------------------------------------
+    def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:
+        """Insert or update one task row; a stored SUCCESS is never replaced."""
+
+        def run(conn: Connection, layout: _Layout) -> None:
+            row = {k: v for k, v in values.items() if k in layout.task_columns}
+            conn.execute(self._task_upsert(layout, tuple(row), notify), row)
+
+        self._write(run)
+
+    def save_group(self, group_id: str, result: bytes, date_done: datetime) -> None:
+        def run(conn: Connection, layout: _Layout) -> None:
+            key = ("group_upsert",)
+            stmt = layout.statements.get(key)
+            if stmt is None:
+                stmt = layout.statements[key] = self.dialect.replace(
+                    self.tables.group,
+                    "taskset_id",
+                    ("taskset_id", "result", "date_done"),
+                    layout.group_seq,
+                )
+            conn.execute(stmt, {"taskset_id": group_id, "result": result, "date_done": date_done})
+
+        self._write(run)
+
+    def forget(self, task_id: str) -> None:
+        t = self.tables.task
+        self._run(lambda c, _: c.execute(sa.delete(t).where(t.c.task_id == task_id)), None)
+
+    def delete_group(self, group_id: str) -> None:
+        g = self.tables.group
+        self._run(lambda c, _: c.execute(sa.delete(g).where(g.c.taskset_id == group_id)), None)
+
+    def cleanup(self, cutoff: datetime, batch: int = CLEANUP_BATCH) -> int:
+        """Delete rows finished before ``cutoff``, ``batch`` per statement; return the count."""
+        deleted = 0
+        for table in self.tables.all:
+            stmt = self.dialect.delete_batch(table, table.c.date_done < cutoff, batch)
+
+            def run(conn: Connection, _: _Layout, stmt: sa.Executable = stmt) -> int:
+                return int(conn.execute(stmt).rowcount)
+
+            while True:
+                n = self._run(run, 0)
+                deleted += n
+                if n < batch:
+                    break
+        return deleted
+
+    # ---- reads --------------------------------------------------------
+    def get_task(self, task_id: str) -> RowMapping | None:
+        def run(conn: Connection, layout: _Layout) -> RowMapping | None:
+            row = conn.execute(self._task_select(layout, "one"), {"task_id": task_id}).first()
+            return None if row is None else row._mapping
+
+        return self._run(run, None)
+
+    def get_ready(self, task_ids: Sequence[str]) -> list[RowMapping]:
+        """Rows of the given tasks that are in a ready state, one query per batch of ids."""
+
+        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+            stmt = self._task_select(layout, "ready")
+            out: list[RowMapping] = []
+            for start in range(0, len(task_ids), BATCH_SIZE):
+                chunk = list(task_ids[start : start + BATCH_SIZE])
+                out.extend(r._mapping for r in conn.execute(stmt, {"ids": chunk}))
+            return out
+
+        return self._run(run, []) if task_ids else []
+
+    def task_exists(self, task_id: str) -> bool:
+        t = self.tables.task
+        stmt = sa.select(sa.literal(1)).where(t.c.task_id == task_id)
+        return bool(self._run(lambda c, _: c.execute(stmt).first() is not None, False))
+
+    def get_group(self, group_id: str) -> RowMapping | None:
+        g = self.tables.group
+        stmt = sa.select(g.c.taskset_id, g.c.result, g.c.date_done).where(
+            g.c.taskset_id == group_id
+        )
+
+        def run(conn: Connection, _: _Layout) -> RowMapping | None:
+            row = conn.execute(stmt).first()
+            return None if row is None else row._mapping
+
+        return self._run(run, None)
+
+    # ---- schema -------------------------------------------------------
+    def layout(self, conn: Connection | None = None) -> _Layout | None:
+        """The reflected layout (cached per process); ``None`` while the tables are missing."""
+        if self._layout is not None:
+            return self._layout
+        with self._layout_lock:
+            if self._layout is None:
+                if conn is None:
+                    with self.engine.connect() as own:
+                        self._layout = self._reflect(own)
+                else:
+                    self._layout = self._reflect(conn)
+        return self._layout
+
+    def forget_layout(self) -> None:
+        """Reflect again on next use (after DDL, or when a table vanished)."""
+        self._layout = None
+
+    def missing_tables(self, conn: Connection) -> list[sa.Table]:
+        """Tables of ours that do not exist (one catalog query per schema)."""
+        insp = sa.inspect(conn)
+        existing: dict[str | None, set[str]] = {}
+        missing = []
+        for table in self.tables.all:
+            if table.schema not in existing:
+                existing[table.schema] = set(insp.get_table_names(schema=table.schema))
+            if table.name not in existing[table.schema]:
+                missing.append(table)
+        return missing
+
+    def _reflect(self, conn: Connection) -> _Layout | None:
+        insp = sa.inspect(conn)
+        try:
+            task = {
+                c["name"]: c
+                for c in insp.get_columns(self.tables.task.name, self.tables.task.schema)
+            }
+            group = {
+                c["name"]: c
+                for c in insp.get_columns(self.tables.group.name, self.tables.group.schema)
+            }
+        except NoSuchTableError:
+            return None
+        return _Layout(
+            task_columns=frozenset(task) & frozenset(self.tables.task.c.keys()),
+            group_columns=frozenset(group) & frozenset(self.tables.group.c.keys()),
+            task_seq=self.dialect.id_from_sequence(dict(task["id"])),
+            group_seq=self.dialect.id_from_sequence(dict(group["id"])),
+        )
+
+    # ---- statements ---------------------------------------------------
+    def _task_upsert(
+        self, layout: _Layout, columns: tuple[str, ...], notify: bool
+    ) -> sa.Executable:
+        key = ("task_upsert", columns, notify)
+        stmt = layout.statements.get(key)
+        if stmt is None:
+            stmt = self.dialect.upsert(self.tables.task, columns, layout.task_seq)
+            if notify:
+                stmt = self.dialect.notifying(stmt, self.tables.task, self.channel)
+            layout.statements[key] = stmt
+        return stmt
+
+    def _task_select(self, layout: _Layout, kind: str) -> sa.Executable:
+        key = ("task_select", kind)
+        stmt = layout.statements.get(key)
+        if stmt is None:
+            t = self.tables.task
+            cols = [c for c in t.c if c.name in layout.task_columns and c.name != "id"]
+            if kind == "one":
+                stmt = sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
+            else:
+                stmt = sa.select(*cols).where(
+                    t.c.task_id.in_(sa.bindparam("ids", expanding=True)),
+                    t.c.status.in_(_READY),
+                )
+            layout.statements[key] = stmt
+        return stmt
+
+    # ---- running ------------------------------------------------------
+    def _run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
+        """Run ``fn``; a missing table means "nothing there", not an error."""
+        with self.engine.connect() as conn:
+            layout = self.layout(conn)
+            if layout is None:
+                return default
+            try:
+                return fn(conn, layout)
+            except DBAPIError as exc:
+                if not self.dialect.is_missing_table(exc):
+                    raise
+                self.forget_layout()
+                return default
+
+    def _write(self, fn: Callable[[Connection, _Layout], None]) -> None:
+        """Run ``fn``; if the tables are missing, create them first (lazy mode's creation)."""
+        try:
+            if self._try(fn):
+                return
+        except DBAPIError as exc:
+            if not self.dialect.is_missing_table(exc):
+                raise
+            self.forget_layout()
+        from .startup import create_schema  # startup builds on this module
+
+        create_schema(self)
+        if not self._try(fn):  # pragma: no cover - create_schema raised if it failed
+            raise SchemaMissing(
+                f"result tables still missing after creating them at {self.settings.masked_url}"
+            )
+
+    def _try(self, fn: Callable[[Connection, _Layout], None]) -> bool:
+        with self.engine.connect() as conn:
+            layout = self.layout(conn)
+            if layout is None:
+                return False
+            fn(conn, layout)
+            return True
+
+
+def _channel_name(table: sa.Table) -> str:
+    """NOTIFY channel for a task table: stable, short, one per table."""
+    digest = hashlib.sha1(table.fullname.encode()).hexdigest()[:12]
+    return f"sqlresults_{digest}"

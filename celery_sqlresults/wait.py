@@ -1,0 +1,199 @@
+"""Waiting for results: PostgreSQL ``LISTEN/NOTIFY``, else adaptive polling.
+
+``AsyncResult.get()`` and joins call ``wait(remaining)`` between checks.
+
+* Polling starts at 1 ms and grows by half each round up to the caller's
+  ``interval`` (Celery's 0.5 s default), so a fast task is seen within a few
+  milliseconds and a slow one costs a query per ``interval``.
+* On PostgreSQL (psycopg 3) each ready-state write notifies the table's
+  channel with the task id, in the same statement. One listening connection
+  per process, on a daemon thread, wakes exactly the waiters of that id.
+  Waiters subscribe *before* they check the table, so a notification cannot
+  slip between "check" and "listen". If the listener's connection drops, it
+  wakes every waiter (they re-check) and reconnects with backoff; meanwhile
+  waiters still re-check at least every ``interval``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+    from .settings import Settings
+    from .store import Store
+
+__all__ = ["Listener", "Poller", "waiter_for"]
+
+logger = logging.getLogger("celery_sqlresults")
+
+Wait = Callable[[float | None], None]
+
+_FIRST_POLL = 0.001
+_GROWTH = 1.5
+
+
+class Poller:
+    """Adaptive polling, for databases without notifications."""
+
+    notifies = False
+
+    @contextlib.contextmanager
+    def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
+        delay = _FIRST_POLL
+        cap = max(interval, _FIRST_POLL)
+
+        def wait(remaining: float | None) -> None:
+            nonlocal delay
+            time.sleep(delay if remaining is None else min(delay, remaining))
+            delay = min(delay * _GROWTH, cap)
+
+        yield wait
+
+
+class Listener:
+    """One ``LISTEN`` connection per process, shared by every waiter in it."""
+
+    notifies = True
+
+    def __init__(self, connect: Callable[[], Any], channel: str) -> None:
+        self._connect = connect
+        self._channel = channel
+        self._lock = threading.Lock()
+        self._watchers: dict[str, set[threading.Event]] = {}
+        self._listening = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.reconnects = 0
+
+    @contextlib.contextmanager
+    def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
+        self._start()
+        event = threading.Event()
+        ids = list(task_ids)
+        with self._lock:
+            for task_id in ids:
+                self._watchers.setdefault(task_id, set()).add(event)
+        # Give a fresh listener a moment to subscribe; polling covers the rest.
+        self._listening.wait(0.5)
+        fallback = Poller().watch(ids, interval)
+        poll = fallback.__enter__()
+
+        def wait(remaining: float | None) -> None:
+            if not self._listening.is_set():
+                poll(remaining)
+                return
+            limit = interval if remaining is None else min(interval, remaining)
+            event.wait(limit)
+            event.clear()
+
+        try:
+            yield wait
+        finally:
+            fallback.__exit__(None, None, None)
+            with self._lock:
+                for task_id in ids:
+                    waiters = self._watchers.get(task_id)
+                    if waiters is not None:
+                        waiters.discard(event)
+                        if not waiters:
+                            del self._watchers[task_id]
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.is_set()
+
+    def _start(self) -> None:
+        pid = os.getpid()
+        if self._thread is not None and self._pid == pid and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._pid == pid and self._thread.is_alive():
+                return
+            if self._pid != pid:  # forked: the parent's thread and socket are not ours
+                self._watchers.clear()
+                self._listening.clear()
+            self._pid = pid
+            self._thread = threading.Thread(
+                target=self._run, name="celery-sqlresults-listener", daemon=True
+            )
+            self._thread.start()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            events = {e for waiters in self._watchers.values() for e in waiters}
+        for event in events:
+            event.set()
+
+    def _run(self) -> None:
+        delay = 0.1
+        while True:
+            conn = None
+            try:
+                conn = self._connect()
+                conn.autocommit = True
+                conn.execute(f'LISTEN "{self._channel}"')
+                self._listening.set()
+                delay = 0.1
+                self._wake_all()  # anything stored while we were not listening
+                while True:
+                    for note in conn.notifies(timeout=5.0):
+                        with self._lock:
+                            events = list(self._watchers.get(note.payload, ()))
+                        for event in events:
+                            event.set()
+                    conn.execute("SELECT 1")  # notice a dead connection while idle
+            except Exception as exc:
+                self._listening.clear()
+                self._wake_all()
+                self.reconnects += 1
+                logger.warning(
+                    "celery-sqlresults: notification listener lost (%s); reconnecting in %.1fs",
+                    " ".join(str(exc).split())[:200],
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+
+
+def waiter_for(store: Store, settings: Settings) -> Poller | Listener:
+    """A :class:`Listener` on PostgreSQL with psycopg 3 (unless disabled), else a poller."""
+    url = settings.url
+    if not settings.notify or url.get_backend_name() != "postgresql":
+        return Poller()
+    if url.get_dialect().driver != "psycopg":
+        return Poller()
+    key = (url.render_as_string(hide_password=False), store.channel)
+    with _listeners_lock:
+        listener = _listeners.get(key)
+        if listener is None:
+            listener = _listeners[key] = Listener(_raw_connect(url), store.channel)
+    return listener
+
+
+def _raw_connect(url: URL) -> Callable[[], Any]:
+    """A connect function for a dedicated psycopg connection outside the pool."""
+
+    import psycopg
+
+    cargs, cparams = url.get_dialect()().create_connect_args(url)
+
+    def connect() -> Any:
+        return psycopg.connect(*cargs, **cparams)
+
+    return connect
+
+
+_listeners: dict[tuple[str, str], Listener] = {}
+_listeners_lock = threading.Lock()
