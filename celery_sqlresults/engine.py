@@ -27,7 +27,8 @@ _engines: dict[str, tuple[int, Engine]] = {}
 
 def _key(settings: Settings) -> str:
     options = json.dumps(settings.engine_options, sort_keys=True, default=repr)
-    return f"{settings.url.render_as_string(hide_password=False)}|{options}"
+    callback = repr(settings.engine_callback)  # a different callback wants its own engine
+    return f"{settings.url.render_as_string(hide_password=False)}|{options}|{callback}"
 
 
 def get_engine(settings: Settings) -> Engine:

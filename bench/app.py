@@ -1,0 +1,50 @@
+"""The Celery app of the benchmark: the same tasks in the client and in its workers.
+
+Workers load it with ``celery -A bench.app worker``; the backend, broker and
+queue come from the environment (see :mod:`bench.config`). The client builds
+one app per backend with :func:`make_app`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+
+from . import config
+from .ops import op_rate
+
+
+def make_app(backend: str, broker: str = config.BROKER, queue: str = "bench") -> Celery:
+    """An app storing results in ``backend`` (a full Celery URL: ``sql+…``, ``db+…``, ``redis://…``)."""
+    app = Celery("bench", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+    )
+    _register_tasks(app)
+    return app
+
+
+def _register_tasks(app: Celery) -> None:
+    @app.task(name="bench.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="bench.tsum")
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="bench.measure", bind=True)
+    def measure(self: Any, kind: str, n: int, warmup: int = 10) -> dict[str, Any]:
+        """Time ``n`` store_result or get_task_meta calls on this process's backend."""
+        return {"rate": op_rate(self.app.backend, kind, n, warmup), "pid": os.getpid()}
+
+
+app = make_app(
+    os.environ.get(config.ENV_BACKEND, config.REDIS_RESULTS),
+    os.environ.get(config.ENV_BROKER, config.BROKER),
+    os.environ.get(config.ENV_QUEUE, "bench"),
+)

@@ -1,0 +1,68 @@
+"""Addresses, sizes and names shared by the harness, the bench app and its workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
+REDIS_RESULTS = "redis://127.0.0.1:6379/14"
+BROKER = "redis://127.0.0.1:6379/13"
+
+#: Databases created (dropped first) on each server: one per SQL backend.
+DB_SQL = "bench_sql"
+DB_DBPLUS = "bench_db"
+
+DATABASES = ("postgresql", "mysql", "sqlite")
+BACKENDS = ("sql", "db", "redis")
+LABELS = {"sql": "sql+", "db": "db+", "redis": "Redis"}
+DB_TITLES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "sqlite": "SQLite"}
+
+#: Environment variables the bench app (and its workers) read.
+ENV_BACKEND = "BENCH_BACKEND"
+ENV_BROKER = "BENCH_BROKER"
+ENV_QUEUE = "BENCH_QUEUE"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many operations each figure uses."""
+
+    ops: int  # store/get calls per rate measurement
+    dbplus_client_ops: int  # cap for db+ in a client process (NullPool: ~100 calls/s)
+    read: int  # ids in the ResultSet read
+    roundtrips: int  # add.delay().get() samples
+    dbplus_roundtrips: int  # cap for db+ (.get() polls every 0.5 s)
+    group: int  # tasks in the group
+    chord: int  # header tasks in the chord
+    startup_repeats: int  # startup measurements per state (median reported)
+    warmup: int = 10
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(
+            ops=1000,
+            dbplus_client_ops=300,
+            read=1000,
+            roundtrips=200,
+            dbplus_roundtrips=50,
+            group=1000,
+            chord=200,
+            startup_repeats=5,
+        )
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            ops=200,
+            dbplus_client_ops=100,
+            read=200,
+            roundtrips=50,
+            dbplus_roundtrips=20,
+            group=200,
+            chord=50,
+            startup_repeats=2,
+        )

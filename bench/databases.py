@@ -1,0 +1,109 @@
+"""The benchmark's databases: created empty at start, one per SQL backend."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from . import config
+
+
+@dataclass(frozen=True)
+class Target:
+    """The two databases of one server: ``sql`` for our backend, ``db`` for Celery's."""
+
+    kind: str
+    sql_url: str  # SQLAlchemy URL, no backend prefix
+    db_url: str
+
+    def backend_url(self, backend: str) -> str:
+        if backend == "sql":
+            return "sql+" + self.sql_url
+        if backend == "db":
+            return "db+" + self.db_url
+        return config.REDIS_RESULTS
+
+
+def admin_engine(url: str) -> sa.Engine:
+    """An engine outside any backend's pool, in autocommit, that keeps no connection."""
+    return sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+def prepare(kind: str, tmp: Path) -> Target:
+    """Drop and recreate ``bench_sql`` and ``bench_db`` on the server of ``kind``."""
+    if kind == "sqlite":
+        paths = [tmp / f"{name}.sqlite" for name in (config.DB_SQL, config.DB_DBPLUS)]
+        for path in paths:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return Target(kind, f"sqlite:///{paths[0]}", f"sqlite:///{paths[1]}")
+    admin_url = config.PG_ADMIN if kind == "postgresql" else config.MYSQL_ADMIN
+    engine = admin_engine(admin_url)
+    try:
+        with engine.connect() as conn:
+            for name in (config.DB_SQL, config.DB_DBPLUS):
+                force = " WITH (FORCE)" if kind == "postgresql" else ""
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}{force}")
+                conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    finally:
+        engine.dispose()
+    base = make_url(admin_url)
+    urls = [
+        base.set(database=name).render_as_string(hide_password=False)
+        for name in (config.DB_SQL, config.DB_DBPLUS)
+    ]
+    return Target(kind, urls[0], urls[1])
+
+
+def drop_result_tables(url: str) -> None:
+    """Remove Celery's result tables (and PostgreSQL's sequences) from ``url``."""
+    engine = admin_engine(url)
+    try:
+        with engine.connect() as conn:
+            for table in ("celery_taskmeta", "celery_tasksetmeta"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    "DROP SEQUENCE IF EXISTS task_id_sequence, taskset_id_sequence"
+                )
+    finally:
+        engine.dispose()
+
+
+def flush_redis() -> None:
+    """Empty the result database and the broker database of the benchmark."""
+    for url in (config.REDIS_RESULTS, config.BROKER):
+        client = redis.Redis.from_url(url, socket_connect_timeout=5)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+
+def server_versions(kinds: list[str]) -> dict[str, str]:
+    """Version strings of the database servers in use and of Redis."""
+    out: dict[str, str] = {}
+    queries = {"postgresql": (config.PG_ADMIN, "SHOW server_version"),
+               "mysql": (config.MYSQL_ADMIN, "SELECT VERSION()")}
+    for kind in kinds:
+        if kind == "sqlite":
+            out["SQLite"] = sqlite3.sqlite_version
+            continue
+        url, query = queries[kind]
+        engine = admin_engine(url)
+        try:
+            with engine.connect() as conn:
+                out[config.DB_TITLES[kind]] = str(conn.exec_driver_sql(query).scalar())
+        finally:
+            engine.dispose()
+    client = redis.Redis.from_url(config.REDIS_RESULTS, socket_connect_timeout=5)
+    try:
+        out["Redis"] = str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+    return out

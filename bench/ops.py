@@ -1,0 +1,120 @@
+"""The timed operations, shared by the client process and the ``bench.measure`` task."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from celery import Celery, chord, group, states
+from celery.app.task import Context
+from celery.result import AsyncResult, ResultSet
+from celery.utils import uuid
+
+#: Generous bounds for every wait on a worker: a stuck run fails instead of hanging.
+GET_TIMEOUT = 60.0
+BULK_TIMEOUT = 600.0
+
+
+def fake_request(task_id: str) -> Context:
+    """A request like a worker's, so ``result_extended`` columns are written too."""
+    return Context(
+        id=task_id,
+        task="bench.add",
+        args=(1, 1),
+        kwargs={},
+        hostname="bench@localhost",
+        retries=0,
+        delivery_info={"routing_key": "bench"},
+    )
+
+
+def store(backend: Any, task_id: str, value: Any = 2) -> None:
+    backend.store_result(task_id, value, states.SUCCESS, request=fake_request(task_id))
+
+
+def seed(backend: Any, n: int) -> list[str]:
+    """Store ``n`` SUCCESS results (untimed); return their ids."""
+    ids = [uuid() for _ in range(n)]
+    for i, task_id in enumerate(ids):
+        store(backend, task_id, i)
+    return ids
+
+
+def op_rate(backend: Any, kind: str, n: int, warmup: int = 10) -> float:
+    """Calls per second of ``store_result`` (kind "store") or ``get_task_meta`` ("get")."""
+    if kind == "store":
+        for task_id in (uuid() for _ in range(warmup)):
+            store(backend, task_id)
+        ids = [uuid() for _ in range(n)]
+        start = time.perf_counter()
+        for task_id in ids:
+            store(backend, task_id)
+        return n / (time.perf_counter() - start)
+    if kind == "get":
+        ids = seed(backend, n + warmup)
+        for task_id in ids[:warmup]:
+            backend.get_task_meta(task_id, cache=False)
+        start = time.perf_counter()
+        for task_id in ids[warmup:]:
+            meta = backend.get_task_meta(task_id, cache=False)
+        elapsed = time.perf_counter() - start
+        if meta["status"] != states.SUCCESS:
+            raise RuntimeError(f"get_task_meta read {meta['status']} for a stored result")
+        return n / elapsed
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def read_seconds(app: Celery, ids: list[str]) -> float:
+    """Seconds to read already-stored results through a ResultSet, as a client would."""
+    rs = ResultSet([AsyncResult(task_id, app=app) for task_id in ids], app=app)
+    start = time.perf_counter()
+    if app.backend.supports_native_join:
+        values = rs.join_native(timeout=BULK_TIMEOUT)
+    else:
+        values = rs.join(timeout=BULK_TIMEOUT)
+    elapsed = time.perf_counter() - start
+    if len(values) != len(ids):
+        raise RuntimeError(f"read {len(values)} results, expected {len(ids)}")
+    return elapsed
+
+
+def roundtrips_ms(add: Any, n: int, warmup: int = 10) -> list[float]:
+    """Milliseconds of ``add.delay(1, 1).get()``, ``n`` samples after ``warmup`` calls."""
+    for _ in range(warmup):
+        add.delay(1, 1).get(timeout=GET_TIMEOUT)
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        value = add.delay(1, 1).get(timeout=GET_TIMEOUT)
+        samples.append((time.perf_counter() - start) * 1000)
+        if value != 2:
+            raise RuntimeError(f"add(1, 1) returned {value!r}")
+    return samples
+
+
+def percentile(samples: list[float], p: int) -> float:
+    """The ``p``-th percentile (inclusive method; 50 is the median)."""
+    if len(samples) == 1:
+        return samples[0]
+    return statistics.quantiles(samples, n=100, method="inclusive")[p - 1]
+
+
+def group_seconds(add: Any, n: int) -> float:
+    """Wall time to send a group of ``n`` adds and join its results."""
+    start = time.perf_counter()
+    values = group(add.s(i, i) for i in range(n)).apply_async().get(timeout=BULK_TIMEOUT)
+    elapsed = time.perf_counter() - start
+    if values != [2 * i for i in range(n)]:
+        raise RuntimeError("group returned wrong results")
+    return elapsed
+
+
+def chord_seconds(add: Any, tsum: Any, n: int) -> float:
+    """Wall time from calling a chord of ``n`` adds to the body's result."""
+    start = time.perf_counter()
+    value = chord(add.s(i, i) for i in range(n))(tsum.s()).get(timeout=BULK_TIMEOUT)
+    elapsed = time.perf_counter() - start
+    if value != n * (n - 1):
+        raise RuntimeError(f"chord returned {value!r}, expected {n * (n - 1)}")
+    return elapsed

@@ -1,0 +1,72 @@
+"""A real ``celery worker`` subprocess on :mod:`bench.app`, always terminated on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from celery.utils import uuid
+
+from . import config
+
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def running_worker(backend_url: str, concurrency: int, log_dir: Path) -> Iterator[str]:
+    """Start a prefork worker for ``backend_url``; yield its queue; stop it afterwards."""
+    queue = f"bench-{uuid()[:8]}"
+    log_path = log_dir / f"{queue}.log"
+    env = {
+        **os.environ,
+        config.ENV_BACKEND: backend_url,
+        config.ENV_BROKER: config.BROKER,
+        config.ENV_QUEUE: queue,
+        "PYTHONPATH": str(config.ROOT),
+    }
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "bench.app", "worker",
+        "--pool=prefork", f"--concurrency={concurrency}", "-Q", queue,
+        "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", f"{queue}@%h",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=config.ROOT)
+        try:
+            _wait_ready(proc, log_path)
+            yield queue
+        finally:
+            _stop(proc)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited early (code {proc.returncode}):\n{text}")
+        if " ready." in text:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"worker not ready after {READY_TIMEOUT:.0f}s:\n{_tail(log_path)}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

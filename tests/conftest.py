@@ -1,0 +1,219 @@
+"""Shared fixtures: one empty database per test on SQLite, PostgreSQL and MariaDB/MySQL.
+
+Server addresses come from the environment (defaults: the local servers):
+``SQLRESULTS_PG_URL`` and ``SQLRESULTS_MYSQL_URL`` point at an admin
+database; tests run in their own database ``sqlresults_test`` which is reset
+before every test. A missing server skips its tests locally and *fails* them
+when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from sqlalchemy.engine import make_url
+
+from celery_sqlresults import engine as engine_mod
+from celery_sqlresults import startup
+
+PG_ADMIN = os.environ.get("SQLRESULTS_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MYSQL_ADMIN = os.environ.get("SQLRESULTS_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+REDIS_URL = os.environ.get("SQLRESULTS_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_DB = "sqlresults_test"
+OTHER_SCHEMA = "sqlresults_other"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+ROOT = Path(__file__).resolve().parent.parent
+
+DATABASES = ["sqlite", "postgresql", "mysql"]
+
+
+def _unavailable(what: str, exc: BaseException) -> None:
+    msg = f"{what} is not reachable: {exc}"
+    if IN_CI:
+        pytest.fail(msg + " (CI=true: servers are required)")
+    pytest.skip(msg)
+
+
+def _admin(url: str) -> sa.Engine:
+    return sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+def reset_database(kind: str, tmp_path: Path) -> str:
+    """Return the URL of an empty database of ``kind``."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    if kind == "postgresql":
+        admin = _admin(PG_ADMIN)
+        try:
+            with admin.connect() as conn:
+                exists = conn.execute(
+                    sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": TEST_DB}
+                ).first()
+                if not exists:
+                    conn.exec_driver_sql(f"CREATE DATABASE {TEST_DB}")
+        except sa.exc.OperationalError as exc:
+            _unavailable("PostgreSQL", exc)
+        url = make_url(PG_ADMIN).set(database=TEST_DB)
+        with _admin(url.render_as_string(hide_password=False)).connect() as conn:
+            conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{TEST_DB}' AND pid <> pg_backend_pid()"
+            )
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {OTHER_SCHEMA} CASCADE")
+            conn.exec_driver_sql("CREATE SCHEMA public")
+        return url.render_as_string(hide_password=False)
+    admin = _admin(MYSQL_ADMIN)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {TEST_DB}")
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {OTHER_SCHEMA}")
+            conn.exec_driver_sql(f"CREATE DATABASE {TEST_DB}")
+    except sa.exc.OperationalError as exc:
+        _unavailable("MariaDB/MySQL", exc)
+    return make_url(MYSQL_ADMIN).set(database=TEST_DB).render_as_string(hide_password=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> Iterator[None]:
+    """Each test starts as a new process would: no cached schema checks or engines."""
+    startup._ready.clear()
+    yield
+    engine_mod.dispose_all()
+    startup._ready.clear()
+
+
+@pytest.fixture(params=DATABASES)
+def db_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(db_kind: str, tmp_path: Path) -> str:
+    """SQLAlchemy URL (no ``sql+`` prefix) of an empty database, for each of the three."""
+    return reset_database(db_kind, tmp_path)
+
+
+@pytest.fixture
+def make_app(db_url: str) -> Callable[..., Celery]:
+    """Build a Celery app whose result backend is ``sql+<db_url>``; keyword args go to conf."""
+    apps: list[Celery] = []
+
+    def make(url: str | None = None, **conf: Any) -> Celery:
+        app = Celery(f"test-{uuid.uuid4().hex[:6]}", set_as_current=False)
+        app.conf.result_backend = "sql+" + (url or db_url)
+        app.conf.update(conf)
+        apps.append(app)
+        return app
+
+    return make
+
+
+def raw_engine(db_url: str) -> sa.Engine:
+    """An engine of the test's own, outside the backend's pool, for inspecting the database."""
+    return sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+
+def table_names(db_url: str, schema: str | None = None) -> set[str]:
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return set(sa.inspect(conn).get_table_names(schema=schema))
+    finally:
+        eng.dispose()
+
+
+# ---- a real worker ----------------------------------------------------------
+class Worker:
+    """A ``celery worker`` subprocess on ``tests/worker_app.py``."""
+
+    def __init__(self, backend_url: str, tmp_path: Path, concurrency: int = 2, **env: str):
+        self.log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.queue = f"q-{uuid.uuid4().hex[:8]}"
+        self.env = {
+            **os.environ,
+            "SQLRESULTS_TEST_BACKEND": backend_url,
+            "SQLRESULTS_TEST_BROKER": REDIS_URL,
+            "SQLRESULTS_TEST_QUEUE": self.queue,
+            "PYTHONPATH": str(ROOT),
+            **env,
+        }
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
+                "--pool=prefork", f"--concurrency={self.concurrency}", "-Q", self.queue,
+                "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+                "-n", f"{self.queue}@%h",
+            ],
+            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.output()}")
+            if " ready." in self.output():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def _redis_ok() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        _unavailable("Redis (the test broker)", exc)
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    _redis_ok()
+    started: list[Worker] = []
+
+    def start(backend_url: str, **kwargs: Any) -> Worker:
+        w = Worker(backend_url, tmp_path, **kwargs)
+        started.append(w)
+        return w.start()
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def client_app(backend_url: str, queue: str, **conf: Any) -> Celery:
+    """The client side of ``tests/worker_app.py``: same tasks, same broker, same backend."""
+    from tests import worker_app
+
+    app = worker_app.make_app(backend_url, REDIS_URL, queue)
+    app.conf.update(conf)
+    return app

@@ -1,0 +1,129 @@
+"""Bad configuration gets a clear error naming the setting and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+from celery.app.backends import by_url
+from celery.exceptions import ImproperlyConfigured
+
+from celery_sqlresults import SQLResultsBackend
+from celery_sqlresults.settings import Settings
+
+
+def app_with(**conf: object) -> Celery:
+    app = Celery("s", set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+def test_entry_point_alias_resolves_to_our_backend() -> None:
+    cls, url = by_url("sql+postgresql+psycopg://u@h/db")
+    assert cls is SQLResultsBackend
+    assert url == "postgresql+psycopg://u@h/db"
+
+
+def test_class_path_with_database_url(tmp_path: object) -> None:
+    app = app_with(
+        result_backend="celery_sqlresults.backend:SQLResultsBackend",
+        database_url=f"sqlite:///{tmp_path}/r.db",
+    )
+    assert isinstance(app.backend, SQLResultsBackend)
+    assert app.backend.get_task_meta("unknown")["status"] == "PENDING"
+
+
+def test_missing_url_names_the_settings() -> None:
+    app = app_with(result_backend="celery_sqlresults.backend:SQLResultsBackend")
+    with pytest.raises(ImproperlyConfigured, match="database_url") as err:
+        app.backend  # noqa: B018
+    assert "result_backend" in str(err.value)
+
+
+def test_driver_not_installed_names_the_extra() -> None:
+    # mysqlclient (MySQLdb) is deliberately not a dependency of ours.
+    with pytest.raises(ImproperlyConfigured, match=r"celery-sqlresults\[mysql\]") as err:
+        Settings.from_app(app_with(), "mysql+mysqldb://u:secret@h/db")
+    assert "secret" not in str(err.value)
+    assert "mysql+pymysql" in str(err.value)
+
+
+def test_unknown_dialect() -> None:
+    with pytest.raises(ImproperlyConfigured, match="Unknown database dialect 'oracle'"):
+        Settings.from_app(app_with(), "oracle://u:pw@h/db")
+    with pytest.raises(ImproperlyConfigured, match="Unknown database dialect 'nosuchdb'"):
+        Settings.from_app(app_with(), "nosuchdb://h/db")
+
+
+def test_unknown_driver() -> None:
+    with pytest.raises(ImproperlyConfigured, match="Unknown database driver"):
+        Settings.from_app(app_with(), "postgresql+nosuchdriver://h/db")
+
+
+def test_unparseable_url() -> None:
+    with pytest.raises(ImproperlyConfigured, match="not a valid SQLAlchemy URL"):
+        Settings.from_app(app_with(), "not a url at all")
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"task": "bad name"},
+        {"task": "x; DROP TABLE users"},
+        {"group": '"quoted"'},
+        {"task": "a" * 64},
+        {"task": 42},
+    ],
+)
+def test_invalid_table_names(names: dict[str, object]) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"database_table_names\[.*not a valid SQL identifier"):
+        Settings.from_app(app_with(database_table_names=names), "sqlite://")
+
+
+def test_unknown_table_key() -> None:
+    with pytest.raises(ImproperlyConfigured, match="unknown key 'tasks'"):
+        Settings.from_app(app_with(database_table_names={"tasks": "t"}), "sqlite://")
+
+
+def test_invalid_schema_name() -> None:
+    with pytest.raises(ImproperlyConfigured, match="database_table_schemas"):
+        Settings.from_app(app_with(database_table_schemas={"task": "a-b"}), "sqlite://")
+
+
+def test_conflicting_create_switches_name_both() -> None:
+    app = app_with(database_create_tables_on_startup=True, database_create_tables_at_setup=False)
+    with pytest.raises(ImproperlyConfigured) as err:
+        Settings.from_app(app, "sqlite://")
+    assert "database_create_tables_on_startup" in str(err.value)
+    assert "database_create_tables_at_setup" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        ({}, True),
+        ({"database_create_tables_on_startup": False}, False),
+        ({"database_create_tables_at_setup": False}, False),
+        ({"database_create_tables_at_setup": True}, True),
+        ({"database_create_tables_on_startup": False, "database_create_tables_at_setup": False}, False),
+    ],
+)
+def test_create_switch(conf: dict[str, bool], expected: bool) -> None:
+    assert Settings.from_app(app_with(**conf), "sqlite://").create_tables_on_startup is expected
+
+
+def test_bad_timeout_value() -> None:
+    with pytest.raises(ImproperlyConfigured, match="sqlresults_startup_timeout"):
+        Settings.from_app(app_with(sqlresults_startup_timeout="soon"), "sqlite://")
+
+
+def test_engine_options_default_and_override() -> None:
+    default = Settings.from_app(app_with(), "sqlite://").engine_options
+    assert "pool_pre_ping" not in default  # Celery's default would add a round trip per call
+    user = Settings.from_app(app_with(database_engine_options={"pool_pre_ping": True}), "sqlite://")
+    assert user.engine_options == {"pool_pre_ping": True}
+
+
+def test_masked_url_hides_password() -> None:
+    s = Settings.from_app(app_with(), "postgresql+psycopg://user:hunter2@db.example/x")
+    assert "hunter2" not in s.masked_url
+    assert "user" in s.masked_url

@@ -1,0 +1,42 @@
+"""The Celery app the end-to-end tests run in a real worker (configured by environment)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+
+def make_app(backend: str, broker: str, queue: str) -> Celery:
+    app = Celery("worker_app", broker=broker, backend="sql+" + backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=4,
+    )
+
+    @app.task(name="t.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="t.fail")
+    def fail(msg: str) -> None:
+        raise ValueError(msg)
+
+    @app.task(name="t.tsum")
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="t.spawn", bind=True)
+    def spawn(self, n: int) -> str:  # type: ignore[no-untyped-def]
+        return add.delay(n, n).id
+
+    return app
+
+
+app = make_app(
+    os.environ.get("SQLRESULTS_TEST_BACKEND", "sqlite:///worker-results.db"),
+    os.environ.get("SQLRESULTS_TEST_BROKER", "redis://127.0.0.1:6379/15"),
+    os.environ.get("SQLRESULTS_TEST_QUEUE", "celery"),
+)
