@@ -88,8 +88,10 @@ def flush_redis() -> None:
 def server_versions(kinds: list[str]) -> dict[str, str]:
     """Version strings of the database servers in use and of Redis."""
     out: dict[str, str] = {}
-    queries = {"postgresql": (config.PG_ADMIN, "SHOW server_version"),
-               "mysql": (config.MYSQL_ADMIN, "SELECT VERSION()")}
+    queries = {
+        "postgresql": (config.PG_ADMIN, "SHOW server_version"),
+        "mysql": (config.MYSQL_ADMIN, "SELECT VERSION()"),
+    }
     for kind in kinds:
         if kind == "sqlite":
             out["SQLite"] = sqlite3.sqlite_version

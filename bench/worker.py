@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,14 @@ def running_worker(backend_url: str, concurrency: int, log_dir: Path) -> Iterato
         "-n", f"{queue}@%h",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=config.ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=config.ROOT,
+            start_new_session=True,  # its own process group: children are ours to stop
+        )
         try:
             _wait_ready(proc, log_path)
             yield queue
@@ -58,13 +66,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """Warm shutdown (SIGTERM); if it hangs, kill the worker's own process group."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group we created: the worker and its children
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(10)
 
 

@@ -1,0 +1,266 @@
+"""Figures, ratios, targets and the Markdown of ``docs/benchmarks.md``."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from . import config
+from .config import Sizes
+
+
+@dataclass
+class Results:
+    """Figures by key: Redis once, sql+ and db+ per database (``per_db[kind][backend]``)."""
+
+    redis: dict[str, float] = field(default_factory=dict)
+    per_db: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+    def value(self, kind: str, backend: str, key: str) -> float | None:
+        if backend == "redis":
+            return self.redis.get(key)
+        return self.per_db.get(kind, {}).get(backend, {}).get(key)
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str  # "/s" (higher is better), "ms" or "s" (lower is better)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit == "/s"
+
+    def format(self, value: float | None) -> str:
+        if value is None:
+            return "—"
+        if self.unit == "/s":
+            return f"{value:,.0f}/s"
+        if self.unit == "s":
+            return f"{value:.2f} s"
+        return f"{value:.1f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
+def figures(sizes: Sizes) -> list[Figure]:
+    return [
+        Figure("store_client", "1. store_result, client", "/s"),
+        Figure("get_client", "1. get_task_meta, client", "/s"),
+        Figure("store_child", "2. store_result, prefork child", "/s"),
+        Figure("get_child", "2. get_task_meta, prefork child", "/s"),
+        Figure("read", f"3. read {sizes.read} stored results (ResultSet join)", "ms"),
+        Figure("rt_p50", "4. add.delay().get() p50", "ms"),
+        Figure("rt_p90", "4. add.delay().get() p90", "ms"),
+        Figure("group", f"5. group of {sizes.group}: send + join", "s"),
+        Figure("chord", f"6. chord of {sizes.chord}: call to body result", "s"),
+        Figure("startup_empty", "7. startup, empty db: construct backend", "ms"),
+        Figure("startup_empty_first", "7. startup, empty db: construct + first call", "ms"),
+        Figure("startup_ready", "7. startup, ready db: construct backend", "ms"),
+        Figure("startup_ready_first", "7. startup, ready db: construct + first call", "ms"),
+    ]
+
+
+def ratio(fig: Figure, ours: float | None, other: float | None) -> float | None:
+    """How many times better ``sql+`` is than ``other`` (> 1: sql+ is better)."""
+    if ours is None or other is None or ours <= 0 or other <= 0:
+        return None
+    return ours / other if fig.higher_is_better else other / ours
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+# ---- targets ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Goal:
+    """``sql+`` must be at least ``min_ratio`` times as good as ``against`` on ``key``."""
+
+    key: str
+    against: str  # "db" or "redis"
+    min_ratio: float
+    text: str
+
+
+_PG_GOALS = [
+    Goal("store_child", "db", 5.0, "store_result in prefork child ≥ 5x db+"),
+    Goal("get_child", "db", 5.0, "get_task_meta in prefork child ≥ 5x db+"),
+    Goal("store_child", "redis", 1.0, "store_result in prefork child ≥ 1.0x Redis"),
+    Goal("get_child", "redis", 1.0, "get_task_meta in prefork child ≥ 1.0x Redis"),
+    Goal("store_client", "db", 20.0, "store_result in client ≥ 20x db+"),
+    Goal("get_client", "db", 20.0, "get_task_meta in client ≥ 20x db+"),
+    Goal("read", "db", 50.0, "reading the stored results ≥ 50x faster than db+"),
+    Goal("read", "redis", 0.5, "reading the stored results within 2x of Redis' time"),
+    Goal("rt_p50", "redis", 1 / 1.2, ".get() round trip p50 ≤ 1.2x Redis' time"),
+    Goal("group", "redis", 1 / 1.2, "group send + join ≤ 1.2x Redis' time"),
+    Goal("chord", "redis", 1.0, "chord no slower than Redis"),
+]
+_OTHER_GOALS = [
+    Goal("store_client", "db", 5.0, "store_result in client ≥ 5x db+"),
+    Goal("get_client", "db", 5.0, "get_task_meta in client ≥ 5x db+"),
+    Goal("store_child", "db", 5.0, "store_result in prefork child ≥ 5x db+"),
+    Goal("get_child", "db", 5.0, "get_task_meta in prefork child ≥ 5x db+"),
+]
+GOALS = {"postgresql": _PG_GOALS, "mysql": _OTHER_GOALS, "sqlite": _OTHER_GOALS}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    database: str
+    goal: Goal
+    value: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.value is not None and self.value >= self.goal.min_ratio - 1e-9
+
+
+def verdicts(results: Results, kinds: list[str], sizes: Sizes) -> list[Verdict]:
+    figs = {f.key: f for f in figures(sizes)}
+    out = []
+    for kind in kinds:
+        for goal in GOALS[kind]:
+            fig = figs[goal.key]
+            other = results.value(kind, goal.against, goal.key)
+            value = ratio(fig, results.value(kind, "sql", goal.key), other)
+            out.append(Verdict(kind, goal, value))
+    return out
+
+
+# ---- Markdown ----------------------------------------------------------------
+def table(results: Results, kind: str, sizes: Sizes) -> str:
+    head = ["Figure", "sql+", "db+", "Redis", "sql+/db+", "sql+/Redis"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for fig in figures(sizes):
+        ours, db, red = (results.value(kind, b, fig.key) for b in config.BACKENDS)
+        cells = [fig.label, fig.format(ours), fig.format(db), fig.format(red)]
+        cells += [_fmt_ratio(ratio(fig, ours, db)), _fmt_ratio(ratio(fig, ours, red))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def targets_section(results: Results, kinds: list[str], sizes: Sizes) -> str:
+    lines = ["## Targets", ""]
+    lines.append("Ratios oriented as in the tables (> 1 means sql+ is better).")
+    lines.append("")
+    for verdict in verdicts(results, kinds, sizes):
+        mark = "PASS" if verdict.passed else "FAIL"
+        title = config.DB_TITLES[verdict.database]
+        lines.append(
+            f"- **{mark}** {title}: {verdict.goal.text} — measured "
+            f"{_fmt_ratio(verdict.value)} vs {verdict.goal.against}, "
+            f"needs ≥ {verdict.goal.min_ratio:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def machine(servers: Mapping[str, str]) -> list[str]:
+    packages = ["celery", "kombu", "SQLAlchemy", "psycopg", "PyMySQL", "redis"]
+    versions = ", ".join(f"{p} {_version(p)}" for p in packages)
+    server_text = ", ".join(f"{name} {version}" for name, version in servers.items())
+    return [
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; RAM {_ram_gib():.1f} GiB",
+        f"- Python {platform.python_version()} on {platform.system()} {platform.release()}",
+        f"- celery-sqlresults {_version('celery-sqlresults')}; {versions}",
+        f"- Servers (all on 127.0.0.1): {server_text}",
+    ]
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def method(sizes: Sizes) -> str:
+    s = sizes
+    return f"""## Method
+
+One run, everything on this machine, backends measured one after another
+(never concurrently) so they do not compete for the cores. `result_extended=True`
+everywhere. sql+ and db+ use separate databases on the same server
+(`{config.DB_SQL}` and `{config.DB_DBPLUS}`, dropped and recreated at the start; SQLite:
+two files in a temporary directory); Redis uses db 14 (flushed at the start) and is
+measured once, shown as the reference column of every table. The workers' broker is
+Redis db 13.
+
+1. `backend.store_result` (SUCCESS, with a worker-like request so the extended
+   columns are written) and `backend.get_task_meta(id, cache=False)` on stored ids,
+   in a plain client process: {s.ops} calls each after {s.warmup} warm-up calls.
+   **db+ is capped at {s.dbplus_client_ops} calls** here: outside a worker it opens a
+   new connection per call (NullPool). A rate does not need scaling.
+2. The same, run inside the task `bench.measure` executed by a real
+   `celery worker --pool=prefork --concurrency=1` (the worker child's engine/pool);
+   {s.ops} calls each, no cap.
+3. {s.read} SUCCESS results stored, then, with a fresh backend instance,
+   `ResultSet([...]).join_native()` if the backend supports native join, else
+   `.join()`. **db+ reads {s.dbplus_client_ops} ids and the time is scaled by
+   {s.read}/{s.dbplus_client_ops}** (its join reads id by id, so time is linear in ids).
+4. `add.delay(1, 1).get()` with a `--concurrency=2` prefork worker: p50/p90 of
+   {s.roundtrips} calls after {s.warmup} warm-up calls. **db+: {s.dbplus_roundtrips}
+   calls** (its `.get()` polls every 0.5 s).
+5. `group(add.s(i, i) for i in range({s.group})).apply_async().get()` wall time.
+6. `chord(add.s(i, i) for i in range({s.chord}))(tsum.s()).get()` wall time.
+7. In-process, as a new process would start (engines closed, schema memo cleared,
+   imports not counted): the backend's constructor, and constructor + first
+   `get_task_meta`, on an empty database (tables dropped first) and on a ready one;
+   median of {s.startup_repeats}. Celery's db+ creates its tables in its constructor
+   (`database_create_tables_at_setup`, on by default).
+
+Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
+(rate ÷ rate for rates, time ÷ time inverted for times). Single run: expect a few
+percent of noise, more on the latency figures."""
+
+
+def render(
+    results: Results,
+    kinds: list[str],
+    sizes: Sizes,
+    command: str,
+    date: str,
+    servers: Mapping[str, str],
+) -> str:
+    parts = [
+        "# Benchmarks: sql+ vs Celery's db+ vs Redis",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {date}",
+        "",
+        "Machine:",
+        "",
+        *machine(servers),
+        "",
+        method(sizes),
+        "",
+    ]
+    for kind in kinds:
+        parts += [f"## {config.DB_TITLES[kind]}", "", table(results, kind, sizes), ""]
+    parts += [targets_section(results, kinds, sizes), ""]
+    return "\n".join(parts)

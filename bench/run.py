@@ -1,0 +1,150 @@
+"""Run the benchmark: ``python -m bench.run [--quick] [--databases …] [--out FILE]``.
+
+sql+ (this package), Celery's db+ and Redis, one after another, on the
+local servers only; see ``docs/benchmarks.md`` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import config, ops
+from .app import make_app
+from .config import Sizes
+from .databases import Target, flush_redis, prepare, server_versions
+from .report import Results, render, table, targets_section
+from .startup import startup_figures
+from .worker import running_worker
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument(
+        "--databases",
+        default=",".join(config.DATABASES),
+        help="comma-separated subset of: " + ",".join(config.DATABASES),
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(config.DATABASES))
+    if unknown or not kinds:
+        parser.error(f"--databases: unknown {unknown}; choose from {config.DATABASES}")
+    args.kinds = kinds
+    return args
+
+
+# ---- one backend ---------------------------------------------------------------
+def client_figures(url: str, sizes: Sizes, capped: bool) -> dict[str, float]:
+    """Figures 1 and 3, in this (client) process."""
+    n = sizes.dbplus_client_ops if capped else sizes.ops
+    app = make_app(url)
+    out = {
+        "store_client": ops.op_rate(app.backend, "store", n, sizes.warmup),
+        "get_client": ops.op_rate(app.backend, "get", n, sizes.warmup),
+    }
+    n_read = min(n, sizes.read)
+    ids = ops.seed(app.backend, n_read)
+    reader = make_app(url)  # a fresh backend instance: nothing cached
+    out["read"] = ops.read_seconds(reader, ids) * 1000 * sizes.read / n_read
+    return out
+
+
+def child_figures(url: str, sizes: Sizes, log_dir: Path) -> dict[str, float]:
+    """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker."""
+    with running_worker(url, 1, log_dir) as queue:
+        measure = make_app(url, queue=queue).tasks["bench.measure"]
+        out = {}
+        for kind in ("store", "get"):
+            reply = measure.delay(kind, sizes.ops, sizes.warmup).get(timeout=ops.BULK_TIMEOUT)
+            out[f"{kind}_child"] = float(reply["rate"])
+    return out
+
+
+def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
+    """Figures 4-6 with a ``--concurrency=2`` prefork worker."""
+    with running_worker(url, 2, log_dir) as queue:
+        app = make_app(url, queue=queue)
+        add, tsum = app.tasks["bench.add"], app.tasks["bench.tsum"]
+        n = sizes.dbplus_roundtrips if capped else sizes.roundtrips
+        samples = ops.roundtrips_ms(add, n, sizes.warmup)
+        return {
+            "rt_p50": ops.percentile(samples, 50),
+            "rt_p90": ops.percentile(samples, 90),
+            "group": ops.group_seconds(add, sizes.group),
+            "chord": ops.chord_seconds(add, tsum, sizes.chord),
+        }
+
+
+def backend_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
+    out = client_figures(url, sizes, capped)
+    log(f"  client done: {_brief(out)}")
+    out.update(child_figures(url, sizes, log_dir))
+    log("  prefork child done")
+    out.update(worker_figures(url, sizes, log_dir, capped))
+    log(f"  worker done: {_brief(out)}")
+    return out
+
+
+def _brief(figs: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:,.1f}" for k, v in figs.items())
+
+
+# ---- the run -----------------------------------------------------------------
+def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for backend, url in (("sql", target.sql_url), ("db", target.db_url)):
+        log(f"{target.kind} {config.LABELS[backend]}: startup")
+        figs = startup_figures(backend, url, sizes.startup_repeats)
+        log(f"{target.kind} {config.LABELS[backend]}: {_brief(figs)}")
+        figs.update(backend_figures(target.backend_url(backend), sizes, log_dir, backend == "db"))
+        out[backend] = figs
+    return out
+
+
+def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
+    results = Results()
+    flush_redis()
+    log("Redis")
+    results.redis = backend_figures(config.REDIS_RESULTS, sizes, tmp, capped=False)
+    for kind in kinds:
+        target = prepare(kind, tmp)
+        results.per_db[kind] = database_figures(target, sizes, tmp)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    command = shlex.join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    servers = server_versions(args.kinds)
+    with tempfile.TemporaryDirectory(prefix="celery-sqlresults-bench-") as tmp:
+        results = run(args.kinds, sizes, Path(tmp))
+    for kind in args.kinds:
+        print(f"\n## {config.DB_TITLES[kind]}\n\n{table(results, kind, sizes)}")
+    print("\n" + targets_section(results, args.kinds, sizes))
+    if args.out is not None:
+        text = render(results, args.kinds, sizes, command, date, servers)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        log(f"wrote {args.out}")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

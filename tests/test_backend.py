@@ -1,0 +1,232 @@
+"""The result-backend protocol, on all three databases."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery, states
+from celery.result import AsyncResult, GroupResult, ResultSet
+
+from .conftest import raw_engine
+from .test_compat import request
+
+
+def test_every_state_round_trips(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    for state in (states.PENDING, states.RECEIVED, states.STARTED):
+        backend.store_result("t", {"progress": state}, state)
+        meta = backend.get_task_meta("t", cache=False)
+        assert (meta["status"], meta["result"]) == (state, {"progress": state})
+        assert meta["date_done"] is None
+    backend.mark_as_retry("t", KeyError("again"), traceback="retry tb")
+    meta = backend.get_task_meta("t", cache=False)
+    assert meta["status"] == states.RETRY and isinstance(meta["result"], KeyError)
+    backend.mark_as_revoked("rev", reason="user asked")
+    assert backend.get_task_meta("rev")["status"] == states.REVOKED
+    backend.mark_as_failure("f", RuntimeError("nope"), traceback="TB")
+    meta = backend.get_task_meta("f")
+    assert meta["status"] == states.FAILURE and meta["traceback"] == "TB"
+    assert isinstance(meta["result"], RuntimeError)
+    backend.mark_as_done("d", {"a": [1, 2]})
+    meta = backend.get_task_meta("d")
+    assert meta["result"] == {"a": [1, 2]}
+    assert meta["date_done"].tzinfo is not None
+    assert abs(meta["date_done"] - datetime.now(timezone.utc)) < timedelta(minutes=1)
+
+
+def test_children_are_stored(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    child = app.AsyncResult("child-1")
+    req = request()
+    req.children = [child]
+    app.backend.store_result("parent", 1, states.SUCCESS, request=req)
+    res = app.AsyncResult("parent")
+    assert [c.id for c in res.children] == ["child-1"]
+
+
+def test_result_extended_fields(make_app: Callable[..., Celery]) -> None:
+    app = make_app(result_extended=True)
+    app.backend.store_result("t", 3, states.SUCCESS, request=request("proj.mul", (3, 1)))
+    res = app.AsyncResult("t")
+    assert (res.name, res.args, res.kwargs, res.worker, res.retries, res.queue) == (
+        "proj.mul", [3, 1], {"k": "v"}, "w1@host", 2, "q1",
+    )
+
+
+def test_success_is_never_overwritten_by_a_late_state(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    backend.store_result("t", "first", states.SUCCESS)
+    for state in (states.STARTED, states.RETRY, states.FAILURE, states.PENDING, states.SUCCESS):
+        backend.store_result("t", f"late {state}", state)
+        meta = backend.get_task_meta("t", cache=False)
+        assert (meta["status"], meta["result"]) == (states.SUCCESS, "first")
+
+
+def test_success_rule_holds_under_concurrent_writers(make_app: Callable[..., Celery]) -> None:
+    """Threads race STARTED against SUCCESS on the same ids: every row ends SUCCESS."""
+    backend = make_app().backend
+    ids = [f"race-{i}" for i in range(40)]
+    errors: list[BaseException] = []
+
+    def writer(state: str) -> None:
+        try:
+            for task_id in ids:
+                backend.store_result(task_id, state, state)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in ("STARTED", "SUCCESS", "STARTED", "RETRY")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for task_id in ids:
+        meta = backend.get_task_meta(task_id, cache=False)
+        assert (meta["status"], meta["result"]) == ("SUCCESS", "SUCCESS")
+
+
+def test_forget(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    app.backend.store_result("t", 1, states.SUCCESS)
+    res = app.AsyncResult("t")
+    assert res.get(timeout=1) == 1
+    res.forget()
+    assert app.AsyncResult("t").state == states.PENDING
+    assert app.backend.task_result_exists("t") is False
+
+
+def test_task_result_exists(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    assert backend.task_result_exists("t") is False
+    backend.store_result("t", None, states.STARTED)
+    assert backend.task_result_exists("t") is True
+
+
+def test_group_save_restore_delete(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    backend = app.backend
+    for i in range(3):
+        backend.store_result(f"m{i}", i * 10, states.SUCCESS)
+    group = GroupResult("g", [app.AsyncResult(f"m{i}") for i in range(3)])
+    group.save()
+    restored = GroupResult.restore("g", app=app)
+    assert [r.id for r in restored.results] == ["m0", "m1", "m2"]
+    assert restored.get(timeout=2) == [0, 10, 20]
+    assert restored.join_native(timeout=2) == [0, 10, 20]
+    # saving again replaces (no duplicate-key error)
+    GroupResult("g", [app.AsyncResult("m0")]).save()
+    assert [r.id for r in GroupResult.restore("g", app=app).results] == ["m0"]
+    restored.delete()
+    assert GroupResult.restore("g", app=app) is None
+
+
+def test_get_many_returns_exactly_the_ready_results(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    ready = {f"r{i}" for i in range(2500)}  # more than one batch
+    for i, task_id in enumerate(sorted(ready)):
+        if i % 3:
+            backend.store_result(task_id, i, states.SUCCESS)
+        else:
+            backend.store_result(task_id, ValueError(i), states.FAILURE)
+    for i in range(5):
+        backend.store_result(f"run{i}", None, states.STARTED)
+    asked = ready | {f"run{i}" for i in range(5)} | {"unknown"}
+    got = dict(backend.get_many(asked, timeout=None, max_iterations=1))
+    assert set(got) == ready
+    assert all(m["status"] in states.READY_STATES for m in got.values())
+
+
+def test_join_native_reads_in_batches(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    backend = app.backend
+    for i in range(1200):
+        backend.store_result(f"j{i}", i, states.SUCCESS)
+    statements: list[str] = []
+    sa.event.listen(backend.store.engine, "before_cursor_execute", lambda c, cur, s, *a: statements.append(s))
+    rs = ResultSet([app.AsyncResult(f"j{i}") for i in range(1200)])
+    assert rs.join_native(timeout=5) == list(range(1200))
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 2  # 1200 ids, batches of 1000
+
+
+def test_get_wakes_on_a_late_result_and_times_out_otherwise(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    backend = app.backend
+
+    def later() -> None:
+        time.sleep(0.3)
+        backend.store_result("late", "here", states.SUCCESS)
+
+    threading.Thread(target=later).start()
+    assert app.AsyncResult("late").get(timeout=10, interval=0.5) == "here"
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    with pytest.raises(CeleryTimeout):
+        app.AsyncResult("never").get(timeout=0.2)
+    with pytest.raises(CeleryTimeout):
+        ResultSet([app.AsyncResult("never")]).join_native(timeout=0.2)
+
+
+def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_url: str) -> None:
+    app = make_app(result_expires=timedelta(hours=1))
+    backend = app.backend
+    for i in range(30):
+        backend.store_result(f"old{i}", i, states.SUCCESS)
+    backend.store_result("fresh", 1, states.SUCCESS)
+    backend.store_result("running", None, states.STARTED)
+    backend.save_group("oldgroup", GroupResult("oldgroup", []))
+    backend.save_group("newgroup", GroupResult("newgroup", []))
+    eng = raw_engine(db_url)
+    two_hours_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
+    with eng.begin() as conn:
+        conn.execute(sa.text("UPDATE celery_taskmeta SET date_done = :d WHERE task_id LIKE 'old%'"), {"d": two_hours_ago})
+        conn.execute(sa.text("UPDATE celery_tasksetmeta SET date_done = :d WHERE taskset_id = 'oldgroup'"), {"d": two_hours_ago})
+    eng.dispose()
+    assert backend.store.cleanup(datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1), batch=7) == 31
+    assert backend.get_task_meta("old3", cache=False)["status"] == states.PENDING
+    assert backend.get_task_meta("fresh")["result"] == 1
+    assert backend.get_task_meta("running")["status"] == states.STARTED
+    assert backend.restore_group("oldgroup", cache=False) is None
+    assert backend.restore_group("newgroup", cache=False) is not None
+    backend.cleanup()  # the beat task's entry point, with result_expires
+
+
+def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: str) -> None:
+    app = make_app(result_serializer="pickle", result_accept_content=["pickle", "json"])
+    app.backend.store_result("p", {1, 2, 3}, states.SUCCESS)  # a set: only pickle can carry it
+    assert app.AsyncResult("p").get(timeout=1) == {1, 2, 3}
+
+    # a raw pickle row (as very old Celery wrote) is not unpickled by a json-only app
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = 'p'"), {"r": pickle.dumps({"x": 1})})
+    eng.dispose()
+    json_app = make_app(result_serializer="json", accept_content=["json"])
+    with pytest.raises(Exception):  # noqa: B017 - json refuses the payload; pickle is never tried
+        json_app.backend.get_task_meta("p")
+    pickle_ok = make_app(result_serializer="json", result_accept_content=["json", "pickle"])
+    assert pickle_ok.backend.get_task_meta("p")["result"] == {"x": 1}
+
+
+def test_backend_pickles_for_prefork(make_app: Callable[..., Celery]) -> None:
+    app = make_app()
+    backend = app.backend
+    clone = pickle.loads(pickle.dumps(backend))
+    assert clone.url == backend.url
+    backend.store_result("t", 8, states.SUCCESS)
+    assert clone.get_task_meta("t")["result"] == 8
+
+
+def test_async_result_state_right_after_startup(make_app: Callable[..., Celery]) -> None:
+    """The design note's case: a monitoring page asks for a state before any task ran."""
+    app = make_app()
+    assert app.AsyncResult("never-sent").state == states.PENDING
+    assert AsyncResult("never-sent", app=app).ready() is False
+
