@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from . import config
-from .ops import op_rate
+from .ops import store_get_rates
 
 
 def make_app(backend: str, broker: str = config.BROKER, queue: str = "bench") -> Celery:
@@ -29,18 +29,19 @@ def make_app(backend: str, broker: str = config.BROKER, queue: str = "bench") ->
 
 
 def _register_tasks(app: Celery) -> None:
-    @app.task(name="bench.add")
+    @app.task(name="bench.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="bench.tsum")
+    @app.task(name="bench.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)
 
-    @app.task(name="bench.measure", bind=True)
-    def measure(self: Any, kind: str, n: int, warmup: int = 10) -> dict[str, Any]:
-        """Time ``n`` store_result or get_task_meta calls on this process's backend."""
-        return {"rate": op_rate(self.app.backend, kind, n, warmup), "pid": os.getpid()}
+    @app.task(name="bench.measure", bind=True, shared=False)
+    def measure(self: Any, n: int, warmup: int = 10) -> dict[str, Any]:
+        """Rates of ``n`` store_result and get_task_meta calls on this process's backend."""
+        rates = store_get_rates(self.app.backend, n, warmup)
+        return {"store": rates.store, "get": rates.get, "pid": os.getpid()}
 
 
 app = make_app(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, chord, group, states
@@ -33,36 +34,31 @@ def store(backend: Any, task_id: str, value: Any = 2) -> None:
     backend.store_result(task_id, value, states.SUCCESS, request=fake_request(task_id))
 
 
-def seed(backend: Any, n: int) -> list[str]:
-    """Store ``n`` SUCCESS results (untimed); return their ids."""
+@dataclass(frozen=True)
+class Rates:
+    """Calls per second of ``store_result`` and ``get_task_meta``, and the ids used."""
+
+    store: float
+    get: float
+    ids: list[str]
+
+
+def store_get_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
+    """Time ``n`` stores of fresh SUCCESS results, then ``n`` uncached reads of them."""
+    for task_id in (uuid() for _ in range(warmup)):
+        store(backend, task_id)
+        backend.get_task_meta(task_id, cache=False)
     ids = [uuid() for _ in range(n)]
-    for i, task_id in enumerate(ids):
-        store(backend, task_id, i)
-    return ids
-
-
-def op_rate(backend: Any, kind: str, n: int, warmup: int = 10) -> float:
-    """Calls per second of ``store_result`` (kind "store") or ``get_task_meta`` ("get")."""
-    if kind == "store":
-        for task_id in (uuid() for _ in range(warmup)):
-            store(backend, task_id)
-        ids = [uuid() for _ in range(n)]
-        start = time.perf_counter()
-        for task_id in ids:
-            store(backend, task_id)
-        return n / (time.perf_counter() - start)
-    if kind == "get":
-        ids = seed(backend, n + warmup)
-        for task_id in ids[:warmup]:
-            backend.get_task_meta(task_id, cache=False)
-        start = time.perf_counter()
-        for task_id in ids[warmup:]:
-            meta = backend.get_task_meta(task_id, cache=False)
-        elapsed = time.perf_counter() - start
-        if meta["status"] != states.SUCCESS:
-            raise RuntimeError(f"get_task_meta read {meta['status']} for a stored result")
-        return n / elapsed
-    raise ValueError(f"unknown kind {kind!r}")
+    start = time.perf_counter()
+    for task_id in ids:
+        store(backend, task_id)
+    stored = time.perf_counter()
+    metas = [backend.get_task_meta(task_id, cache=False) for task_id in ids]
+    done = time.perf_counter()
+    wrong = [m["status"] for m in metas if m["status"] != states.SUCCESS]
+    if wrong:
+        raise RuntimeError(f"get_task_meta read {len(wrong)} non-SUCCESS results: {wrong[:3]}")
+    return Rates(n / (stored - start), n / (done - stored), ids)
 
 
 def read_seconds(app: Celery, ids: list[str]) -> float:

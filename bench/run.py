@@ -51,27 +51,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def client_figures(url: str, sizes: Sizes, capped: bool) -> dict[str, float]:
     """Figures 1 and 3, in this (client) process."""
     n = sizes.dbplus_client_ops if capped else sizes.ops
-    app = make_app(url)
-    out = {
-        "store_client": ops.op_rate(app.backend, "store", n, sizes.warmup),
-        "get_client": ops.op_rate(app.backend, "get", n, sizes.warmup),
-    }
-    n_read = min(n, sizes.read)
-    ids = ops.seed(app.backend, n_read)
+    rates = ops.store_get_rates(make_app(url).backend, n, sizes.warmup)
+    ids = rates.ids[: sizes.read]
     reader = make_app(url)  # a fresh backend instance: nothing cached
-    out["read"] = ops.read_seconds(reader, ids) * 1000 * sizes.read / n_read
-    return out
+    read_ms = ops.read_seconds(reader, ids) * 1000 * sizes.read / len(ids)
+    return {"store_client": rates.store, "get_client": rates.get, "read": read_ms}
 
 
 def child_figures(url: str, sizes: Sizes, log_dir: Path) -> dict[str, float]:
     """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker."""
     with running_worker(url, 1, log_dir) as queue:
         measure = make_app(url, queue=queue).tasks["bench.measure"]
-        out = {}
-        for kind in ("store", "get"):
-            reply = measure.delay(kind, sizes.ops, sizes.warmup).get(timeout=ops.BULK_TIMEOUT)
-            out[f"{kind}_child"] = float(reply["rate"])
-    return out
+        reply = measure.delay(sizes.ops, sizes.warmup).get(timeout=ops.BULK_TIMEOUT)
+    return {"store_child": float(reply["store"]), "get_child": float(reply["get"])}
 
 
 def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:

@@ -59,7 +59,7 @@ def init(ctx: click.Context, url: str | None, print_sql: bool) -> None:
             click.echo(f"{str(sql.compile(dialect=mock.dialect)).strip()};")
 
         mock = sa.create_mock_engine(store.settings.url, emit)
-        store.tables.metadata.create_all(mock, checkfirst=False)  # type: ignore[arg-type]
+        store.tables.metadata.create_all(mock, checkfirst=False)
         return
     try:
         created = startup.create_schema(store)
@@ -86,7 +86,9 @@ def check(ctx: click.Context, url: str | None) -> None:
             (store.tables.task, layout.task_columns),
             (store.tables.group, layout.group_columns),
         ):
-            missing += [f"{table.fullname}.{c.name}" for c in table.columns if c.name not in present]
+            missing += [
+                f"{table.fullname}.{c.name}" for c in table.columns if c.name not in present
+            ]
     if missing:
         click.echo(f"missing at {store.settings.masked_url}: {', '.join(missing)}")
         sys.exit(1)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from celery import signals
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .exceptions import DatabaseUnavailable, SchemaMissing
+from .exceptions import DatabaseUnavailable, SchemaMissing, SQLResultsError
 
 if TYPE_CHECKING:
     from .store import Store
@@ -180,27 +180,39 @@ def _reason(exc: BaseException) -> str:
 
 
 # ---- worker and beat start-up ---------------------------------------------
-def _ensure_for_app(app: Any) -> None:
+def _ensure_for_app(app: Any, process: str) -> None:
+    """Create the schema for a starting worker/beat, or stop that process with a clear error.
+
+    Celery's signal dispatch logs and swallows exceptions, so a failure here
+    would let the worker consume tasks it cannot store; ``SystemExit`` is not
+    swallowed and makes the worker (or beat) exit with status 1.
+    """
     from .backend import SQLResultsBackend
 
     backend = app.backend
-    if isinstance(backend, SQLResultsBackend) and backend.settings.create_tables_on_startup:
+    if not isinstance(backend, SQLResultsBackend) or not backend.settings.create_tables_on_startup:
+        return
+    try:
         ensure_schema(backend.store)
-        logger.info(
-            "celery-sqlresults: result schema ready (%s) at %s",
-            ", ".join(t.fullname for t in backend.store.tables.all),
-            backend.settings.masked_url,
-        )
+    except (SQLResultsError, DBAPIError) as exc:
+        reason = str(exc) if isinstance(exc, SQLResultsError) else _reason(exc)
+        logger.critical("celery-sqlresults: %s cannot start: %s", process, reason)
+        raise SystemExit(1) from exc
+    logger.info(
+        "celery-sqlresults: result schema ready (%s) at %s",
+        ", ".join(t.fullname for t in backend.store.tables.all),
+        backend.settings.masked_url,
+    )
 
 
 @signals.celeryd_after_setup.connect(weak=False)
 def _on_worker_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
-    """Worker: logging is configured and no task has been consumed yet."""
+    """Worker: logging is configured and neither the pool nor the consumer has started."""
     if instance is not None:
-        _ensure_for_app(instance.app)
+        _ensure_for_app(instance.app, "worker")
 
 
 @signals.beat_init.connect(weak=False)
 def _on_beat_init(sender: Any = None, **_: Any) -> None:
     if sender is not None:
-        _ensure_for_app(sender.app)
+        _ensure_for_app(sender.app, "beat")

@@ -72,6 +72,8 @@ class Listener:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self.reconnects = 0
+        #: Server pid of the listening connection (PostgreSQL), for diagnostics.
+        self.backend_pid: int | None = None
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
@@ -140,6 +142,7 @@ class Listener:
                 conn = self._connect()
                 conn.autocommit = True
                 conn.execute(f'LISTEN "{self._channel}"')
+                self.backend_pid = conn.info.backend_pid
                 self._listening.set()
                 delay = 0.1
                 self._wake_all()  # anything stored while we were not listening

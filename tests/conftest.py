@@ -155,12 +155,27 @@ class Worker:
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
-                "--pool=prefork", f"--concurrency={self.concurrency}", "-Q", self.queue,
-                "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-                "-n", f"{self.queue}@%h",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.worker_app",
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={self.concurrency}",
+                "-Q",
+                self.queue,
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"{self.queue}@%h",
             ],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

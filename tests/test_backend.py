@@ -55,7 +55,12 @@ def test_result_extended_fields(make_app: Callable[..., Celery]) -> None:
     app.backend.store_result("t", 3, states.SUCCESS, request=request("proj.mul", (3, 1)))
     res = app.AsyncResult("t")
     assert (res.name, res.args, res.kwargs, res.worker, res.retries, res.queue) == (
-        "proj.mul", [3, 1], {"k": "v"}, "w1@host", 2, "q1",
+        "proj.mul",
+        [3, 1],
+        {"k": "v"},
+        "w1@host",
+        2,
+        "q1",
     )
 
 
@@ -81,7 +86,10 @@ def test_success_rule_holds_under_concurrent_writers(make_app: Callable[..., Cel
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(s,)) for s in ("STARTED", "SUCCESS", "STARTED", "RETRY")]
+    threads = [
+        threading.Thread(target=writer, args=(s,))
+        for s in ("STARTED", "SUCCESS", "STARTED", "RETRY")
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -149,14 +157,18 @@ def test_join_native_reads_in_batches(make_app: Callable[..., Celery]) -> None:
     for i in range(1200):
         backend.store_result(f"j{i}", i, states.SUCCESS)
     statements: list[str] = []
-    sa.event.listen(backend.store.engine, "before_cursor_execute", lambda c, cur, s, *a: statements.append(s))
+    sa.event.listen(
+        backend.store.engine, "before_cursor_execute", lambda c, cur, s, *a: statements.append(s)
+    )
     rs = ResultSet([app.AsyncResult(f"j{i}") for i in range(1200)])
     assert rs.join_native(timeout=5) == list(range(1200))
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(selects) == 2  # 1200 ids, batches of 1000
 
 
-def test_get_wakes_on_a_late_result_and_times_out_otherwise(make_app: Callable[..., Celery]) -> None:
+def test_get_wakes_on_a_late_result_and_times_out_otherwise(
+    make_app: Callable[..., Celery],
+) -> None:
     app = make_app()
     backend = app.backend
 
@@ -186,10 +198,21 @@ def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_u
     eng = raw_engine(db_url)
     two_hours_ago = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)
     with eng.begin() as conn:
-        conn.execute(sa.text("UPDATE celery_taskmeta SET date_done = :d WHERE task_id LIKE 'old%'"), {"d": two_hours_ago})
-        conn.execute(sa.text("UPDATE celery_tasksetmeta SET date_done = :d WHERE taskset_id = 'oldgroup'"), {"d": two_hours_ago})
+        conn.execute(
+            sa.text("UPDATE celery_taskmeta SET date_done = :d WHERE task_id LIKE 'old%'"),
+            {"d": two_hours_ago},
+        )
+        conn.execute(
+            sa.text("UPDATE celery_tasksetmeta SET date_done = :d WHERE taskset_id = 'oldgroup'"),
+            {"d": two_hours_ago},
+        )
     eng.dispose()
-    assert backend.store.cleanup(datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1), batch=7) == 31
+    assert (
+        backend.store.cleanup(
+            datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1), batch=7
+        )
+        == 31
+    )
     assert backend.get_task_meta("old3", cache=False)["status"] == states.PENDING
     assert backend.get_task_meta("fresh")["result"] == 1
     assert backend.get_task_meta("running")["status"] == states.STARTED
@@ -206,7 +229,10 @@ def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: 
     # a raw pickle row (as very old Celery wrote) is not unpickled by a json-only app
     eng = raw_engine(db_url)
     with eng.begin() as conn:
-        conn.execute(sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = 'p'"), {"r": pickle.dumps({"x": 1})})
+        conn.execute(
+            sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = 'p'"),
+            {"r": pickle.dumps({"x": 1})},
+        )
     eng.dispose()
     json_app = make_app(result_serializer="json", accept_content=["json"])
     with pytest.raises(Exception):  # noqa: B017 - json refuses the payload; pickle is never tried
@@ -229,4 +255,3 @@ def test_async_result_state_right_after_startup(make_app: Callable[..., Celery])
     app = make_app()
     assert app.AsyncResult("never-sent").state == states.PENDING
     assert AsyncResult("never-sent", app=app).ready() is False
-

@@ -22,9 +22,19 @@ def db_plus_app(db_url: str, **conf: object) -> Celery:
 
 def request(task: str = "proj.add", args: tuple = (1, 2)) -> SimpleNamespace:
     return SimpleNamespace(
-        task=task, args=list(args), kwargs={"k": "v"}, hostname="w1@host", retries=2,
-        delivery_info={"routing_key": "q1"}, group=None, parent_id=None, children=[],
-        stamps=None, stamped_headers=None, chord=None, ignore_result=False,
+        task=task,
+        args=list(args),
+        kwargs={"k": "v"},
+        hostname="w1@host",
+        retries=2,
+        delivery_info={"routing_key": "q1"},
+        group=None,
+        parent_id=None,
+        children=[],
+        stamps=None,
+        stamped_headers=None,
+        chord=None,
+        ignore_result=False,
     )
 
 
@@ -32,7 +42,9 @@ def test_sql_reads_what_db_plus_wrote(make_app: Callable[..., Celery], db_url: s
     old = db_plus_app(db_url, result_extended=True)
     ob = old.backend
     ob.store_result("ok", {"answer": 42}, "SUCCESS", request=request())
-    ob.store_result("bad", ValueError("boom"), "FAILURE", traceback="Traceback: boom", request=request())
+    ob.store_result(
+        "bad", ValueError("boom"), "FAILURE", traceback="Traceback: boom", request=request()
+    )
     ob.store_result("run", {"pid": 7}, "STARTED", request=request())
     ob.save_group("grp", GroupResult("grp", [old.AsyncResult("ok"), old.AsyncResult("bad")]))
 
@@ -64,7 +76,12 @@ def test_db_plus_reads_what_sql_wrote(make_app: Callable[..., Celery], db_url: s
     old = db_plus_app(db_url, result_extended=True)
     ob = old.backend
     ok = ob.get_task_meta("ok")
-    assert (ok["status"], ok["result"], ok["name"], ok["args"]) == ("SUCCESS", [1, "two"], "proj.add", [1, 2])
+    assert (ok["status"], ok["result"], ok["name"], ok["args"]) == (
+        "SUCCESS",
+        [1, "two"],
+        "proj.add",
+        [1, 2],
+    )
     assert ok["date_done"] is not None
     bad = ob.get_task_meta("bad")
     assert bad["status"] == "FAILURE" and isinstance(bad["result"], KeyError)
@@ -76,13 +93,16 @@ def test_db_plus_reads_what_sql_wrote(make_app: Callable[..., Celery], db_url: s
     assert ob.get_task_meta("after")["result"] == 6
 
 
-def test_adopts_tables_of_an_older_celery_without_new_columns(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_adopts_tables_of_an_older_celery_without_new_columns(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
     """Tables from Celery 5.4 (no children/stamps columns, no extended columns) keep working."""
     eng = raw_engine(db_url)
     md = sa.MetaData()
     seq = sa.Sequence("task_id_sequence")
     old_task = sa.Table(
-        "celery_taskmeta", md,
+        "celery_taskmeta",
+        md,
         sa.Column("id", sa.Integer, seq, primary_key=True),
         sa.Column("task_id", sa.String(155), unique=True),
         sa.Column("status", sa.String(50)),
@@ -93,10 +113,14 @@ def test_adopts_tables_of_an_older_celery_without_new_columns(make_app: Callable
     )
     md.create_all(eng)
     with eng.begin() as conn:
-        conn.execute(old_task.insert().values(
-            id=seq.next_value() if eng.dialect.supports_sequences else None,
-            task_id="legacy", status="SUCCESS", result=b'"kept"',
-        ))
+        conn.execute(
+            old_task.insert().values(
+                id=seq.next_value() if eng.dialect.supports_sequences else None,
+                task_id="legacy",
+                status="SUCCESS",
+                result=b'"kept"',
+            )
+        )
     app = make_app(result_extended=True)
     backend = app.backend
     assert backend.get_task_meta("legacy")["result"] == "kept"
@@ -108,7 +132,9 @@ def test_adopts_tables_of_an_older_celery_without_new_columns(make_app: Callable
     eng.dispose()
 
 
-def test_custom_table_names_and_schemas(make_app: Callable[..., Celery], db_url: str, db_kind: str) -> None:
+def test_custom_table_names_and_schemas(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
     if db_kind == "sqlite":
         schemas = {}
     else:
@@ -142,7 +168,9 @@ def test_custom_table_names_and_schemas(make_app: Callable[..., Celery], db_url:
 
 
 @pytest.mark.parametrize("db_kind", ["mysql"])
-def test_results_over_64kb_fit_in_tables_we_create_on_mysql(make_app: Callable[..., Celery]) -> None:
+def test_results_over_64kb_fit_in_tables_we_create_on_mysql(
+    make_app: Callable[..., Celery],
+) -> None:
     backend = make_app().backend
     big = "x" * 200_000
     backend.store_result("big", big, "SUCCESS")

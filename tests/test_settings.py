@@ -75,7 +75,9 @@ def test_unparseable_url() -> None:
     ],
 )
 def test_invalid_table_names(names: dict[str, object]) -> None:
-    with pytest.raises(ImproperlyConfigured, match=r"database_table_names\[.*not a valid SQL identifier"):
+    with pytest.raises(
+        ImproperlyConfigured, match=r"database_table_names\[.*not a valid SQL identifier"
+    ):
         Settings.from_app(app_with(database_table_names=names), "sqlite://")
 
 
@@ -104,7 +106,10 @@ def test_conflicting_create_switches_name_both() -> None:
         ({"database_create_tables_on_startup": False}, False),
         ({"database_create_tables_at_setup": False}, False),
         ({"database_create_tables_at_setup": True}, True),
-        ({"database_create_tables_on_startup": False, "database_create_tables_at_setup": False}, False),
+        (
+            {"database_create_tables_on_startup": False, "database_create_tables_at_setup": False},
+            False,
+        ),
     ],
 )
 def test_create_switch(conf: dict[str, bool], expected: bool) -> None:

@@ -35,7 +35,9 @@ def statements_of(app: Celery) -> list[str]:
     return seen
 
 
-def test_tables_exist_as_soon_as_backend_is_constructed(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_tables_exist_as_soon_as_backend_is_constructed(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
     assert not TABLES & table_names(db_url)
     app = make_app()
     app.backend  # noqa: B018
@@ -54,7 +56,9 @@ def test_ready_tables_cost_no_ddl(make_app: Callable[..., Celery], db_url: str) 
     assert not [s for s in seen if s.lstrip().upper().startswith(("CREATE", "ALTER", "DROP"))]
 
 
-def test_lazy_mode_runs_no_ddl_and_first_write_creates(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_lazy_mode_runs_no_ddl_and_first_write_creates(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
     app = make_app(database_create_tables_on_startup=False)
     seen = statements_of(app)
     backend = app.backend
@@ -82,7 +86,9 @@ def test_celery_setting_is_honoured(make_app: Callable[..., Celery], db_url: str
     assert not TABLES & table_names(db_url)
 
 
-def test_reads_survive_tables_dropped_behind_our_back(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_reads_survive_tables_dropped_behind_our_back(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
     app = make_app()
     backend = app.backend
     backend.store_result("t1", 1, "SUCCESS")
@@ -122,12 +128,15 @@ def test_eight_processes_start_at_once_on_an_empty_database(db_url: str, tmp_pat
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), db_url, str(start), str(n)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
         )
         for n in range(8)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
         assert "ok" in out
         for bad in ("already exists", "Duplicate", "duplicate key", "Deadlock", "deadlock"):
@@ -153,7 +162,9 @@ def test_unreachable_database_is_retried_then_reported_with_masked_url() -> None
     assert "hunter2" not in backend.as_uri()
 
 
-def test_create_tables_helper_and_session_manager(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_create_tables_helper_and_session_manager(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
     app = make_app(database_create_tables_on_startup=False)
     assert set(create_tables(app)) == TABLES
     assert TABLES <= table_names(db_url)
@@ -192,7 +203,9 @@ def _limited_url(db_url: str, db_kind: str) -> str:
                 conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
                 conn.exec_driver_sql(f"CREATE USER '{LIMITED}'@'{host}' IDENTIFIED BY 'pw'")
     admin.dispose()
-    return make_url(db_url).set(username=LIMITED, password="pw").render_as_string(hide_password=False)
+    return (
+        make_url(db_url).set(username=LIMITED, password="pw").render_as_string(hide_password=False)
+    )
 
 
 def _grant_runtime_rights(db_url: str, db_kind: str) -> None:
@@ -214,7 +227,9 @@ def _grant_runtime_rights(db_url: str, db_kind: str) -> None:
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
-def test_user_without_create_rights(make_app: Callable[..., Celery], db_url: str, db_kind: str) -> None:
+def test_user_without_create_rights(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
     limited = _limited_url(db_url, db_kind)
     _grant_runtime_rights(db_url, db_kind)  # on an empty database: nothing to grant on yet
     app = make_app(limited)
@@ -243,7 +258,9 @@ def test_user_without_create_rights(make_app: Callable[..., Celery], db_url: str
     assert not [s for s in seen if s.lstrip().upper().startswith(("CREATE", "ALTER"))]
 
 
-def test_worker_style_start_waits_for_database(monkeypatch: pytest.MonkeyPatch, make_app: Callable[..., Celery], db_url: str) -> None:
+def test_worker_style_start_waits_for_database(
+    monkeypatch: pytest.MonkeyPatch, make_app: Callable[..., Celery], db_url: str
+) -> None:
     """ensure_schema retries while the database is unreachable, then succeeds."""
     app = make_app(database_create_tables_on_startup=False)
     backend = app.backend

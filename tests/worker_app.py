@@ -14,21 +14,23 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
         result_extended=True,
         broker_connection_retry_on_startup=True,
         worker_prefetch_multiplier=4,
+        sqlresults_startup_timeout=float(os.environ.get("SQLRESULTS_TEST_STARTUP_TIMEOUT", "60")),
+        database_create_tables_on_startup=os.environ.get("SQLRESULTS_TEST_CREATE", "1") == "1",
     )
 
-    @app.task(name="t.add")
+    @app.task(name="t.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
 
-    @app.task(name="t.fail")
+    @app.task(name="t.fail", shared=False)
     def fail(msg: str) -> None:
         raise ValueError(msg)
 
-    @app.task(name="t.tsum")
+    @app.task(name="t.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)
 
-    @app.task(name="t.spawn", bind=True)
+    @app.task(name="t.spawn", bind=True, shared=False)
     def spawn(self, n: int) -> str:  # type: ignore[no-untyped-def]
         return add.delay(n, n).id
 

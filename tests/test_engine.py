@@ -1,0 +1,79 @@
+"""Connections: pooled per process, never shared across fork, reconnected after a drop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery, states
+
+from celery_sqlresults.engine import get_engine
+
+from .conftest import raw_engine
+
+
+def test_client_reuses_one_pooled_connection(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    engine = backend.store.engine
+    connects: list[object] = []
+    sa.event.listen(engine, "connect", lambda dbapi_conn, rec: connects.append(dbapi_conn))
+    for i in range(50):
+        backend.store_result(f"t{i}", i, states.SUCCESS)
+        backend.get_task_meta(f"t{i}", cache=False)
+    assert len(connects) <= 1  # Celery's db+ opens one per call outside a worker
+    assert backend.store.engine is engine
+
+
+def test_forked_child_gets_its_own_engine(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    backend.store_result("parent", 1, states.SUCCESS)
+    parent_engine = get_engine(backend.settings)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            child_engine = get_engine(backend.settings)
+            backend.store_result("child", 2, states.SUCCESS)
+            ok = (
+                child_engine is not parent_engine and backend.get_task_meta("parent")["result"] == 1
+            )
+            code = 0 if ok else 2
+        finally:
+            os.write(w, str(code).encode())
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 10) == b"0"
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the parent's pooled connection still works after the child exited
+    assert get_engine(backend.settings) is parent_engine
+    assert backend.get_task_meta("child", cache=False)["result"] == 2
+    backend.store_result("parent-again", 3, states.SUCCESS)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_killed_connection_is_replaced_without_losing_the_write(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    backend = make_app().backend
+    backend.store_result("before", 1, states.SUCCESS)
+    with backend.store.engine.connect() as conn:
+        if db_kind == "postgresql":
+            victim = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        else:
+            victim = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        if db_kind == "postgresql":
+            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": victim})
+        else:
+            conn.exec_driver_sql(f"KILL {int(victim)}")
+    admin.dispose()
+    invalidated: list[object] = []
+    sa.event.listen(backend.store.engine, "invalidate", lambda *a: invalidated.append(a))
+    backend.store_result("after", 2, states.SUCCESS)  # retried on a fresh connection
+    assert invalidated, "the dead connection should have been noticed and replaced"
+    assert backend.get_task_meta("after")["result"] == 2

@@ -1,0 +1,92 @@
+"""Waiting for results: NOTIFY on PostgreSQL, adaptive polling elsewhere."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery, states
+from celery.result import ResultSet
+
+from celery_sqlresults.wait import Listener, Poller
+
+from .conftest import raw_engine
+
+
+def store_later(app: Celery, task_id: str, value: object, delay: float = 0.3) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        app.backend.store_result(task_id, value, states.SUCCESS)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_waiter_kind(make_app: Callable[..., Celery], db_kind: str) -> None:
+    waiter = make_app().backend._waiter
+    assert isinstance(waiter, Listener if db_kind == "postgresql" else Poller)
+    assert isinstance(make_app(sqlresults_notify=False).backend._waiter, Poller)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_notify_wakes_a_waiter_that_would_not_poll_in_time(make_app: Callable[..., Celery]) -> None:
+    """interval=60 means no re-check for a minute: only the notification can finish this get()."""
+    app = make_app()
+    store_later(app, "n1", "woken")
+    assert app.AsyncResult("n1").get(timeout=15, interval=60) == "woken"
+    ids = [f"g{i}" for i in range(5)]
+    for i, task_id in enumerate(ids):
+        store_later(app, task_id, i, delay=0.1 * (i + 1))
+    assert ResultSet([app.AsyncResult(t) for t in ids]).join_native(
+        timeout=15, interval=60
+    ) == list(range(5))
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_listener_death_falls_back_to_polling_and_reconnects(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    app = make_app()
+    listener = app.backend._waiter
+    assert isinstance(listener, Listener)
+    store_later(app, "warm", 1, delay=0.05)
+    assert app.AsyncResult("warm").get(timeout=15, interval=60) == 1
+    assert listener.listening and listener.backend_pid
+    before = listener.reconnects
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": listener.backend_pid})
+    admin.dispose()
+    # a waiter still finishes (by polling at its interval, or the re-listen wake-up)
+    store_later(app, "during", 2, delay=0.2)
+    assert app.AsyncResult("during").get(timeout=15, interval=0.2) == 2
+    deadline = time.monotonic() + 15
+    while not (listener.listening and listener.reconnects > before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.reconnects > before and listener.listening
+    store_later(app, "after", 3)
+    assert app.AsyncResult("after").get(timeout=15, interval=60) == 3
+
+
+def test_poller_starts_fast_and_backs_off_to_interval() -> None:
+    slept: list[float] = []
+    poller = Poller()
+    import celery_sqlresults.wait as wait_mod
+
+    real_sleep = wait_mod.time.sleep
+    wait_mod.time.sleep = slept.append  # type: ignore[assignment]
+    try:
+        with poller.watch(["x"], interval=0.5) as wait:
+            for _ in range(30):
+                wait(None)
+            wait(0.0001)
+    finally:
+        wait_mod.time.sleep = real_sleep  # type: ignore[assignment]
+    assert slept[0] == pytest.approx(0.001)
+    assert slept[1] > slept[0]
+    assert max(slept) == pytest.approx(0.5)
+    assert slept[-1] == pytest.approx(0.0001)  # never sleeps past the caller's deadline
