@@ -38,10 +38,10 @@ def _register_tasks(app: Celery) -> None:
         return sum(values)
 
     @app.task(name="bench.measure", bind=True, shared=False)
-    def measure(self: Any, n: int, warmup: int = 10) -> dict[str, Any]:
+    def measure(self: Any, n: int, warmup: int = 10, rounds: int = 1) -> dict[str, Any]:
         """Rates of ``n`` store_result and get_task_meta calls on this process's backend."""
-        rates = store_get_rates(self.app.backend, n, warmup)
-        return {"store": rates.store, "get": rates.get, "pid": os.getpid()}
+        runs = [store_get_rates(self.app.backend, n, warmup) for _ in range(rounds)]
+        return {"store": [r.store for r in runs], "get": [r.get for r in runs], "pid": os.getpid()}
 
 
 app = make_app(

@@ -39,6 +39,7 @@ class Sizes:
     group: int  # tasks in the group
     chord: int  # header tasks in the chord
     startup_repeats: int  # startup measurements per state (median reported)
+    rounds: int  # repeats of figures 1-3, 5, 6 (median reported); db+ in a client: 1
     warmup: int = 10
 
     @classmethod
@@ -52,6 +53,7 @@ class Sizes:
             group=1000,
             chord=200,
             startup_repeats=5,
+            rounds=3,
         )
 
     @classmethod
@@ -65,4 +67,5 @@ class Sizes:
             group=200,
             chord=50,
             startup_repeats=2,
+            rounds=1,
         )

@@ -60,17 +60,18 @@ def prepare(kind: str, tmp: Path) -> Target:
     return Target(kind, urls[0], urls[1])
 
 
-def drop_result_tables(url: str) -> None:
-    """Remove Celery's result tables (and PostgreSQL's sequences) from ``url``."""
+def empty_database(url: str) -> None:
+    """Drop every table (and, on PostgreSQL, every sequence) of a benchmark database."""
     engine = admin_engine(url)
     try:
         with engine.connect() as conn:
-            for table in ("celery_taskmeta", "celery_tasksetmeta"):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
             if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql(
-                    "DROP SEQUENCE IF EXISTS task_id_sequence, taskset_id_sequence"
-                )
+                conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+                conn.exec_driver_sql("CREATE SCHEMA public")
+                return
+            metadata = sa.MetaData()
+            metadata.reflect(conn)
+            metadata.drop_all(conn)
     finally:
         engine.dispose()
 

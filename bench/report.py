@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -157,16 +158,41 @@ def targets_section(results: Results, kinds: list[str], sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
-def machine(servers: Mapping[str, str]) -> list[str]:
+def machine(servers: Mapping[str, str], load: str) -> list[str]:
     packages = ["celery", "kombu", "SQLAlchemy", "psycopg", "PyMySQL", "redis"]
     versions = ", ".join(f"{p} {_version(p)}" for p in packages)
     server_text = ", ".join(f"{name} {version}" for name, version in servers.items())
     return [
         f"- CPU: {_cpu_model()}, {os.cpu_count()} cores; RAM {_ram_gib():.1f} GiB",
         f"- Python {platform.python_version()} on {platform.system()} {platform.release()}",
-        f"- celery-sqlresults {_version('celery-sqlresults')}; {versions}",
+        f"- celery-sqlresults {_version('celery-sqlresults')} ({_git_state()}); {versions}",
         f"- Servers (all on 127.0.0.1): {server_text}",
+        f"- Load average (1 min) {load}",
     ]
+
+
+def _git_state() -> str:
+    """The commit measured, and whether the package had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=config.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "celery_sqlresults"],
+            cwd=config.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "git state unknown"
+    return f"commit {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def _version(package: str) -> str:
@@ -208,34 +234,38 @@ everywhere. sql+ and db+ use separate databases on the same server
 (`{config.DB_SQL}` and `{config.DB_DBPLUS}`, dropped and recreated at the start; SQLite:
 two files in a temporary directory); Redis uses db 14 (flushed at the start) and is
 measured once, shown as the reference column of every table. The workers' broker is
-Redis db 13.
+Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown.
 
-1. `backend.store_result` (SUCCESS, with a worker-like request so the extended
-   columns are written) and `backend.get_task_meta(id, cache=False)` on stored ids,
-   in a plain client process: {s.ops} calls each after {s.warmup} warm-up calls.
-   **db+ is capped at {s.dbplus_client_ops} calls** here: outside a worker it opens a
-   new connection per call (NullPool). A rate does not need scaling.
-2. The same, run inside the task `bench.measure` executed by a real
-   `celery worker --pool=prefork --concurrency=1` (the worker child's engine/pool);
-   {s.ops} calls each, no cap.
-3. {s.read} SUCCESS results stored, then, with a fresh backend instance,
-   `ResultSet([...]).join_native()` if the backend supports native join, else
-   `.join()`. **db+ reads {s.dbplus_client_ops} ids and the time is scaled by
-   {s.read}/{s.dbplus_client_ops}** (its join reads id by id, so time is linear in ids).
+1. In a plain client process (`app.backend`): {s.ops} `store_result` calls (SUCCESS,
+   fresh ids, with a worker-like request so the extended columns are written), then
+   {s.ops} `get_task_meta(id, cache=False)` of those ids; {s.warmup} warm-up calls of
+   each first; {s.rounds} rounds. **db+ is capped at {s.dbplus_client_ops} calls and
+   1 round** here: outside a worker it opens a new connection per call (NullPool). A
+   rate needs no scaling.
+2. The same, inside the task `bench.measure` executed by a real
+   `celery worker --pool=prefork --concurrency=1` (so it uses the worker child's
+   engine/pool): {s.ops} calls of each, {s.rounds} rounds, no cap.
+3. The first {s.read} results stored in figure 1 (last round) read with a fresh
+   backend instance: `ResultSet([...]).join_native()` if the backend supports native
+   join, else `.join()`; {s.rounds} rounds. **db+ reads its {s.dbplus_client_ops}
+   stored ids once and the time is scaled by {s.read}/{s.dbplus_client_ops}** (its
+   join reads id by id, so its time is linear in ids).
 4. `add.delay(1, 1).get()` with a `--concurrency=2` prefork worker: p50/p90 of
    {s.roundtrips} calls after {s.warmup} warm-up calls. **db+: {s.dbplus_roundtrips}
    calls** (its `.get()` polls every 0.5 s).
-5. `group(add.s(i, i) for i in range({s.group})).apply_async().get()` wall time.
-6. `chord(add.s(i, i) for i in range({s.chord}))(tsum.s()).get()` wall time.
+5. `group(add.s(i, i) for i in range({s.group})).apply_async().get()` wall time,
+   same worker; {s.rounds} rounds (db+: 1).
+6. `chord(add.s(i, i) for i in range({s.chord}))(tsum.s()).get()` wall time, same
+   worker; {s.rounds} rounds (db+: 1).
 7. In-process, as a new process would start (engines closed, schema memo cleared,
    imports not counted): the backend's constructor, and constructor + first
-   `get_task_meta`, on an empty database (tables dropped first) and on a ready one;
-   median of {s.startup_repeats}. Celery's db+ creates its tables in its constructor
-   (`database_create_tables_at_setup`, on by default).
+   `get_task_meta`, on an empty database (all tables dropped first) and on a ready
+   one; median of {s.startup_repeats}. Celery's db+ creates its tables in its
+   constructor too (`database_create_tables_at_setup`, on by default).
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
-(rate ÷ rate for rates, time ÷ time inverted for times). Single run: expect a few
-percent of noise, more on the latency figures."""
+(rate ÷ rate for rates, inverted time ÷ time for times). One run on a small shared
+machine: expect ±10-20 % noise, more on the latency figures."""
 
 
 def render(
@@ -245,6 +275,7 @@ def render(
     command: str,
     date: str,
     servers: Mapping[str, str],
+    load: str,
 ) -> str:
     parts = [
         "# Benchmarks: sql+ vs Celery's db+ vs Redis",
@@ -255,7 +286,7 @@ def render(
         "",
         "Machine:",
         "",
-        *machine(servers),
+        *machine(servers, load),
         "",
         method(sizes),
         "",

@@ -7,12 +7,14 @@ local servers only; see ``docs/benchmarks.md`` for the method.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import median
 
 from . import config, ops
 from .app import make_app
@@ -51,23 +53,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def client_figures(url: str, sizes: Sizes, capped: bool) -> dict[str, float]:
     """Figures 1 and 3, in this (client) process."""
     n = sizes.dbplus_client_ops if capped else sizes.ops
-    rates = ops.store_get_rates(make_app(url).backend, n, sizes.warmup)
-    ids = rates.ids[: sizes.read]
-    reader = make_app(url)  # a fresh backend instance: nothing cached
-    read_ms = ops.read_seconds(reader, ids) * 1000 * sizes.read / len(ids)
-    return {"store_client": rates.store, "get_client": rates.get, "read": read_ms}
+    rounds = 1 if capped else sizes.rounds
+    backend = make_app(url).backend
+    runs = [ops.store_get_rates(backend, n, sizes.warmup) for _ in range(rounds)]
+    ids = runs[-1].ids[: sizes.read]
+    # A fresh backend instance per read: nothing cached.
+    reads = [ops.read_seconds(make_app(url), ids) for _ in range(rounds)]
+    return {
+        "store_client": median(r.store for r in runs),
+        "get_client": median(r.get for r in runs),
+        "read": median(reads) * 1000 * sizes.read / len(ids),
+    }
 
 
 def child_figures(url: str, sizes: Sizes, log_dir: Path) -> dict[str, float]:
     """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker."""
     with running_worker(url, 1, log_dir) as queue:
         measure = make_app(url, queue=queue).tasks["bench.measure"]
-        reply = measure.delay(sizes.ops, sizes.warmup).get(timeout=ops.BULK_TIMEOUT)
-    return {"store_child": float(reply["store"]), "get_child": float(reply["get"])}
+        reply = measure.delay(sizes.ops, sizes.warmup, sizes.rounds).get(timeout=ops.BULK_TIMEOUT)
+    return {"store_child": median(reply["store"]), "get_child": median(reply["get"])}
 
 
 def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
     """Figures 4-6 with a ``--concurrency=2`` prefork worker."""
+    rounds = 1 if capped else sizes.rounds
     with running_worker(url, 2, log_dir) as queue:
         app = make_app(url, queue=queue)
         add, tsum = app.tasks["bench.add"], app.tasks["bench.tsum"]
@@ -76,8 +85,8 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
         return {
             "rt_p50": ops.percentile(samples, 50),
             "rt_p90": ops.percentile(samples, 90),
-            "group": ops.group_seconds(add, sizes.group),
-            "chord": ops.chord_seconds(add, tsum, sizes.chord),
+            "group": median(ops.group_seconds(add, sizes.group) for _ in range(rounds)),
+            "chord": median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds)),
         }
 
 
@@ -124,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([".venv/bin/python", "-m", "bench.run", *sys.argv[1:]])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     servers = server_versions(args.kinds)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="celery-sqlresults-bench-") as tmp:
         results = run(args.kinds, sizes, Path(tmp))
+    load = f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end"
     for kind in args.kinds:
         print(f"\n## {config.DB_TITLES[kind]}\n\n{table(results, kind, sizes)}")
     print("\n" + targets_section(results, args.kinds, sizes))
     if args.out is not None:
-        text = render(results, args.kinds, sizes, command, date, servers)
+        text = render(results, args.kinds, sizes, command, date, servers, load)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         log(f"wrote {args.out}")

@@ -23,7 +23,7 @@ from celery_sqlresults import engine as sqlresults_engine
 from celery_sqlresults import startup as sqlresults_startup
 from celery_sqlresults.backend import SQLResultsBackend
 
-from .databases import drop_result_tables
+from .databases import empty_database
 
 Factory = Callable[[Celery, str], Any]
 
@@ -64,7 +64,7 @@ def startup_figures(backend: str, url: str, repeats: int) -> dict[str, float]:
     ready: list[tuple[float, float]] = []
     try:
         for _ in range(repeats):
-            drop_result_tables(url)
+            empty_database(url)
             empty.append(_one(factory, url))
         for _ in range(repeats):
             ready.append(_one(factory, url))

@@ -82,13 +82,7 @@ def check(ctx: click.Context, url: str | None) -> None:
     except sa.exc.DBAPIError as exc:
         raise click.ClickException(_one_line(exc)) from None
     if layout is not None:
-        for table, present in (
-            (store.tables.task, layout.task_columns),
-            (store.tables.group, layout.group_columns),
-        ):
-            missing += [
-                f"{table.fullname}.{c.name}" for c in table.columns if c.name not in present
-            ]
+        missing += [f"{t.fullname}.{c.name}" for t, c in store.missing_columns(layout)]
     if missing:
         click.echo(f"missing at {store.settings.masked_url}: {', '.join(missing)}")
         sys.exit(1)

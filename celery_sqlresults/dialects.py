@@ -82,6 +82,35 @@ class Dialect:
             index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in updated}
         )
 
+    def count_part(
+        self, conn: Connection, table: sa.Table, group_id: str
+    ) -> tuple[int, int | None] | None:
+        """Atomically add one finished part to a chord; return ``(done, chord_size)``.
+
+        One ``UPDATE … RETURNING`` on PostgreSQL and SQLite. MySQL/MariaDB have
+        no ``UPDATE … RETURNING``: the new count goes through the
+        connection-local ``LAST_INSERT_ID(expr)``, read back on the same
+        connection. ``None`` when the chord has no counter row.
+        """
+        where = table.c.group_id == group_id
+        if self.name == "mysql":
+            updated = conn.execute(
+                sa.update(table).where(where).values(done=sa.func.last_insert_id(table.c.done + 1))
+            )
+            if not updated.rowcount:
+                return None
+            row = conn.execute(
+                sa.select(sa.func.last_insert_id(), table.c.chord_size).where(where)
+            ).first()
+        else:
+            row = conn.execute(
+                sa.update(table)
+                .where(where)
+                .values(done=table.c.done + 1)
+                .returning(table.c.done, table.c.chord_size)
+            ).first()
+        return None if row is None else (int(row[0]), row[1])
+
     def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
         """The upsert plus a ``pg_notify`` of the written task id, still one statement.
 
@@ -109,8 +138,9 @@ class Dialect:
         """DELETE at most ``limit`` rows matching ``where`` (short transactions, short locks)."""
         if self.name == "mysql":
             return sa.delete(table).where(where).with_dialect_options(mysql_limit=limit)
-        ids = sa.select(table.c.id).where(where).limit(limit).scalar_subquery()
-        return sa.delete(table).where(table.c.id.in_(ids))
+        (key,) = table.primary_key.columns
+        keys = sa.select(key).where(where).limit(limit).scalar_subquery()
+        return sa.delete(table).where(key.in_(keys))
 
     # ---- schema -------------------------------------------------------
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ fit (``db+`` reads them the same way).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from celery import states
@@ -18,7 +19,11 @@ from sqlalchemy.dialects import mysql
 __all__ = ["DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables"]
 
 #: Table names Celery uses unless ``database_table_names`` says otherwise.
-DEFAULT_NAMES = {"task": "celery_taskmeta", "group": "celery_tasksetmeta"}
+DEFAULT_NAMES = {
+    "task": "celery_taskmeta",
+    "group": "celery_tasksetmeta",
+    "chord": "celery_sqlresults_chord",
+}
 
 #: Columns Celery fills only with ``result_extended`` (always created, as Celery does).
 EXTENDED_COLUMNS = ("name", "args", "kwargs", "worker", "retries", "queue", "stamps")
@@ -28,15 +33,29 @@ _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 @dataclass(frozen=True)
 class Tables:
-    """The task and group tables of one configuration, in their own ``MetaData``."""
+    """The tables of one configuration, in their own ``MetaData``.
+
+    ``task`` and ``group`` are Celery's; ``chord`` is ours (one counter row per
+    running chord) and invisible to Celery's ``db+``.
+    """
 
     metadata: sa.MetaData
     task: sa.Table
     group: sa.Table
+    chord: sa.Table
 
     @property
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.task, self.group)
+        return (self.task, self.group, self.chord)
+
+    @property
+    def expiring(self) -> tuple[tuple[sa.Table, sa.Column[Any]], ...]:
+        """Each table with the timestamp ``cleanup()`` expires it by."""
+        return (
+            (self.task, self.task.c.date_done),
+            (self.group, self.group.c.date_done),
+            (self.chord, self.chord.c.date_created),
+        )
 
 
 def build_tables(
@@ -89,4 +108,13 @@ def build_tables(
         schema=group_schema,
         sqlite_autoincrement=True,
     )
-    return Tables(md, task, group)
+    chord = sa.Table(
+        names["chord"],
+        md,
+        sa.Column("group_id", sa.String(155), primary_key=True),
+        sa.Column("chord_size", sa.Integer, nullable=True),
+        sa.Column("done", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("date_created", sa.DateTime, nullable=False, index=True),
+        schema=group_schema,
+    )
+    return Tables(md, task, group, chord)

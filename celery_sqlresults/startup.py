@@ -119,18 +119,7 @@ def wait_for_database(store: Store, wait: float) -> None:
 
 def _needs_ddl(store: Store, conn: sa.Connection) -> bool:
     layout = store.layout(conn)
-    return layout is None or bool(
-        _missing_columns(store, layout.task_columns, layout.group_columns)
-    )
-
-
-def _missing_columns(
-    store: Store, task_columns: frozenset[str], group_columns: frozenset[str]
-) -> list[tuple[sa.Table, sa.Column[Any]]]:
-    out: list[tuple[sa.Table, sa.Column[Any]]] = []
-    for table, present in ((store.tables.task, task_columns), (store.tables.group, group_columns)):
-        out.extend((table, c) for c in table.columns if c.name not in present)
-    return out
+    return layout is None or not layout.has_chord or bool(store.missing_columns(layout))
 
 
 def _add_missing_columns(store: Store, conn: sa.Connection) -> None:
@@ -146,7 +135,7 @@ def _add_missing_columns(store: Store, conn: sa.Connection) -> None:
     layout = store.layout(conn)
     if layout is None:
         return
-    missing = _missing_columns(store, layout.task_columns, layout.group_columns)
+    missing = store.missing_columns(layout)
     if not missing:
         return
     ops = Operations(MigrationContext.configure(conn))

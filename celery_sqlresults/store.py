@@ -48,6 +48,7 @@ class _Layout:
     group_columns: frozenset[str]
     task_seq: bool
     group_seq: bool
+    has_chord: bool
     statements: dict[Any, sa.Executable] = field(default_factory=dict)
 
 
@@ -102,8 +103,8 @@ class Store:
     def cleanup(self, cutoff: datetime, batch: int = CLEANUP_BATCH) -> int:
         """Delete rows finished before ``cutoff``, ``batch`` per statement; return the count."""
         deleted = 0
-        for table in self.tables.all:
-            stmt = self.dialect.delete_batch(table, table.c.date_done < cutoff, batch)
+        for table, timestamp in self.tables.expiring:
+            stmt = self.dialect.delete_batch(table, timestamp < cutoff, batch)
 
             def run(conn: Connection, _: _Layout, stmt: sa.Executable = stmt) -> int:
                 return int(conn.execute(stmt).rowcount)
@@ -114,6 +115,39 @@ class Store:
                 if n < batch:
                     break
         return deleted
+
+    # ---- chords -------------------------------------------------------
+    def chord_start(self, group_id: str, now: datetime) -> None:
+        """(Re)start the counter of a chord: a re-applied frozen chord is a new run."""
+
+        def run(conn: Connection, layout: _Layout) -> None:
+            if not layout.has_chord:
+                raise SchemaMissing(f"chord table {self.tables.chord.fullname} is missing")
+            values = {"group_id": group_id, "chord_size": None, "done": 0, "date_created": now}
+            key = ("chord_start",)
+            stmt = layout.statements.get(key)
+            if stmt is None:
+                stmt = layout.statements[key] = self.dialect.replace(
+                    self.tables.chord, "group_id", tuple(values), id_seq=False
+                )
+            conn.execute(stmt, values)
+
+        self._write(run)
+
+    def chord_set_size(self, group_id: str, size: int) -> None:
+        c = self.tables.chord
+        stmt = sa.update(c).where(c.c.group_id == group_id).values(chord_size=size)
+        self._run(lambda conn, _: conn.execute(stmt), None)
+
+    def chord_part_done(self, group_id: str) -> tuple[int, int | None] | None:
+        """Count one finished header task; ``(done, size)`` or ``None`` if no counter exists."""
+        return self._run(
+            lambda conn, _: self.dialect.count_part(conn, self.tables.chord, group_id), None
+        )
+
+    def chord_delete(self, group_id: str) -> None:
+        c = self.tables.chord
+        self._run(lambda conn, _: conn.execute(sa.delete(c).where(c.c.group_id == group_id)), None)
 
     # ---- reads --------------------------------------------------------
     def get_task(self, task_id: str) -> RowMapping | None:
@@ -183,6 +217,16 @@ class Store:
                 missing.append(table)
         return missing
 
+    def missing_columns(self, layout: _Layout) -> list[tuple[sa.Table, sa.Column[Any]]]:
+        """Columns of Celery's layout that the existing tables lack (older Celery versions)."""
+        out: list[tuple[sa.Table, sa.Column[Any]]] = []
+        for table, present in (
+            (self.tables.task, layout.task_columns),
+            (self.tables.group, layout.group_columns),
+        ):
+            out.extend((table, c) for c in table.columns if c.name not in present)
+        return out
+
     def _reflect(self, conn: Connection) -> _Layout | None:
         insp = sa.inspect(conn)
         try:
@@ -196,11 +240,13 @@ class Store:
             }
         except NoSuchTableError:
             return None
+        chord = self.tables.chord
         return _Layout(
             task_columns=frozenset(task) & frozenset(self.tables.task.c.keys()),
             group_columns=frozenset(group) & frozenset(self.tables.group.c.keys()),
             task_seq=self.dialect.id_from_sequence(dict(task["id"])),
             group_seq=self.dialect.id_from_sequence(dict(group["id"])),
+            has_chord=insp.has_table(chord.name, chord.schema),
         )
 
     # ---- statements ---------------------------------------------------

@@ -137,9 +137,17 @@ def table_names(db_url: str, schema: str | None = None) -> set[str]:
 class Worker:
     """A ``celery worker`` subprocess on ``tests/worker_app.py``."""
 
-    def __init__(self, backend_url: str, tmp_path: Path, concurrency: int = 2, **env: str):
-        self.log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.queue = f"q-{uuid.uuid4().hex[:8]}"
+    def __init__(
+        self,
+        backend_url: str,
+        tmp_path: Path,
+        concurrency: int = 2,
+        queue: str | None = None,
+        **env: str,
+    ):
+        self.name = uuid.uuid4().hex[:8]
+        self.log = tmp_path / f"worker-{self.name}.log"
+        self.queue = queue or f"q-{self.name}"
         self.env = {
             **os.environ,
             "SQLRESULTS_TEST_BACKEND": backend_url,

@@ -193,6 +193,8 @@ def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_u
         backend.store_result(f"old{i}", i, states.SUCCESS)
     backend.store_result("fresh", 1, states.SUCCESS)
     backend.store_result("running", None, states.STARTED)
+    backend.store.chord_start("oldchord", datetime(2000, 1, 1))
+    backend.store.chord_start("newchord", datetime.now(timezone.utc).replace(tzinfo=None))
     backend.save_group("oldgroup", GroupResult("oldgroup", []))
     backend.save_group("newgroup", GroupResult("newgroup", []))
     eng = raw_engine(db_url)
@@ -211,8 +213,10 @@ def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_u
         backend.store.cleanup(
             datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1), batch=7
         )
-        == 31
+        == 32  # 30 tasks, one group, one never-finished chord counter
     )
+    assert backend.store.chord_part_done("oldchord") is None
+    assert backend.store.chord_part_done("newchord") == (1, None)
     assert backend.get_task_meta("old3", cache=False)["status"] == states.PENDING
     assert backend.get_task_meta("fresh")["result"] == 1
     assert backend.get_task_meta("running")["status"] == states.STARTED

@@ -21,7 +21,7 @@ from celery_sqlresults.startup import ensure_schema
 
 from .conftest import ROOT, raw_engine, table_names
 
-TABLES = {"celery_taskmeta", "celery_tasksetmeta"}
+TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
 
 
 def statements_of(app: Celery) -> list[str]:

@@ -16,7 +16,7 @@ from .conftest import REDIS_URL, ROOT, Worker, client_app, table_names
 
 pytestmark = pytest.mark.worker
 
-TABLES = {"celery_taskmeta", "celery_tasksetmeta"}
+TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
 
 
 def test_worker_creates_schema_before_first_task_and_runs_tasks(

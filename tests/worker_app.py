@@ -34,7 +34,23 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
     def spawn(self, n: int) -> str:  # type: ignore[no-untyped-def]
         return add.delay(n, n).id
 
+    @app.task(name="t.collect", shared=False)
+    def collect(values: list[int], key: str) -> list[int]:
+        """Chord body: counts its own calls in Redis so tests can prove 'exactly once'."""
+        _redis(broker).incr(key)
+        return values
+
+    @app.task(name="t.on_error", shared=False)
+    def on_error(request: object, exc: BaseException, traceback: str, key: str) -> None:
+        _redis(broker).rpush(key, f"{type(exc).__name__}: {exc}")
+
     return app
+
+
+def _redis(url: str):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(url)
 
 
 app = make_app(

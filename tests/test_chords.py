@@ -1,0 +1,118 @@
+"""Native chords: an atomic counter in the database, no celery.chord_unlock."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from celery import Celery, chain, chord, group, signals
+from celery.exceptions import ChordError
+
+from .conftest import REDIS_URL, Worker, client_app, raw_engine
+
+pytestmark = pytest.mark.worker
+
+
+@pytest.fixture
+def published() -> Iterator[list[str]]:
+    """Names of the tasks this (client) process publishes."""
+    names: list[str] = []
+
+    def record(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
+        names.append((headers or {}).get("task") or str(sender))
+
+    signals.before_task_publish.connect(record, weak=False)
+    yield names
+    signals.before_task_publish.disconnect(record)
+
+
+@pytest.fixture
+def r() -> redis.Redis:
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def key() -> str:
+    return f"sqlresults-test:{uuid.uuid4().hex}"
+
+
+def tasks(app: Celery) -> tuple:
+    return tuple(app.tasks[n] for n in ("t.add", "t.fail", "t.tsum", "t.collect", "t.on_error"))
+
+
+def test_big_chord_calls_body_once_in_order(
+    db_url: str, worker_factory: Callable[..., Worker], published: list[str], r: redis.Redis
+) -> None:
+    worker = worker_factory(db_url, concurrency=4)
+    app = client_app(db_url, worker.queue)
+    add, _, _, collect, _ = tasks(app)
+    calls = key()
+    res = chord(add.s(i, 0) for i in range(1000))(collect.s(calls))
+    assert res.get(timeout=240) == list(range(1000))
+    assert int(r.get(calls)) == 1
+    assert "celery.chord_unlock" not in published
+    assert "celery.chord_unlock" not in worker.output()
+    # the counter row is gone once the chord completed
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM celery_sqlresults_chord").scalar() == 0
+    eng.dispose()
+
+
+def test_two_workers_racing_for_the_last_part_run_the_body_once(
+    db_url: str, worker_factory: Callable[..., Worker], r: redis.Redis
+) -> None:
+    first = worker_factory(db_url, concurrency=2)
+    worker_factory(db_url, concurrency=2, queue=first.queue)
+    app = client_app(db_url, first.queue)
+    add, _, _, collect, _ = tasks(app)
+    keys = [key() for _ in range(15)]
+    results = [chord(add.s(i, j) for i in range(6))(collect.s(k)) for j, k in enumerate(keys)]
+    for j, res in enumerate(results):
+        assert res.get(timeout=120) == [i + j for i in range(6)]
+    assert [int(r.get(k)) for k in keys] == [1] * len(keys)
+
+
+def test_failing_header_task_fails_the_body_with_chord_error(
+    db_url: str, worker_factory: Callable[..., Worker], r: redis.Redis
+) -> None:
+    worker = worker_factory(db_url)
+    app = client_app(db_url, worker.queue)
+    add, fail, _, collect, on_error = tasks(app)
+    calls, errors = key(), key()
+    header = [add.s(1, 1), fail.si("header broke"), add.s(2, 2)]
+    res = chord(header)(collect.s(calls).on_error(on_error.s(errors)))
+    with pytest.raises((ValueError, ChordError), match="header broke"):
+        res.get(timeout=60)  # Celery may re-raise the failed parent (the header) first
+    body = app.AsyncResult(res.id)
+    failing_id = res.parent.results[1].id
+    with pytest.raises(ChordError, match=f"Dependency {failing_id} raised .*header broke"):
+        body.get(timeout=60)
+    assert r.get(calls) is None
+    logged = [e.decode() for e in r.lrange(errors, 0, -1)]
+    assert len(logged) == 1 and logged[0].startswith("ChordError") and "header broke" in logged[0]
+
+
+def test_canvas_shapes_from_celery_docs(db_url: str, worker_factory: Callable[..., Worker]) -> None:
+    worker = worker_factory(db_url, concurrency=4)
+    app = client_app(db_url, worker.queue)
+    add, _, tsum, _, _ = tasks(app)
+    timeout = 60
+    # a chord inside a chain, followed by more work
+    c1 = chain(add.s(1, 1), chord([add.s(1), add.s(2)], tsum.s()), add.s(100))
+    assert c1.apply_async().get(timeout=timeout) == (3 + 4) + 100
+    # chains inside a chord header
+    c2 = chord([chain(add.s(1, 1), add.s(1)), chain(add.s(2, 2), add.s(2))], tsum.s())
+    assert c2.apply_async().get(timeout=timeout) == 3 + 6
+    # a group of chords
+    g = group(chord([add.s(i, i), add.s(i, 0)], tsum.s()) for i in range(4))
+    assert g.apply_async().get(timeout=timeout) == [3 * i for i in range(4)]
+    # a chord whose header is a single task
+    assert chord([add.s(5, 5)], tsum.s()).apply_async().get(timeout=timeout) == 10
+    # an empty header calls the body with []
+    assert chord([], tsum.s()).apply_async().get(timeout=timeout) == 0
+    # a chord whose body is a chord
+    inner = chord([add.s(10), add.s(20)], tsum.s())
+    outer = chain(chord([add.s(1, 1), add.s(2, 2)], tsum.s()), inner)
+    assert outer.apply_async().get(timeout=timeout) == (6 + 10) + (6 + 20)
