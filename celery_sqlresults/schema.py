@@ -58,6 +58,13 @@ class Tables:
         )
 
 
+def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:
+    """Celery's surrogate key: a named sequence where the database has them."""
+    return sa.Column(
+        "id", sa.Integer, sa.Sequence(sequence, schema=schema), primary_key=True, autoincrement=True
+    )
+
+
 def build_tables(
     names: dict[str, str] | None = None, schemas: dict[str, str | None] | None = None
 ) -> Tables:
@@ -69,13 +76,7 @@ def build_tables(
     task = sa.Table(
         names["task"],
         md,
-        sa.Column(
-            "id",
-            sa.Integer,
-            sa.Sequence("task_id_sequence", schema=task_schema),
-            primary_key=True,
-            autoincrement=True,
-        ),
+        _id_column("task_id_sequence", task_schema),
         sa.Column("task_id", sa.String(155), unique=True),
         sa.Column("status", sa.String(50), default=states.PENDING),
         sa.Column("result", _Blob, nullable=True),
@@ -95,13 +96,7 @@ def build_tables(
     group = sa.Table(
         names["group"],
         md,
-        sa.Column(
-            "id",
-            sa.Integer,
-            sa.Sequence("taskset_id_sequence", schema=group_schema),
-            primary_key=True,
-            autoincrement=True,
-        ),
+        _id_column("taskset_id_sequence", group_schema),
         sa.Column("taskset_id", sa.String(155), unique=True),
         sa.Column("result", _Blob, nullable=True),
         sa.Column("date_done", sa.DateTime, nullable=True, index=True),

@@ -2,8 +2,8 @@
 
 Server addresses come from the environment (defaults: the local servers):
 ``SQLRESULTS_PG_URL`` and ``SQLRESULTS_MYSQL_URL`` point at an admin
-database; tests run in their own database ``sqlresults_test`` which is reset
-before every test. A missing server skips its tests locally and *fails* them
+database; tests run in their own database (``SQLRESULTS_TEST_DB``, default
+``sqlresults_test``) which is reset before every test. A missing server skips its tests locally and *fails* them
 when ``CI=true``.
 """
 
@@ -29,8 +29,8 @@ from celery_sqlresults import startup
 PG_ADMIN = os.environ.get("SQLRESULTS_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL_ADMIN = os.environ.get("SQLRESULTS_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 REDIS_URL = os.environ.get("SQLRESULTS_REDIS_URL", "redis://127.0.0.1:6379/15")
-TEST_DB = "sqlresults_test"
-OTHER_SCHEMA = "sqlresults_other"
+TEST_DB = os.environ.get("SQLRESULTS_TEST_DB", "sqlresults_test")
+OTHER_SCHEMA = f"{TEST_DB}_other"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parent.parent
 
