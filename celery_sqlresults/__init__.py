@@ -10,14 +10,19 @@ from __future__ import annotations
 from .backend import SQLResultsBackend
 from .compat import SessionManager, create_tables
 from .exceptions import DatabaseUnavailable, SchemaMissing, SQLResultsError
+from .query import ResultQuery, TaskRecord, Undecodable, parse_when
 
 __all__ = [
     "DatabaseUnavailable",
+    "ResultQuery",
     "SQLResultsBackend",
     "SQLResultsError",
     "SchemaMissing",
     "SessionManager",
+    "TaskRecord",
+    "Undecodable",
     "create_tables",
+    "parse_when",
 ]
 
 __version__ = "0.1.0"

@@ -67,6 +67,7 @@ class SQLResultsBackend(BaseBackend):
             self.always_retry = True
         if not conf.value_set_for("result_backend_max_retries"):
             self.max_retries = _DEFAULT_MAX_RETRIES
+        self._extended = bool(conf.find_value_for_key("extended", "result"))
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
         if self.settings.create_tables_on_startup:
@@ -79,7 +80,7 @@ class SQLResultsBackend(BaseBackend):
 
     @property
     def extended_result(self) -> bool:
-        return bool(self.app.conf.find_value_for_key("extended", "result"))
+        return self._extended
 
     # ---- retries --------------------------------------------------------
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
@@ -134,7 +135,7 @@ class SQLResultsBackend(BaseBackend):
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
-        row = self.store.get_task(bytes_to_str(task_id))
+        row = self.store.get_task(bytes_to_str(task_id), self.extended_result)
         if row is None:
             return {
                 "task_id": bytes_to_str(task_id),
@@ -298,7 +299,9 @@ class SQLResultsBackend(BaseBackend):
         iterations = 0
         with self._waiter.watch(pending, interval) as wait:
             while pending:
-                rows = self._ensure_retryable(self.store.get_ready, sorted(pending))
+                rows = self._ensure_retryable(
+                    self.store.get_ready, sorted(pending), self.extended_result
+                )
                 for row in rows:
                     meta = self._meta_from_row(row)
                     task_id = meta["task_id"]

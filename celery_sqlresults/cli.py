@@ -1,39 +1,90 @@
-"""``celery results …``: schema commands, registered as a Celery CLI plugin.
+"""``celery results …``: schema and result commands, registered as a Celery CLI plugin.
 
 ``celery -A proj results init`` uses the app's configuration; ``--url``
-works without an app. Importing this module (Celery does, through the
-``celery.commands`` entry point, whenever its CLI starts) also connects the
-worker/beat start-up hooks in :mod:`celery_sqlresults.startup`.
+works without an app. ``show``, ``list``, ``stats``, ``cleanup`` and
+``forget`` are thin wrappers around :class:`celery_sqlresults.query.ResultQuery`.
+Importing this module (Celery does, through the ``celery.commands`` entry
+point, whenever its CLI starts) also connects the worker/beat start-up hooks
+in :mod:`celery_sqlresults.startup`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import click
 import sqlalchemy as sa
+from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
 from . import startup
+from .backend import SQLResultsBackend
 from .compat import _app_url, _strip_prefix
 from .exceptions import SQLResultsError
-from .settings import Settings
+from .query import ResultQuery, TaskRecord, parse_when
+from .settings import Settings, mask_url
 from .store import Store
 
 __all__ = ["results"]
 
 
-def _store(ctx: click.Context, url: str | None) -> Store:
+def _app(ctx: click.Context) -> Celery:
     from celery import current_app
 
-    obj = ctx.find_root().obj
-    app = getattr(obj, "app", None) or current_app
+    return getattr(ctx.find_root().obj, "app", None) or current_app
+
+
+def _store(ctx: click.Context, url: str | None) -> Store:
+    app = _app(ctx)
     raw = _strip_prefix(url or _app_url(app))
     try:
         return Store(Settings.from_app(app, raw))
     except ImproperlyConfigured as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _query(ctx: click.Context, url: str | None) -> ResultQuery:
+    """A query with the app's serializer and table settings, on ``--url`` if given.
+
+    The backend creates the tables when constructed; these commands must not
+    (reading is no deploy step, that is ``init``), and a database that is down
+    must give one error line, not a start-up warning first.
+    """
+    app = _app(ctx)
+    raw = _strip_prefix(url or _app_url(app))
+    app.conf.update(database_create_tables_on_startup=False, database_create_tables_at_setup=False)
+    try:
+        return ResultQuery(SQLResultsBackend(app=app, url=raw))
+    except ImproperlyConfigured as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _database_errors(query: ResultQuery) -> Iterator[None]:
+    """Database failures as one line naming the masked URL: no traceback, no password."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        url = query.backend.settings.url
+        reason = _one_line(exc)
+        if url.password:
+            reason = reason.replace(str(url.password), "***")
+        raise click.ClickException(f"result database {mask_url(url)}: {reason}") from None
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """Parse a time option, failing with one line (click's usage error would print three)."""
+    if value is None:
+        return None
+    try:
+        return parse_when(value)
+    except ValueError as exc:
+        raise click.ClickException(f"{param.opts[0]}: {exc}") from None
 
 
 _url_option = click.option(
@@ -43,7 +94,7 @@ _url_option = click.option(
 
 @click.group(name="results")
 def results() -> None:
-    """Manage the celery-sqlresults result tables."""
+    """Manage the celery-sqlresults tables and the results stored in them."""
 
 
 @results.command()
@@ -87,6 +138,165 @@ def check(ctx: click.Context, url: str | None) -> None:
         click.echo(f"missing at {store.settings.masked_url}: {', '.join(missing)}")
         sys.exit(1)
     click.echo(f"result schema complete at {store.settings.masked_url}")
+
+
+@results.command()
+@_url_option
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_context
+def show(ctx: click.Context, url: str | None, task_id: str, as_json: bool) -> None:
+    """Show the stored result of TASK_ID (exit 1 if none is stored)."""
+    query = _query(ctx, url)
+    with _database_errors(query):
+        record = query.get(task_id)
+    if record is None:
+        raise click.ClickException(f"no result stored for task {task_id}")
+    if as_json:
+        click.echo(_json(_as_dict(record)))
+        return
+    for key, value in _as_dict(record).items():
+        if key != "traceback":
+            label = "state" if key == "status" else key
+            utc = " UTC" if isinstance(value, datetime) else ""
+            click.echo(f"{label + ':':<11}{_text(value, key)}{utc}")
+    if record.traceback:
+        click.echo("traceback:")
+        click.echo(record.traceback.rstrip())
+
+
+@results.command(name="list")
+@_url_option
+@click.option("--state", multiple=True, help="Only these states, e.g. FAILURE (repeat or a,b).")
+@click.option("--name", help="Only this task name; * matches any text.")
+@click.option("--worker", help="Only this worker (hostname); * matches any text.")
+@click.option("--since", callback=_when, help="Finished at or after: 1h, 30m, 7d, 2w or ISO-8601.")
+@click.option("--until", callback=_when, help="Finished before: 1h, 30m, 7d, 2w or ISO-8601.")
+@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True, help="0: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.pass_context
+def list_(
+    ctx: click.Context,
+    url: str | None,
+    state: tuple[str, ...],
+    name: str | None,
+    worker: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List stored results, newest first."""
+    wanted = [s.strip().upper() for value in state for s in value.split(",") if s.strip()]
+    query = _query(ctx, url).filter(
+        state=wanted or None, name=name, worker=worker, since=since, until=until
+    )
+    with _database_errors(query):
+        records = query.limit(limit or None).all()
+    if as_json:
+        click.echo(_json([_as_dict(r) for r in records]))
+    elif records:
+        _table(
+            ("TASK ID", "STATE", "NAME", "WORKER", "DONE (UTC)"),
+            [
+                (r.task_id, r.status, _text(r.name), _text(r.worker), _text(r.date_done))
+                for r in records
+            ],
+        )
+    else:
+        click.echo("no stored results match")
+
+
+@results.command()
+@_url_option
+@click.option("--since", callback=_when, help="Only finished at or after: 1h, 7d or ISO-8601.")
+@click.option("--by-name", is_flag=True, help="Count per task name and state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def stats(
+    ctx: click.Context, url: str | None, since: datetime | None, by_name: bool, as_json: bool
+) -> None:
+    """Count stored results per state (and per task name)."""
+    query = _query(ctx, url).filter(since=since)
+    counts: dict[str | None, dict[str, int]]
+    with _database_errors(query):
+        counts = query.stats(by_name=True) if by_name else {None: query.stats()}
+    if as_json:
+        click.echo(_json(counts if by_name else counts[None]))
+        return
+    rows = [(name, st, n) for name, per in counts.items() for st, n in per.items()]
+    if by_name:
+        _table(("NAME", "STATE", "COUNT"), [(_text(nm), st, str(n)) for nm, st, n in rows])
+    else:
+        _table(("STATE", "COUNT"), [(st, str(n)) for _, st, n in rows])
+    click.echo(f"total: {sum(n for _, _, n in rows)}")
+
+
+@results.command()
+@_url_option
+@click.option(
+    "--older-than",
+    default="7d",
+    show_default=True,
+    callback=_when,
+    help="Age (30m, 1h, 7d, 2w) or ISO-8601 time; what finished before it goes.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.pass_context
+def cleanup(ctx: click.Context, url: str | None, older_than: datetime, dry_run: bool) -> None:
+    """Delete results, groups and chord counters older than --older-than."""
+    query = _query(ctx, url)
+    with _database_errors(query):
+        counts = query.cleanup(older_than, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {counts['task']} task result(s), {counts['group']} group result(s) and "
+        f"{counts['chord']} chord counter(s) from before {_text(older_than)} UTC"
+    )
+
+
+@results.command()
+@_url_option
+@click.argument("task_ids", nargs=-1, required=True)
+@click.pass_context
+def forget(ctx: click.Context, url: str | None, task_ids: tuple[str, ...]) -> None:
+    """Delete the stored results of the given task ids."""
+    query = _query(ctx, url)
+    with _database_errors(query):
+        n = query.forget(task_ids)
+    click.echo(f"forgot {n} of {len(set(task_ids))} task result(s)")
+
+
+# ---- output -----------------------------------------------------------------
+#: Decoded values shown as Python literals, so ``"3"`` and ``3`` look different.
+_REPR = ("args", "kwargs", "result")
+
+
+def _as_dict(record: TaskRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
+
+
+def _text(value: Any, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return repr(value) if key in _REPR else str(value)
+
+
+def _json(value: Any) -> str:
+    """JSON that always encodes: dates as ISO-8601, anything else (exceptions…) as repr."""
+
+    def default(o: Any) -> Any:
+        return o.isoformat() if isinstance(o, datetime) else repr(o)
+
+    return json.dumps(value, default=default, indent=2)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    for line in (headers, *rows):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ schema first (that is how lazy mode creates it), then writes.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from .dialects import Dialect, dialect_for
 from .engine import get_engine
 from .exceptions import SchemaMissing
-from .schema import Tables, build_tables
+from .schema import EXTENDED_COLUMNS, Tables, build_tables
 from .settings import Settings
 
 __all__ = ["BATCH_SIZE", "Store"]
@@ -62,10 +63,15 @@ class Store:
         self.channel = _channel_name(self.tables.task)
         self._layout: _Layout | None = None
         self._layout_lock = threading.Lock()
+        self._engine: tuple[int, Engine] | None = None
 
     @property
     def engine(self) -> Engine:
-        return get_engine(self.settings)
+        """This process's engine; remembered per process (a fork gets a new one)."""
+        pid = os.getpid()
+        if self._engine is None or self._engine[0] != pid:
+            self._engine = (pid, get_engine(self.settings))
+        return self._engine[1]
 
     # ---- writes -------------------------------------------------------
     def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:
@@ -150,18 +156,21 @@ class Store:
         self._run(lambda conn, _: conn.execute(sa.delete(c).where(c.c.group_id == group_id)), None)
 
     # ---- reads --------------------------------------------------------
-    def get_task(self, task_id: str) -> RowMapping | None:
+    def get_task(self, task_id: str, extended: bool = True) -> RowMapping | None:
+        """One task's row; ``extended=False`` skips the ``result_extended`` columns."""
+
         def run(conn: Connection, layout: _Layout) -> RowMapping | None:
-            row = conn.execute(self._task_select(layout, "one"), {"task_id": task_id}).first()
+            stmt = self._task_select(layout, "one", extended)
+            row = conn.execute(stmt, {"task_id": task_id}).first()
             return None if row is None else row._mapping
 
         return self._run(run, None)
 
-    def get_ready(self, task_ids: Sequence[str]) -> list[RowMapping]:
+    def get_ready(self, task_ids: Sequence[str], extended: bool = True) -> list[RowMapping]:
         """Rows of the given tasks that are in a ready state, one query per batch of ids."""
 
         def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
-            stmt = self._task_select(layout, "ready")
+            stmt = self._task_select(layout, "ready", extended)
             out: list[RowMapping] = []
             for start in range(0, len(task_ids), BATCH_SIZE):
                 chunk = list(task_ids[start : start + BATCH_SIZE])
@@ -262,12 +271,13 @@ class Store:
             layout.statements[key] = stmt
         return stmt
 
-    def _task_select(self, layout: _Layout, kind: str) -> sa.Executable:
-        key = ("task_select", kind)
+    def _task_select(self, layout: _Layout, kind: str, extended: bool) -> sa.Executable:
+        key = ("task_select", kind, extended)
         stmt = layout.statements.get(key)
         if stmt is None:
             t = self.tables.task
-            cols = [c for c in t.c if c.name in layout.task_columns and c.name != "id"]
+            skip = {"id"} if extended else {"id", *EXTENDED_COLUMNS}
+            cols = [c for c in t.c if c.name in layout.task_columns and c.name not in skip]
             if kind == "one":
                 stmt = sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
             else:

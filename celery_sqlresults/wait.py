@@ -77,29 +77,30 @@ class Listener:
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
+        """Subscribe before the caller's first check; never delay a result that is ready."""
         self._start()
         event = threading.Event()
         ids = list(task_ids)
         with self._lock:
             for task_id in ids:
                 self._watchers.setdefault(task_id, set()).add(event)
-        # Give a fresh listener a moment to subscribe; polling covers the rest.
-        self._listening.wait(0.5)
-        fallback = Poller().watch(ids, interval)
-        poll = fallback.__enter__()
+        delay = _FIRST_POLL
 
         def wait(remaining: float | None) -> None:
-            if not self._listening.is_set():
-                poll(remaining)
-                return
+            nonlocal delay
             limit = interval if remaining is None else min(interval, remaining)
-            event.wait(limit)
-            event.clear()
+            if self._listening.is_set():
+                event.wait(limit)
+                event.clear()
+                return
+            # Not listening (yet, or again): poll, but return the moment LISTEN
+            # is up, so the caller's next check covers anything sent before it.
+            self._listening.wait(min(delay, limit))
+            delay = min(delay * _GROWTH, max(interval, _FIRST_POLL))
 
         try:
             yield wait
         finally:
-            fallback.__exit__(None, None, None)
             with self._lock:
                 for task_id in ids:
                     waiters = self._watchers.get(task_id)

@@ -1,0 +1,396 @@
+"""Read and prune stored results: the API behind ``celery results list/show/stats/cleanup``.
+
+:class:`ResultQuery` runs SQLAlchemy Core on the backend's own tables and
+engine, so a script, a monitoring page and the command line see exactly what
+the backend stores, decoded with the backend's serializer and
+``accept_content``. Every filter value is a bound parameter. As everywhere in
+this package, missing tables read as "nothing stored", never as an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, TypeVar, overload
+
+import sqlalchemy as sa
+from celery import Celery, states
+from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import DBAPIError
+
+from .backend import SQLResultsBackend
+from .store import BATCH_SIZE, CLEANUP_BATCH, Store, _Layout
+
+__all__ = ["ResultQuery", "TaskRecord", "Undecodable", "parse_when"]
+
+T = TypeVar("T")
+When = str | datetime | timedelta
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_COLUMNS = (
+    "task_id",
+    "status",
+    "name",
+    "worker",
+    "queue",
+    "retries",
+    "date_done",
+    "args",
+    "kwargs",
+    "result",
+    "traceback",
+)
+
+
+def parse_when(value: When, now: datetime | None = None) -> datetime:
+    """The moment ``value`` names, as an aware UTC datetime.
+
+    One parser for every "since", "until" and "older than", so the API and the
+    command line agree: ``"90s"``, ``"30m"``, ``"1h"``, ``"7d"``, ``"2w"`` or a
+    ``timedelta`` mean that long before ``now``; ISO-8601 text
+    (``"2024-05-01"``, ``"2024-05-01T12:00:00+02:00"``, ``…Z``) or a datetime
+    is taken as is, naive meaning UTC because that is what the tables store.
+    Anything else raises a :class:`ValueError` naming the value.
+    """
+    now = datetime.now(timezone.utc) if now is None else _utc(now)
+    if isinstance(value, timedelta):
+        return now - value
+    if isinstance(value, datetime):
+        return _utc(value)
+    text = value.strip()
+    relative = _RELATIVE.fullmatch(text)
+    try:
+        if relative:
+            return now - timedelta(seconds=float(relative[1]) * _SECONDS[relative[2].lower()])
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        return _utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):
+        raise ValueError(
+            f"invalid time {value!r}: use a relative time like 30m, 1h, 7d or 2w, "
+            "or an ISO-8601 time like 2024-05-01T12:00:00Z"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One stored task result, decoded as ``AsyncResult`` would see it.
+
+    ``name``, ``worker``, ``queue``, ``retries``, ``args`` and ``kwargs`` are
+    stored only with ``result_extended = True`` (else ``None``). ``date_done``
+    is aware UTC, ``None`` while the task has not finished. The ``result`` of a
+    failed task is the exception. A value the app may not decode is an
+    :class:`Undecodable`.
+    """
+
+    task_id: str
+    status: str
+    name: str | None
+    worker: str | None
+    queue: str | None
+    retries: int | None
+    date_done: datetime | None
+    args: Any
+    kwargs: Any
+    result: Any
+    traceback: str | None
+
+
+@dataclass(frozen=True, repr=False)
+class Undecodable:
+    """Stands in for a stored value this app may not (or cannot) decode.
+
+    A row written with a serializer outside ``accept_content`` (pickle read by
+    a JSON-only app, say) is reported, never decoded, and does not make the
+    rest of a listing fail.
+    """
+
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"<undecodable: {self.reason}>"
+
+
+class ResultQuery:
+    """An immutable, chainable query over the stored task results.
+
+    ``ResultQuery(app).filter(state="FAILURE", since="1h").limit(20).all()``:
+    :meth:`filter` and :meth:`limit` return new queries; nothing runs until
+    :meth:`all`, :meth:`count`, :meth:`stats` or :meth:`get`. Rows come newest
+    first (``date_done`` descending, then ``id``) so the ``date_done`` index
+    serves the order; unfinished rows (no ``date_done``) come first on
+    PostgreSQL and last on MySQL/SQLite, each database's own order for that
+    index. Given an app, the query uses ``app.backend``.
+    """
+
+    def __init__(self, app_or_backend: Celery | SQLResultsBackend) -> None:
+        backend = app_or_backend.backend if isinstance(app_or_backend, Celery) else app_or_backend
+        if not isinstance(backend, SQLResultsBackend):
+            raise TypeError(
+                "ResultQuery needs the celery-sqlresults backend (result_backend = 'sql+…'), "
+                f"got {type(backend).__name__}"
+            )
+        self.backend = backend
+        self._where: tuple[tuple[str, Any], ...] = ()
+        self._limit: int | None = None
+
+    @property
+    def store(self) -> Store:
+        return self.backend.store
+
+    # ---- building -----------------------------------------------------
+    def filter(
+        self,
+        *,
+        state: str | Iterable[str] | None = None,
+        name: str | None = None,
+        worker: str | None = None,
+        since: When | None = None,
+        until: When | None = None,
+    ) -> ResultQuery:
+        """A query that also requires every given condition (calls add up, too).
+
+        ``state`` is one state or several. ``name`` and ``worker`` match
+        exactly, or as a glob where ``*`` is any text. ``since`` (inclusive)
+        and ``until`` (exclusive) bound ``date_done`` and take whatever
+        :func:`parse_when` does, relative times counting from this call;
+        unfinished tasks have no ``date_done`` and never match them.
+        """
+        where = list(self._where)
+        if state is not None:
+            where.append(("state", (state,) if isinstance(state, str) else tuple(state)))
+        where += [(k, v) for k, v in (("name", name), ("worker", worker)) if v is not None]
+        where += [
+            (k, parse_when(v)) for k, v in (("since", since), ("until", until)) if v is not None
+        ]
+        new = copy.copy(self)
+        new._where = tuple(where)
+        return new
+
+    def limit(self, n: int | None) -> ResultQuery:
+        """A query returning at most ``n`` rows (``None``: no limit)."""
+        if n is not None and n < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {n!r}")
+        new = copy.copy(self)
+        new._limit = n
+        return new
+
+    # ---- reading ------------------------------------------------------
+    def all(self) -> list[TaskRecord]:
+        """The matching results, newest first, decoded."""
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
+            stmt = sa.select(*cols).where(*self._clauses(layout))
+            stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
+            return list(conn.execute(stmt).mappings())
+
+        rows: list[RowMapping] = self._run(run, [])
+        return [self._record(row) for row in rows]
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The stored result of ``task_id`` (if it also matches the filters), else ``None``."""
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> RowMapping | None:
+            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
+            stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
+            return conn.execute(stmt).mappings().first()
+
+        row = self._run(run, None)
+        return None if row is None else self._record(row)
+
+    def count(self) -> int:
+        """How many results match (at most the limit, if one is set)."""
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> int:
+            stmt = sa.select(sa.func.count()).select_from(t).where(*self._clauses(layout))
+            return int(conn.execute(stmt).scalar_one())
+
+        n = self._run(run, 0)
+        return n if self._limit is None else min(n, self._limit)
+
+    @overload
+    def stats(self, by_name: Literal[False] = False) -> dict[str, int]: ...
+    @overload
+    def stats(self, by_name: Literal[True]) -> dict[str | None, dict[str, int]]: ...
+    def stats(self, by_name: bool = False) -> dict[str, int] | dict[str | None, dict[str, int]]:
+        """Matching results per state, or per task name then state; the limit does not apply.
+
+        ``{"SUCCESS": 10, "FAILURE": 2}``, or with ``by_name``
+        ``{"proj.add": {"SUCCESS": 10}, None: {...}}`` (``None``: no name stored).
+        """
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> list[tuple[str | None, str, int]]:
+            named = by_name and "name" in layout.task_columns
+            keys = [t.c.name, t.c.status] if named else [t.c.status]
+            stmt = (
+                sa.select(*keys, sa.func.count())
+                .where(*self._clauses(layout))
+                .group_by(*keys)
+                .order_by(*keys)
+            )
+            rows = conn.execute(stmt).all()
+            return [(r[0], r[1], r[2]) if named else (None, r[0], r[1]) for r in rows]
+
+        rows: list[tuple[str | None, str, int]] = self._run(run, [])
+        if not by_name:
+            return {status: n for _, status, n in rows}
+        out: dict[str | None, dict[str, int]] = {}
+        for name, status, n in rows:
+            out.setdefault(name, {})[status] = n
+        return out
+
+    # ---- deleting -----------------------------------------------------
+    def forget(self, task_ids: str | Iterable[str]) -> int:
+        """Delete the stored results of ``task_ids``; return how many existed."""
+        self._whole_table("forget")
+        ids = list(dict.fromkeys([task_ids] if isinstance(task_ids, str) else task_ids))
+        t = self.store.tables.task
+        for task_id in ids:
+            self.backend._cache.pop(task_id, None)
+
+        def run(conn: Connection, _: _Layout) -> int:
+            deleted = 0
+            for start in range(0, len(ids), BATCH_SIZE):
+                chunk = ids[start : start + BATCH_SIZE]
+                deleted += conn.execute(sa.delete(t).where(t.c.task_id.in_(chunk))).rowcount
+            return deleted
+
+        return self._run(run, 0) if ids else 0
+
+    def cleanup(self, older_than: When, dry_run: bool = False) -> dict[str, int]:
+        """Delete what finished before ``older_than``, as beat's daily cleanup does.
+
+        ``older_than`` is an age (``timedelta(days=7)``, ``"7d"``) or a moment
+        (see :func:`parse_when`). Task and group results go by ``date_done``,
+        counters of chords that never completed by their start; unfinished
+        tasks are kept. Deletes in batches (short locks). Returns the counts
+        per table, ``{"task": n, "group": n, "chord": n}``; with ``dry_run``
+        the counts of what would go, deleting nothing.
+        """
+        self._whole_table("cleanup")
+        cutoff = _naive(parse_when(older_than))
+        tables = self.store.tables
+        targets = {
+            "task": (tables.task, tables.task.c.date_done),
+            "group": (tables.group, tables.group.c.date_done),
+            "chord": (tables.chord, tables.chord.c.date_created),
+        }
+        return {
+            key: self._run(functools.partial(self._expire, table, stamp < cutoff, dry_run), 0)
+            for key, (table, stamp) in targets.items()
+        }
+
+    # ---- internals ----------------------------------------------------
+    def _clauses(self, layout: _Layout) -> list[sa.ColumnElement[bool]]:
+        t = self.store.tables.task
+        out: list[sa.ColumnElement[bool]] = []
+        for key, value in self._where:
+            if key == "state":
+                out.append(t.c.status.in_(value))
+            elif key == "since":
+                out.append(t.c.date_done >= _naive(value))
+            elif key == "until":
+                out.append(t.c.date_done < _naive(value))
+            elif key in layout.task_columns:
+                out.append(_match(t.c[key], value))
+            else:  # tables of an old Celery without the extended columns: nothing matches
+                out.append(sa.false())
+        return out
+
+    def _expire(
+        self,
+        table: sa.Table,
+        old: sa.ColumnElement[bool],
+        dry_run: bool,
+        conn: Connection,
+        _: _Layout,
+    ) -> int:
+        """Count or delete the rows of ``table`` matching ``old``, one bounded batch at a time."""
+        if dry_run:
+            stmt = sa.select(sa.func.count()).select_from(table).where(old)
+            return int(conn.execute(stmt).scalar_one())
+        batch = self.store.dialect.delete_batch(table, old, CLEANUP_BATCH)
+        deleted = 0
+        while True:
+            n = conn.execute(batch).rowcount
+            deleted += n
+            if n < CLEANUP_BATCH:
+                return deleted
+
+    def _whole_table(self, what: str) -> None:
+        """Deletes ignore filters; refuse a filtered query rather than surprise anyone."""
+        if self._where or self._limit is not None:
+            raise ValueError(f"{what}() works on whole tables: call it on an unfiltered query")
+
+    def _run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
+        """Run ``fn``; missing tables mean "nothing stored" (the pattern of ``Store._run``)."""
+        store = self.store
+        with store.engine.connect() as conn:
+            layout = store.layout(conn)
+            if layout is None:
+                return default
+            try:
+                return fn(conn, layout)
+            except DBAPIError as exc:
+                if not store.dialect.is_missing_table(exc):
+                    raise
+                store.forget_layout()
+                return default
+
+    def _record(self, row: RowMapping) -> TaskRecord:
+        status = row["status"]
+        result = self._decode(row["result"])
+        if status in states.EXCEPTION_STATES and isinstance(result, dict):
+            # A payload that is no safe exception stays the plain dict it was stored as.
+            with contextlib.suppress(Exception):
+                result = self.backend.exception_to_python(result)
+        done = row["date_done"]
+        return TaskRecord(
+            task_id=row["task_id"],
+            status=status,
+            name=row.get("name"),
+            worker=row.get("worker"),
+            queue=row.get("queue"),
+            retries=row.get("retries"),
+            date_done=None if done is None else _utc(done),
+            args=self._decode(row.get("args")),
+            kwargs=self._decode(row.get("kwargs")),
+            result=result,
+            traceback=row["traceback"],
+        )
+
+    def _decode(self, payload: Any) -> Any:
+        try:
+            return self.backend._decode_column(payload)
+        except Exception as exc:
+            return Undecodable(" ".join(str(exc).split()) or type(exc).__name__)
+
+
+def _match(column: sa.ColumnElement[Any], pattern: str) -> sa.ColumnElement[bool]:
+    """Equality, or ``LIKE`` when the pattern has ``*`` (``%`` and ``_`` stay literal)."""
+    if "*" not in pattern:
+        return column == pattern
+    like = pattern.replace("!", "!!").replace("%", "!%").replace("_", "!_").replace("*", "%")
+    return column.like(like, escape="!")
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _naive(value: datetime) -> datetime:
+    """UTC wall-clock time, as Celery's naive ``date_done`` column holds it."""
+    return _utc(value).replace(tzinfo=None)
