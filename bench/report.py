@@ -252,7 +252,7 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    join reads id by id, so its time is linear in ids).
 4. `add.delay(1, 1).get()` with a `--concurrency=2` prefork worker: p50/p90 of
    {s.roundtrips} calls after {s.warmup} warm-up calls. **db+: {s.dbplus_roundtrips}
-   calls** (its `.get()` polls every 0.5 s).
+   calls** (its `.get()` sleeps 0.5 s whenever its first check finds the task unfinished).
 5. `group(add.s(i, i) for i in range({s.group})).apply_async().get()` wall time,
    same worker; {s.rounds} rounds (db+: 1).
 6. `chord(add.s(i, i) for i in range({s.chord}))(tsum.s()).get()` wall time, same
@@ -264,8 +264,9 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    constructor too (`database_create_tables_at_setup`, on by default).
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
-(rate ÷ rate for rates, inverted time ÷ time for times). One run on a small shared
-machine: expect ±10-20 % noise, more on the latency figures."""
+(rate ÷ rate for rates, inverted time ÷ time for times). One run on a small machine:
+expect ±10-20 % noise when it is otherwise idle, more on the latency figures, and up
+to 2x on any figure if something else runs meanwhile (see the load average above)."""
 
 
 def render(

@@ -3,8 +3,8 @@
 Server addresses come from the environment (defaults: the local servers):
 ``SQLRESULTS_PG_URL`` and ``SQLRESULTS_MYSQL_URL`` point at an admin
 database; tests run in their own database (``SQLRESULTS_TEST_DB``, default
-``sqlresults_test``) which is reset before every test. A missing server skips its tests locally and *fails* them
-when ``CI=true``.
+``sqlresults_test``) which is reset before every test. A missing server skips
+its tests locally and *fails* them when ``CI=true``.
 """
 
 from __future__ import annotations
