@@ -162,7 +162,7 @@ class SQLResultsBackend(BaseBackend):
             expires = timedelta(seconds=float(expires))
         cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - expires
         deleted = self._ensure_retryable(self.store.cleanup, cutoff)
-        logger.info("celery-sqlresults: cleanup removed %d expired row(s)", deleted)
+        logger.info("celery-sqlresults: cleanup removed expired rows %s", deleted)
 
     # ---- groups -------------------------------------------------------
     def _save_group(self, group_id: str, result: GroupResult) -> GroupResult:

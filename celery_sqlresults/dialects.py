@@ -49,8 +49,8 @@ class Dialect:
         concurrent writer without a read first or a row lock held by Python.
         """
         values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
-        if id_seq:
-            values["id"] = _next_id(table)
+        if self.name != "sqlite" and "id" in table.c:
+            values["id"] = _id_value(table, id_seq)
         updated = [c for c in columns if c != "task_id"]
         if self.name == "mysql":
             stmt = mysql.insert(table).values(values)
@@ -71,8 +71,8 @@ class Dialect:
     def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
         """Plain upsert on ``key`` (group rows: the newest save wins)."""
         values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
-        if id_seq:
-            values["id"] = _next_id(table)
+        if self.name != "sqlite" and "id" in table.c:
+            values["id"] = _id_value(table, id_seq)
         updated = [c for c in columns if c != key]
         if self.name == "mysql":
             stmt = mysql.insert(table).values(values)
@@ -195,12 +195,30 @@ class Dialect:
         return bool(_MISSING_TABLE.search(str(orig)))
 
 
-def _next_id(table: sa.Table) -> Any:
-    """``nextval`` of the sequence Celery's layout gives ``id`` (PostgreSQL, MariaDB).
+    # ---- record on publish ------------------------------------------------
+    def insert_if_absent(
+        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
+    ) -> sa.Insert:
+        """INSERT a row unless one with the same ``key`` exists; an existing row is untouched."""
+        values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
+        if self.name != "sqlite" and "id" in table.c:
+            values["id"] = _id_value(table, id_seq)
+        if self.name == "mysql":
+            stmt = mysql.insert(table).values(values)
+            return stmt.on_duplicate_key_update({key: table.c[key]})  # a no-op update
+        ins = (postgresql if self.name == "postgresql" else sqlite).insert(table).values(values)
+        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
 
-    Drawn inline so the write stays one statement; tables whose ``id``
-    auto-increments (SQLite, MySQL) leave the column out instead.
+def _id_value(table: sa.Table, from_sequence: bool) -> Any:
+    """What to insert into ``id``: Celery's sequence, or the column's own default.
+
+    Celery's layout gives ``id`` a named sequence (PostgreSQL, MariaDB): its
+    ``nextval`` is drawn inline so the write stays one statement. Tables whose
+    ``id`` is SERIAL/IDENTITY/AUTO_INCREMENT get ``DEFAULT`` explicitly, or
+    SQLAlchemy would still draw from the (absent) sequence our ``Table`` names.
     """
+    if not from_sequence:
+        return sa.literal_column("DEFAULT")
     seq = table.c.id.default
     assert isinstance(seq, sa.Sequence)
     return seq.next_value()

@@ -9,11 +9,13 @@ this package, missing tables read as "nothing stored", never as an error.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
-import functools
+import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, TypeVar, overload
@@ -21,12 +23,18 @@ from typing import Any, Literal, TypeVar, overload
 import sqlalchemy as sa
 from celery import Celery, states
 from sqlalchemy.engine import Connection, RowMapping
-from sqlalchemy.exc import DBAPIError
 
 from .backend import SQLResultsBackend
-from .store import BATCH_SIZE, CLEANUP_BATCH, Store, _Layout
+from .store import BATCH_SIZE, Store, _Layout
 
-__all__ = ["ResultQuery", "TaskRecord", "Undecodable", "parse_when"]
+__all__ = [
+    "ResultQuery",
+    "TaskRecord",
+    "Undecodable",
+    "decode_cursor",
+    "encode_cursor",
+    "parse_when",
+]
 
 T = TypeVar("T")
 When = str | datetime | timedelta
@@ -181,6 +189,21 @@ class ResultQuery:
         new._limit = n
         return new
 
+    def after(self, cursor: str | None) -> ResultQuery:
+        """A query for the rows that come after ``cursor`` in the listing order.
+
+        Keyset pagination: ``cursor`` is the ``next_cursor`` of a previous
+        :meth:`page` (it encodes ``date_done`` and ``id`` of that page's last
+        row), so a page costs one index range scan, however deep, and rows
+        stored meanwhile never shift later pages. ``None`` means from the
+        start. A malformed cursor raises :class:`ValueError`.
+        """
+        if cursor is None:
+            return self
+        new = copy.copy(self)
+        new._where = (*self._where, ("after", decode_cursor(cursor)))
+        return new
+
     # ---- reading ------------------------------------------------------
     def all(self) -> list[TaskRecord]:
         """The matching results, newest first, decoded."""
@@ -192,7 +215,7 @@ class ResultQuery:
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
             return list(conn.execute(stmt).mappings())
 
-        rows: list[RowMapping] = self._run(run, [])
+        rows: list[RowMapping] = self.store.run(run, [])
         return [self._record(row) for row in rows]
 
     def get(self, task_id: str) -> TaskRecord | None:
@@ -204,7 +227,7 @@ class ResultQuery:
             stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
             return conn.execute(stmt).mappings().first()
 
-        row = self._run(run, None)
+        row = self.store.run(run, None)
         return None if row is None else self._record(row)
 
     def count(self) -> int:
@@ -215,7 +238,7 @@ class ResultQuery:
             stmt = sa.select(sa.func.count()).select_from(t).where(*self._clauses(layout))
             return int(conn.execute(stmt).scalar_one())
 
-        n = self._run(run, 0)
+        n = self.store.run(run, 0)
         return n if self._limit is None else min(n, self._limit)
 
     @overload
@@ -242,13 +265,55 @@ class ResultQuery:
             rows = conn.execute(stmt).all()
             return [(r[0], r[1], r[2]) if named else (None, r[0], r[1]) for r in rows]
 
-        rows: list[tuple[str | None, str, int]] = self._run(run, [])
+        rows: list[tuple[str | None, str, int]] = self.store.run(run, [])
         if not by_name:
             return {status: n for _, status, n in rows}
         out: dict[str | None, dict[str, int]] = {}
         for name, status, n in rows:
             out.setdefault(name, {})[status] = n
         return out
+
+    def page(self, size: int) -> tuple[list[TaskRecord], str | None]:
+        """Up to ``size`` matching results (newest first) and the cursor of the next page.
+
+        The cursor is ``None`` on the last page; pass it to :meth:`after` for
+        the next one. The query's own :meth:`limit` does not apply here.
+        """
+        if size < 1:
+            raise ValueError(f"page size must be >= 1, got {size!r}")
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+            cols = [t.c[c] for c in ("id", *_COLUMNS) if c in layout.task_columns]
+            stmt = sa.select(*cols).where(*self._clauses(layout))
+            stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(size + 1)
+            return list(conn.execute(stmt).mappings())
+
+        rows: list[RowMapping] = self.store.run(run, [])
+        more = len(rows) > size
+        rows = rows[:size]
+        cursor = encode_cursor(rows[-1]["date_done"], rows[-1]["id"]) if more else None
+        return [self._record(row) for row in rows], cursor
+
+    def get_many(self, task_ids: Iterable[str]) -> dict[str, TaskRecord]:
+        """The stored results of ``task_ids`` (those that also match the filters), by id.
+
+        One query per batch of ids; ids with nothing stored are left out.
+        """
+        ids = list(dict.fromkeys(task_ids))
+        t = self.store.tables.task
+
+        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
+            out: list[RowMapping] = []
+            for start in range(0, len(ids), BATCH_SIZE):
+                chunk = ids[start : start + BATCH_SIZE]
+                stmt = sa.select(*cols).where(t.c.task_id.in_(chunk), *self._clauses(layout))
+                out.extend(conn.execute(stmt).mappings())
+            return out
+
+        rows: list[RowMapping] = self.store.run(run, []) if ids else []
+        return {row["task_id"]: self._record(row) for row in rows}
 
     # ---- deleting -----------------------------------------------------
     def forget(self, task_ids: str | Iterable[str]) -> int:
@@ -266,7 +331,7 @@ class ResultQuery:
                 deleted += conn.execute(sa.delete(t).where(t.c.task_id.in_(chunk))).rowcount
             return deleted
 
-        return self._run(run, 0) if ids else 0
+        return self.store.run(run, 0) if ids else 0
 
     def cleanup(self, older_than: When, dry_run: bool = False) -> dict[str, int]:
         """Delete what finished before ``older_than``, as beat's daily cleanup does.
@@ -280,16 +345,7 @@ class ResultQuery:
         """
         self._whole_table("cleanup")
         cutoff = _naive(parse_when(older_than))
-        tables = self.store.tables
-        targets = {
-            "task": (tables.task, tables.task.c.date_done),
-            "group": (tables.group, tables.group.c.date_done),
-            "chord": (tables.chord, tables.chord.c.date_created),
-        }
-        return {
-            key: self._run(functools.partial(self._expire, table, stamp < cutoff, dry_run), 0)
-            for key, (table, stamp) in targets.items()
-        }
+        return self.store.cleanup(cutoff, dry_run=dry_run)
 
     # ---- internals ----------------------------------------------------
     def _clauses(self, layout: _Layout) -> list[sa.ColumnElement[bool]]:
@@ -302,51 +358,20 @@ class ResultQuery:
                 out.append(t.c.date_done >= _naive(value))
             elif key == "until":
                 out.append(t.c.date_done < _naive(value))
+            elif key == "after":
+                done, row_id = value
+                pg = self.store.dialect.name == "postgresql"
+                out.append(_keyset(t, done, row_id, nulls_first=pg))
             elif key in layout.task_columns:
                 out.append(_match(t.c[key], value))
             else:  # tables of an old Celery without the extended columns: nothing matches
                 out.append(sa.false())
         return out
 
-    def _expire(
-        self,
-        table: sa.Table,
-        old: sa.ColumnElement[bool],
-        dry_run: bool,
-        conn: Connection,
-        _: _Layout,
-    ) -> int:
-        """Count or delete the rows of ``table`` matching ``old``, one bounded batch at a time."""
-        if dry_run:
-            stmt = sa.select(sa.func.count()).select_from(table).where(old)
-            return int(conn.execute(stmt).scalar_one())
-        batch = self.store.dialect.delete_batch(table, old, CLEANUP_BATCH)
-        deleted = 0
-        while True:
-            n = conn.execute(batch).rowcount
-            deleted += n
-            if n < CLEANUP_BATCH:
-                return deleted
-
     def _whole_table(self, what: str) -> None:
         """Deletes ignore filters; refuse a filtered query rather than surprise anyone."""
         if self._where or self._limit is not None:
             raise ValueError(f"{what}() works on whole tables: call it on an unfiltered query")
-
-    def _run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
-        """Run ``fn``; missing tables mean "nothing stored" (the pattern of ``Store._run``)."""
-        store = self.store
-        with store.engine.connect() as conn:
-            layout = store.layout(conn)
-            if layout is None:
-                return default
-            try:
-                return fn(conn, layout)
-            except DBAPIError as exc:
-                if not store.dialect.is_missing_table(exc):
-                    raise
-                store.forget_layout()
-                return default
 
     def _record(self, row: RowMapping) -> TaskRecord:
         status = row["status"]
@@ -383,6 +408,40 @@ def _match(column: sa.ColumnElement[Any], pattern: str) -> sa.ColumnElement[bool
         return column == pattern
     like = pattern.replace("!", "!!").replace("%", "!%").replace("_", "!_").replace("*", "%")
     return column.like(like, escape="!")
+
+
+def encode_cursor(date_done: datetime | None, row_id: int) -> str:
+    """An opaque page cursor for the row with this (stored, naive UTC) ``date_done`` and ``id``."""
+    raw = json.dumps([None if date_done is None else date_done.isoformat(), int(row_id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime | None, int]:
+    """The ``(date_done, id)`` a cursor encodes; :class:`ValueError` if it is malformed."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        done, row_id = json.loads(raw)
+        if type(row_id) is not int or not (done is None or isinstance(done, str)):
+            raise ValueError
+        return (None if done is None else _naive(datetime.fromisoformat(done))), row_id
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"invalid cursor {cursor!r}: use the next_cursor of a page") from None
+
+
+def _keyset(
+    t: sa.Table, done: datetime | None, row_id: int, nulls_first: bool
+) -> sa.ColumnElement[bool]:
+    """Rows after ``(done, row_id)`` in ``date_done DESC, id DESC`` order.
+
+    Unfinished rows (``date_done IS NULL``) come first on PostgreSQL and
+    last on MySQL/SQLite, as the listing's ``ORDER BY`` puts them.
+    """
+    d, i = t.c.date_done, t.c.id
+    if done is None:
+        among_unfinished = sa.and_(d.is_(None), i < row_id)
+        return sa.or_(among_unfinished, d.is_not(None)) if nulls_first else among_unfinished
+    later = sa.or_(d < done, sa.and_(d == done, i < row_id))
+    return later if nulls_first else sa.or_(later, d.is_(None))
 
 
 def _utc(value: datetime) -> datetime:

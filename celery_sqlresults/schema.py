@@ -49,13 +49,13 @@ class Tables:
         return (self.task, self.group, self.chord)
 
     @property
-    def expiring(self) -> tuple[tuple[sa.Table, sa.Column[Any]], ...]:
-        """Each table with the timestamp ``cleanup()`` expires it by."""
-        return (
-            (self.task, self.task.c.date_done),
-            (self.group, self.group.c.date_done),
-            (self.chord, self.chord.c.date_created),
-        )
+    def expiring(self) -> dict[str, tuple[sa.Table, sa.Column[Any]]]:
+        """Each table (by its settings key) with the timestamp ``cleanup()`` expires it by."""
+        return {
+            "task": (self.task, self.task.c.date_done),
+            "group": (self.group, self.group.c.date_done),
+            "chord": (self.chord, self.chord.c.date_created),
+        }
 
 
 def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:

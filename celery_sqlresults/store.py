@@ -100,27 +100,43 @@ class Store:
 
     def forget(self, task_id: str) -> None:
         t = self.tables.task
-        self._run(lambda c, _: c.execute(sa.delete(t).where(t.c.task_id == task_id)), None)
+        self.run(lambda c, _: c.execute(sa.delete(t).where(t.c.task_id == task_id)), None)
 
     def delete_group(self, group_id: str) -> None:
         g = self.tables.group
-        self._run(lambda c, _: c.execute(sa.delete(g).where(g.c.taskset_id == group_id)), None)
+        self.run(lambda c, _: c.execute(sa.delete(g).where(g.c.taskset_id == group_id)), None)
 
-    def cleanup(self, cutoff: datetime, batch: int = CLEANUP_BATCH) -> int:
-        """Delete rows finished before ``cutoff``, ``batch`` per statement; return the count."""
-        deleted = 0
-        for table, timestamp in self.tables.expiring:
-            stmt = self.dialect.delete_batch(table, timestamp < cutoff, batch)
+    def cleanup(
+        self, cutoff: datetime, batch: int = CLEANUP_BATCH, dry_run: bool = False
+    ) -> dict[str, int]:
+        """Delete rows finished before ``cutoff``, ``batch`` per statement (short locks).
 
-            def run(conn: Connection, _: _Layout, stmt: sa.Executable = stmt) -> int:
+        Returns the count per table (``task``, ``group``, ``chord``); with
+        ``dry_run`` the counts of what would go, deleting nothing.
+        """
+        counts: dict[str, int] = {}
+        for key, (table, timestamp) in self.tables.expiring.items():
+            old = timestamp < cutoff
+            if dry_run:
+                count = sa.select(sa.func.count()).select_from(table).where(old)
+
+                def counted(conn: Connection, _: _Layout, q: sa.Select[Any] = count) -> int:
+                    return int(conn.execute(q).scalar() or 0)
+
+                counts[key] = self.run(counted, 0)
+                continue
+            delete = self.dialect.delete_batch(table, old, batch)
+
+            def run(conn: Connection, _: _Layout, stmt: sa.Delete = delete) -> int:
                 return int(conn.execute(stmt).rowcount)
 
+            counts[key] = 0
             while True:
-                n = self._run(run, 0)
-                deleted += n
+                n = self.run(run, 0)
+                counts[key] += n
                 if n < batch:
                     break
-        return deleted
+        return counts
 
     # ---- chords -------------------------------------------------------
     def chord_start(self, group_id: str, now: datetime) -> None:
@@ -143,17 +159,17 @@ class Store:
     def chord_set_size(self, group_id: str, size: int) -> None:
         c = self.tables.chord
         stmt = sa.update(c).where(c.c.group_id == group_id).values(chord_size=size)
-        self._run(lambda conn, _: conn.execute(stmt), None)
+        self.run(lambda conn, _: conn.execute(stmt), None)
 
     def chord_part_done(self, group_id: str) -> tuple[int, int | None] | None:
         """Count one finished header task; ``(done, size)`` or ``None`` if no counter exists."""
-        return self._run(
+        return self.run(
             lambda conn, _: self.dialect.count_part(conn, self.tables.chord, group_id), None
         )
 
     def chord_delete(self, group_id: str) -> None:
         c = self.tables.chord
-        self._run(lambda conn, _: conn.execute(sa.delete(c).where(c.c.group_id == group_id)), None)
+        self.run(lambda conn, _: conn.execute(sa.delete(c).where(c.c.group_id == group_id)), None)
 
     # ---- reads --------------------------------------------------------
     def get_task(self, task_id: str, extended: bool = True) -> RowMapping | None:
@@ -164,7 +180,7 @@ class Store:
             row = conn.execute(stmt, {"task_id": task_id}).first()
             return None if row is None else row._mapping
 
-        return self._run(run, None)
+        return self.run(run, None)
 
     def get_ready(self, task_ids: Sequence[str], extended: bool = True) -> list[RowMapping]:
         """Rows of the given tasks that are in a ready state, one query per batch of ids."""
@@ -177,12 +193,12 @@ class Store:
                 out.extend(r._mapping for r in conn.execute(stmt, {"ids": chunk}))
             return out
 
-        return self._run(run, []) if task_ids else []
+        return self.run(run, []) if task_ids else []
 
     def task_exists(self, task_id: str) -> bool:
         t = self.tables.task
         stmt = sa.select(sa.literal(1)).where(t.c.task_id == task_id)
-        return bool(self._run(lambda c, _: c.execute(stmt).first() is not None, False))
+        return bool(self.run(lambda c, _: c.execute(stmt).first() is not None, False))
 
     def get_group(self, group_id: str) -> RowMapping | None:
         g = self.tables.group
@@ -194,7 +210,7 @@ class Store:
             row = conn.execute(stmt).first()
             return None if row is None else row._mapping
 
-        return self._run(run, None)
+        return self.run(run, None)
 
     # ---- schema -------------------------------------------------------
     def layout(self, conn: Connection | None = None) -> _Layout | None:
@@ -289,7 +305,7 @@ class Store:
         return stmt
 
     # ---- running ------------------------------------------------------
-    def _run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
+    def run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
         """Run ``fn``; a missing table means "nothing there", not an error."""
         with self.engine.connect() as conn:
             layout = self.layout(conn)
@@ -328,6 +344,22 @@ class Store:
             fn(conn, layout)
             return True
 
+
+    # ---- record on publish ------------------------------------------------
+    def insert_task_if_absent(self, values: Mapping[str, Any]) -> None:
+        """Insert a task row unless its ``task_id`` has one: a stored state is never replaced."""
+
+        def run(conn: Connection, layout: _Layout) -> None:
+            row = {k: v for k, v in values.items() if k in layout.task_columns}
+            key = ("task_insert_if_absent", tuple(row))
+            stmt = layout.statements.get(key)
+            if stmt is None:
+                stmt = layout.statements[key] = self.dialect.insert_if_absent(
+                    self.tables.task, "task_id", tuple(row), layout.task_seq
+                )
+            conn.execute(stmt, row)
+
+        self._write(run)
 
 def _channel_name(table: sa.Table) -> str:
     """NOTIFY channel for a task table: stable, short, one per table."""

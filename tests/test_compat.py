@@ -175,3 +175,42 @@ def test_results_over_64kb_fit_in_tables_we_create_on_mysql(
     big = "x" * 200_000
     backend.store_result("big", big, "SUCCESS")
     assert backend.get_task_meta("big")["result"] == big
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql", "sqlite"])
+def test_tables_whose_id_auto_increments_are_written_correctly(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """Tables from other tools or SQLAlchemy versions: SERIAL / AUTO_INCREMENT ids, no sequence."""
+    eng = raw_engine(db_url)
+    md = sa.MetaData()
+    sa.Table(
+        "celery_taskmeta",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("status", sa.String(50)),
+        sa.Column("result", sa.LargeBinary),
+        sa.Column("date_done", sa.DateTime),
+        sa.Column("traceback", sa.Text),
+    )
+    sa.Table(
+        "celery_tasksetmeta",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("result", sa.LargeBinary),
+        sa.Column("date_done", sa.DateTime),
+    )
+    md.create_all(eng)
+    with eng.connect() as conn:
+        seqs = sa.inspect(conn).get_sequence_names() if eng.dialect.supports_sequences else []
+    assert "task_id_sequence" not in seqs
+    eng.dispose()
+    app = make_app()
+    backend = app.backend
+    backend.store_result("a", 1, "SUCCESS")
+    backend.store_result("b", 2, "SUCCESS")
+    backend.save_group("g", GroupResult("g", [app.AsyncResult("a")]))
+    assert backend.get_task_meta("b")["result"] == 2
+    assert backend.restore_group("g").results[0].id == "a"
