@@ -368,6 +368,19 @@ class SQLResultsBackend(BaseBackend):
         kwargs.update({"url": self.url, "expires": self.expires})
         return super().__reduce__(args, kwargs)
 
+    # ---- record on publish (optional) ---------------------------------------
+    def on_task_call(self, producer: Any, task_id: str) -> dict[str, Any]:
+        """Celery calls this just before publishing a task whose result is kept.
+
+        With ``sqlresults_record_on_publish`` the task is then stored as
+        PENDING (see :mod:`celery_sqlresults.publish`); otherwise nothing happens.
+        """
+        if self.app.conf.get("sqlresults_record_on_publish"):
+            from .publish import expect_publish
+
+            expect_publish(self, task_id)
+        return {}
+
 
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:

@@ -11,6 +11,7 @@ in :mod:`celery_sqlresults.startup`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,10 +20,12 @@ from typing import Any
 
 import click
 import sqlalchemy as sa
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
-from . import startup
+from . import migrate, startup
 from .backend import SQLResultsBackend
 from .compat import _app_url, _strip_prefix
 from .exceptions import SQLResultsError
@@ -102,42 +105,116 @@ def results() -> None:
 @click.option("--sql", "print_sql", is_flag=True, help="Print the DDL instead of running it.")
 @click.pass_context
 def init(ctx: click.Context, url: str | None, print_sql: bool) -> None:
-    """Create the result tables (and any missing columns) now."""
+    """Create the result tables, or upgrade them to the newest schema revision.
+
+    Tables made by Celery's db+ backend are adopted in place. With --sql, print
+    the SQL that creates everything on an empty database (for a DBA) instead.
+    """
     store = _store(ctx, url)
-    if print_sql:
-
-        def emit(sql: Any, *_: Any, **__: Any) -> None:
-            click.echo(f"{str(sql.compile(dialect=mock.dialect)).strip()};")
-
-        mock = sa.create_mock_engine(store.settings.url, emit)
-        store.tables.metadata.create_all(mock, checkfirst=False)
-        return
-    try:
-        created = startup.create_schema(store)
-    except (SQLResultsError, sa.exc.DBAPIError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+    with _schema_errors(store):
+        if print_sql:
+            sql = io.StringIO()
+            migrate.offline_sql(store, sql)
+            click.echo(sql.getvalue(), nl=False)
+            return
+        with store.engine.connect() as conn:
+            missing = store.missing_tables(conn)
+        _, after = startup.upgrade_schema(store)
+        with store.engine.connect() as conn:
+            created = [t.fullname for t in missing if t not in store.missing_tables(conn)]
     names = ", ".join(created) if created else "nothing to create"
-    click.echo(f"result tables ready at {store.settings.masked_url} ({names})")
+    click.echo(
+        f"result tables ready at {store.settings.masked_url} ({names}); "
+        f"schema revision {after.describe()}"
+    )
+
+
+@results.command()
+@_url_option
+@click.argument("revision", default="heads")
+@click.pass_context
+def upgrade(ctx: click.Context, url: str | None, revision: str) -> None:
+    """Upgrade the result schema to REVISION (default: the newest), non-additive steps too."""
+    store = _store(ctx, url)
+    with _schema_errors(store):
+        before, after = startup.upgrade_schema(store, revision)
+    _report_move(store, "upgraded", before, after)
+
+
+@results.command()
+@_url_option
+@click.argument("revision")
+@click.pass_context
+def downgrade(ctx: click.Context, url: str | None, revision: str) -> None:
+    """Downgrade the result schema to REVISION (e.g. 0001; base: drops our chord table only)."""
+    store = _store(ctx, url)
+    with _schema_errors(store):
+        before, after = startup.downgrade_schema(store, revision)
+    _report_move(store, "downgraded", before, after)
+
+
+@results.command()
+@_url_option
+@click.pass_context
+def current(ctx: click.Context, url: str | None) -> None:
+    """Print the schema revision of the result tables."""
+    store = _store(ctx, url)
+    with _schema_errors(store), store.engine.connect() as conn:
+        status = migrate.status(store, conn)
+    click.echo(status.describe())
 
 
 @results.command()
 @_url_option
 @click.pass_context
 def check(ctx: click.Context, url: str | None) -> None:
-    """Exit 1 if result tables or columns are missing (for deploy pipelines)."""
+    """Exit 1 if tables or columns are missing or the schema is behind (for deploy pipelines)."""
     store = _store(ctx, url)
-    try:
-        with store.engine.connect() as conn:
-            missing = [t.fullname for t in store.missing_tables(conn)]
-            layout = None if missing else store.layout(conn)
-    except sa.exc.DBAPIError as exc:
-        raise click.ClickException(_one_line(exc)) from None
+    with _schema_errors(store), store.engine.connect() as conn:
+        missing = [t.fullname for t in store.missing_tables(conn)]
+        layout = None if missing else store.layout(conn)
+        status = migrate.status(store, conn)
+    where = store.settings.masked_url
     if layout is not None:
         missing += [f"{t.fullname}.{c.name}" for t, c in store.missing_columns(layout)]
     if missing:
-        click.echo(f"missing at {store.settings.masked_url}: {', '.join(missing)}")
+        click.echo(f"missing at {where}: {', '.join(missing)}")
+    if status.behind:
+        fix = "upgrade" if status.current else "init"
+        click.echo(f"schema revision at {where}: {status.describe()}: run `celery results {fix}`")
+    if missing or status.behind:
         sys.exit(1)
-    click.echo(f"result schema complete at {store.settings.masked_url}")
+    if status.newer:
+        click.echo(f"schema revision at {where}: {status.describe()}")
+    click.echo(f"result schema complete at {where} (revision {status.current})")
+
+
+def _report_move(store: Store, verb: str, before: migrate.Status, after: migrate.Status) -> None:
+    where = store.settings.masked_url
+    if before.current == after.current:
+        click.echo(f"result schema at {where} already at {after.describe()}")
+    else:
+        click.echo(f"{verb} result schema at {where} from {before.current} to {after.describe()}")
+
+
+@contextlib.contextmanager
+def _schema_errors(store: Store) -> Iterator[None]:
+    """Schema command failures as one line: no traceback, no password."""
+    try:
+        yield
+    except (
+        sa.exc.SQLAlchemyError,
+        SQLResultsError,
+        CommandError,
+        RevisionError,
+        TimeoutError,
+    ) as exc:
+        reason = _one_line(exc)
+        password = store.settings.url.password
+        if password:
+            reason = reason.replace(str(password), "***")
+        where = store.settings.masked_url
+        raise click.ClickException(f"result database {where}: {reason}") from None
 
 
 @results.command()
@@ -302,3 +379,52 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def _one_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     return " ".join(str(orig).split())
+
+
+# ---- serve: the monitoring view (needs the "web" extra) -------------------------
+@results.command()
+@_url_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=5555, show_default=True, help="TCP port."
+)
+@click.pass_context
+def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
+    """Serve the read-only monitoring page and JSON API over the stored results.
+
+    Auth comes from the app's sqlresults_web_token / sqlresults_web_basic_auth.
+    """
+    import logging
+    import re
+
+    try:
+        import uvicorn
+
+        from .web import create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"'results serve' needs the web extra ({exc}): pip install 'celery-sqlresults[web]'"
+        ) from None
+    query = _query(ctx, url)
+    try:
+        web = create_app(query)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    secret = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+    def mask_token(record: logging.LogRecord) -> bool:
+        """Access-log lines must not show a ?token= value."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                secret.sub("***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+    logging.getLogger("uvicorn.access").addFilter(mask_token)
+    conf = query.backend.app.conf
+    guarded = bool(conf.get("sqlresults_web_token") or conf.get("sqlresults_web_basic_auth"))
+    click.echo(
+        f"celery-sqlresults: results of {query.backend.settings.masked_url} at "
+        f"http://{host}:{port}/ ({'auth required' if guarded else 'no auth'})"
+    )
+    uvicorn.run(web, host=host, port=port, log_level="info")

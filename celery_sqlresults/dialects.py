@@ -194,7 +194,6 @@ class Dialect:
             return bool(args) and args[0] == _MYSQL_NO_SUCH_TABLE
         return bool(_MISSING_TABLE.search(str(orig)))
 
-
     # ---- record on publish ------------------------------------------------
     def insert_if_absent(
         self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
@@ -208,6 +207,7 @@ class Dialect:
             return stmt.on_duplicate_key_update({key: table.c[key]})  # a no-op update
         ins = (postgresql if self.name == "postgresql" else sqlite).insert(table).values(values)
         return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
+
 
 def _id_value(table: sa.Table, from_sequence: bool) -> Any:
     """What to insert into ``id``: Celery's sequence, or the column's own default.

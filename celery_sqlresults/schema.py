@@ -5,6 +5,9 @@ Same names, columns, types, sequences and the ``date_done`` index, so a
 read what we write. The one deliberate difference: on MySQL/MariaDB the
 binary columns are ``LONGBLOB`` in tables *we* create, so results over 64 KB
 fit (``db+`` reads them the same way).
+
+This is the layout at the newest schema revision (``migrations/versions``);
+the revisions get a database there, and a test checks they agree.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ DEFAULT_NAMES = {
     "task": "celery_taskmeta",
     "group": "celery_tasksetmeta",
     "chord": "celery_sqlresults_chord",
+    "version": "celery_sqlresults_version",
 }
 
 #: Columns Celery fills only with ``result_extended`` (always created, as Celery does).
@@ -36,13 +40,16 @@ class Tables:
     """The tables of one configuration, in their own ``MetaData``.
 
     ``task`` and ``group`` are Celery's; ``chord`` is ours (one counter row per
-    running chord) and invisible to Celery's ``db+``.
+    running chord) and invisible to Celery's ``db+``. ``version`` names the
+    table holding our schema revision (Alembic's ``version_table``, kept in
+    the task table's schema and managed by Alembic, not part of ``metadata``).
     """
 
     metadata: sa.MetaData
     task: sa.Table
     group: sa.Table
     chord: sa.Table
+    version: str = DEFAULT_NAMES["version"]
 
     @property
     def all(self) -> tuple[sa.Table, ...]:
@@ -78,12 +85,12 @@ def build_tables(
         md,
         _id_column("task_id_sequence", task_schema),
         sa.Column("task_id", sa.String(155), unique=True),
-        sa.Column("status", sa.String(50), default=states.PENDING),
+        sa.Column("status", sa.String(50), default=states.PENDING, index=True),
         sa.Column("result", _Blob, nullable=True),
         sa.Column("date_done", sa.DateTime, nullable=True, index=True),
         sa.Column("traceback", sa.Text, nullable=True),
         sa.Column("children", _Blob, nullable=True),
-        sa.Column("name", sa.String(155), nullable=True),
+        sa.Column("name", sa.String(155), nullable=True, index=True),
         sa.Column("args", _Blob, nullable=True),
         sa.Column("kwargs", _Blob, nullable=True),
         sa.Column("worker", sa.String(155), nullable=True),
@@ -112,4 +119,4 @@ def build_tables(
         sa.Column("date_created", sa.DateTime, nullable=False, index=True),
         schema=group_schema,
     )
-    return Tables(md, task, group, chord)
+    return Tables(md, task, group, chord, names["version"])

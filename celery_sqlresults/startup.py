@@ -4,9 +4,10 @@ Three entry points:
 
 * :func:`ensure_schema` — what the backend runs when it is constructed and
   what a worker/beat runs while starting (through the signals connected at
-  the bottom). Costs one catalog query when the tables are already there.
-* :func:`create_schema` — the DDL itself, serialised across processes and
-  hosts with the database's own lock; also what lazy mode runs on first write.
+  the bottom). Costs one query (the version table) when the schema is at head.
+* :func:`create_schema` — brings the schema to head with the migration
+  scripts (additive revisions only), serialised across processes and hosts
+  with the database's own lock; also what lazy mode runs on first write.
 * :func:`wait_for_database` — bounded retry with backoff while the database
   is unreachable, ending in an error that shows the masked URL.
 """
@@ -22,12 +23,19 @@ import sqlalchemy as sa
 from celery import signals
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from . import migrate
 from .exceptions import DatabaseUnavailable, SchemaMissing, SQLResultsError
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["create_schema", "ensure_schema"]
+__all__ = [
+    "create_schema",
+    "downgrade_schema",
+    "ensure_schema",
+    "schema_ready",
+    "upgrade_schema",
+]
 
 logger = logging.getLogger("celery_sqlresults")
 
@@ -41,35 +49,135 @@ def _target(store: Store) -> str:
 
 
 def create_schema(store: Store) -> list[str]:
-    """Create missing tables and columns; return the names of the tables created.
+    """Bring the schema to the newest revision; return the names of the tables created.
 
     Checks first without a lock (the common case: nothing to do), then takes
-    the database's schema lock and checks again, so any number of processes
-    starting together create each object exactly once.
+    the database's schema lock and runs the pending revisions (see
+    :mod:`celery_sqlresults.migrate`), so any number of processes starting
+    together change each object exactly once. Only revisions marked additive
+    run here; one that is not is refused with a warning naming the command
+    that runs it. Tables missing although the version says head (dropped
+    behind our back) are created again.
+
+    Without the rights to change the schema: if the tables exist, a warning
+    and the backend carries on with the columns there are; if they do not,
+    :class:`SchemaMissing` saying how to create them.
     """
     with store.engine.connect() as conn:
-        if not _needs_ddl(store, conn):
+        current = _status(store, conn)
+        done = current is None or current.at_head or current.newer
+        if done and not _needs_ddl(store, conn):
+            if current is not None:
+                _warn_if_newer(store, current)
             return []
-    timeout = store.settings.lock_timeout
-    with store.engine.connect() as conn:
-        # Schema work runs in a real transaction, not the hot path's autocommit.
-        if store.dialect.name != "sqlite":
-            conn = conn.execution_options(isolation_level="READ COMMITTED")
-        with store.dialect.schema_lock(conn, timeout):
+    try:
+        with migrate.locked(store) as conn:
             missing = store.missing_tables(conn)
-            try:
-                store.tables.metadata.create_all(conn, tables=missing, checkfirst=True)
-            except DBAPIError as exc:
-                raise SchemaMissing(_no_rights_message(store, missing, exc)) from None
-            _add_missing_columns(store, conn)
-    store.forget_layout()
-    if missing:
-        logger.info(
-            "celery-sqlresults: created %s at %s",
-            ", ".join(t.fullname for t in missing),
+            before, refused = migrate.upgrade_locked(store, conn, only_additive=True)
+            store.forget_layout()
+            if migrate.locked_status(store, conn).at_head:
+                _repair(store, conn)
+            created = [t.fullname for t in missing if t not in store.missing_tables(conn)]
+    except DBAPIError as exc:
+        store.forget_layout()
+        with store.engine.connect() as conn:
+            still = store.missing_tables(conn)
+        if still:
+            raise SchemaMissing(_no_rights_message(store, still, exc)) from None
+        logger.warning(
+            "celery-sqlresults: could not upgrade the result schema at %s (%s); continuing "
+            "with the existing tables. Run `celery -A proj results upgrade` as a user with "
+            "CREATE/ALTER rights.",
+            store.settings.masked_url,
+            _reason(exc),
+        )
+        return []
+    finally:
+        store.forget_layout()
+    _warn_if_newer(store, before)
+    if refused is not None:
+        logger.warning(
+            "celery-sqlresults: schema revision %s (%s) at %s is not additive and is not run "
+            "at start-up: run `celery -A proj results upgrade` in a maintenance window.",
+            refused.revision,
+            refused.doc,
             store.settings.masked_url,
         )
-    return [t.fullname for t in missing]
+    if created:
+        logger.info(
+            "celery-sqlresults: created %s at %s", ", ".join(created), store.settings.masked_url
+        )
+    return created
+
+
+def upgrade_schema(store: Store, target: str = "heads") -> tuple[migrate.Status, migrate.Status]:
+    """``celery results init/upgrade``: every revision up to ``target``, additive or not.
+
+    Errors are raised, not logged. Returns the status before and after.
+    """
+    with migrate.locked(store) as conn:
+        before, _ = migrate.upgrade_locked(store, conn, target)
+        if before.newer:
+            raise SchemaMissing(
+                f"the result schema at {store.settings.masked_url} is at revision "
+                f"{before.current}, newer than this celery-sqlresults knows (head "
+                f"{before.head}): upgrade celery-sqlresults"
+            )
+        store.forget_layout()
+        after = migrate.locked_status(store, conn)
+        if after.at_head:
+            _repair(store, conn)
+    store.forget_layout()
+    return before, after
+
+
+def downgrade_schema(store: Store, target: str) -> tuple[migrate.Status, migrate.Status]:
+    """``celery results downgrade``: undo revisions down to ``target`` (``base``: all)."""
+    with migrate.locked(store) as conn:
+        before = migrate.downgrade_locked(store, conn, target)
+        after = migrate.locked_status(store, conn)
+    store.forget_layout()
+    return before, after
+
+
+def schema_ready(store: Store) -> bool:
+    """The start-up fast path: one query on the version table, no lock, no DDL.
+
+    True when the database is at head, or newer than this package (warned
+    about: reads and writes carry on with the tables as they are).
+    """
+    with store.engine.connect() as conn:
+        current = _status(store, conn)
+        if current is None:
+            return not _needs_ddl(store, conn)
+    _warn_if_newer(store, current)
+    return current.at_head or current.newer
+
+
+def _status(store: Store, conn: sa.Connection) -> migrate.Status | None:
+    """The schema revision, or ``None`` when this user may not read the version table.
+
+    A runtime user granted rights on the result tables only still starts:
+    the tables themselves are checked instead. A lost connection is raised.
+    """
+    try:
+        return migrate.status(store, conn)
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        logger.debug("celery-sqlresults: version table not readable: %s", _reason(exc))
+        return None
+
+
+def _warn_if_newer(store: Store, current: migrate.Status) -> None:
+    if current.newer:
+        logger.warning(
+            "celery-sqlresults: the result schema at %s is at revision %s, newer than this "
+            "celery-sqlresults knows (head %s); leaving it alone. Upgrade celery-sqlresults.",
+            store.settings.masked_url,
+            current.current,
+            current.head,
+        )
 
 
 def ensure_schema(store: Store, wait: float | None = None) -> None:
@@ -96,7 +204,8 @@ def wait_for_database(store: Store, wait: float) -> None:
     while True:
         attempt += 1
         try:
-            create_schema(store)
+            if not schema_ready(store):
+                create_schema(store)
             return
         except (OperationalError, TimeoutError) as exc:
             left = deadline - time.monotonic()
@@ -120,6 +229,14 @@ def wait_for_database(store: Store, wait: float) -> None:
 def _needs_ddl(store: Store, conn: sa.Connection) -> bool:
     layout = store.layout(conn)
     return layout is None or not layout.has_chord or bool(store.missing_columns(layout))
+
+
+def _repair(store: Store, conn: sa.Connection) -> None:
+    """At head, yet tables or columns are missing (dropped behind our back): put them back."""
+    missing = store.missing_tables(conn)
+    if missing:
+        store.tables.metadata.create_all(conn, tables=missing, checkfirst=True)
+    _add_missing_columns(store, conn)
 
 
 def _add_missing_columns(store: Store, conn: sa.Connection) -> None:

@@ -344,7 +344,6 @@ class Store:
             fn(conn, layout)
             return True
 
-
     # ---- record on publish ------------------------------------------------
     def insert_task_if_absent(self, values: Mapping[str, Any]) -> None:
         """Insert a task row unless its ``task_id`` has one: a stored state is never replaced."""
@@ -360,6 +359,7 @@ class Store:
             conn.execute(stmt, row)
 
         self._write(run)
+
 
 def _channel_name(table: sa.Table) -> str:
     """NOTIFY channel for a task table: stable, short, one per table."""

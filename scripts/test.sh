@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+# Headless Chromium + chromedriver for tests/test_web_browser.py (Debian packages, no downloads).
+command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 source scripts/venv.sh
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check celery_sqlresults

@@ -1,0 +1,263 @@
+"""Schema revisions: Alembic, configured in code, on our own version table.
+
+The scripts live in :mod:`celery_sqlresults.migrations` and ship with the
+package; nobody needs an ``alembic.ini``. The revision is stored in
+``celery_sqlresults_version`` (``database_table_names["version"]``, in the
+task table's schema), never in ``alembic_version``, so an application's own
+Alembic history is left alone. Table names and schemas come from the
+backend's settings and reach the scripts through ``config.attributes``.
+
+Every change runs under the database's schema lock (:func:`locked`), so any
+number of processes may upgrade at once: the first does the work, the others
+find the database at the revision they wanted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from .dialects import _PG_LOCK_KEY
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["SCRIPT_LOCATION", "Status", "head", "locked", "read_version", "status"]
+
+#: Where the revision scripts are (an ``importlib.resources`` location).
+SCRIPT_LOCATION = "celery_sqlresults:migrations"
+
+
+@dataclass(frozen=True)
+class Status:
+    """Where a database's schema is, relative to what this package ships."""
+
+    current: str | None  # None: no version recorded (empty database, or tables from db+)
+    head: str
+
+    @property
+    def known(self) -> bool:
+        """False when the database is at a revision this package does not ship (newer)."""
+        return self.current is None or _known(self.current)
+
+    @property
+    def at_head(self) -> bool:
+        return self.current == self.head
+
+    @property
+    def newer(self) -> bool:
+        return not self.known
+
+    @property
+    def behind(self) -> bool:
+        return self.known and not self.at_head
+
+    def describe(self) -> str:
+        if self.current is None:
+            return f"not versioned (head is {self.head})"
+        if self.at_head:
+            return f"{self.current} (head)"
+        if self.newer:
+            return f"{self.current} (newer than this celery-sqlresults: its head is {self.head})"
+        return f"{self.current} (behind head {self.head})"
+
+
+def script() -> ScriptDirectory:
+    """The revision scripts (read once per process and location)."""
+    return _script(SCRIPT_LOCATION)
+
+
+@functools.lru_cache(maxsize=4)
+def _script(location: str) -> ScriptDirectory:
+    cfg = Config()
+    cfg.set_main_option("script_location", location)
+    return ScriptDirectory.from_config(cfg)
+
+
+def head() -> str:
+    rev = script().get_current_head()
+    assert rev is not None
+    return rev
+
+
+def _known(rev: str) -> bool:
+    try:
+        return script().get_revision(rev) is not None
+    except (RevisionError, CommandError):
+        return False
+
+
+def config(
+    store: Store, connection: Connection | None = None, output: TextIO | None = None
+) -> Config:
+    """An Alembic ``Config`` for ``store``'s tables (no file; the URL never goes into it)."""
+    cfg = Config(output_buffer=output)
+    cfg.set_main_option("script_location", SCRIPT_LOCATION)
+    cfg.attributes.update(tables=store.tables, url=store.settings.url, connection=connection)
+    return cfg
+
+
+# ---- reading the version ----------------------------------------------------
+def read_version(store: Store, conn: Connection) -> str | None:
+    """The recorded revision, in one query; ``None`` if the version table is missing or empty.
+
+    The start-up fast path: no reflection, no lock.
+    """
+    version = sa.table(
+        store.tables.version, sa.column("version_num"), schema=store.tables.task.schema
+    )
+    try:
+        rows = conn.execute(sa.select(version.c.version_num)).scalars().all()
+    except DBAPIError as exc:
+        if not store.dialect.is_missing_table(exc):
+            raise
+        return None
+    return ",".join(sorted(rows)) or None
+
+
+def status(store: Store, conn: Connection) -> Status:
+    return Status(read_version(store, conn), head())
+
+
+def locked_status(store: Store, conn: Connection) -> Status:
+    """The version read under the lock, leaving no transaction open but SQLite's own.
+
+    Alembic's check looks for the table first, so nothing fails (a failed
+    statement would abort PostgreSQL's transaction or end SQLite's lock).
+    """
+    ctx = MigrationContext.configure(conn, opts=_version_opts(store))
+    heads = ctx.get_current_heads()
+    if store.dialect.name != "sqlite":
+        conn.commit()
+    return Status(",".join(sorted(heads)) or None, head())
+
+
+def _version_opts(store: Store) -> dict[str, str | None]:
+    return {"version_table": store.tables.version, "version_table_schema": store.tables.task.schema}
+
+
+# ---- planning and running ---------------------------------------------------
+def pending(current: str | None, target: str = "heads") -> list[Script]:
+    """Revisions an upgrade from ``current`` to ``target`` runs, oldest first."""
+    return list(reversed(list(script().iterate_revisions(target, current or "base"))))
+
+
+def additive_target(current: str | None) -> tuple[str | None, Script | None]:
+    """How far start-up may go: up to (not into) the first revision not marked ``additive``.
+
+    Returns that revision and the refused one (``None`` when all are additive).
+    """
+    target = current
+    for rev in pending(current):
+        if not getattr(rev.module, "additive", False):
+            return target, rev
+        target = rev.revision
+    return target, None
+
+
+def upgrade_locked(
+    store: Store, conn: Connection, target: str = "heads", *, only_additive: bool = False
+) -> tuple[Status, Script | None]:
+    """Upgrade on ``conn``, which holds the schema lock. Returns the status before and any
+    revision refused because it is not additive (only with ``only_additive``).
+
+    A database newer than this package is left alone.
+    """
+    before = locked_status(store, conn)
+    refused = None
+    if before.newer:
+        return before, None
+    if only_additive:
+        additive, refused = additive_target(before.current)
+        if additive is None or additive == before.current:
+            return before, refused
+        target = additive
+    if pending(before.current, target):
+        command.upgrade(config(store, conn), target)
+    return before, refused
+
+
+def downgrade_locked(store: Store, conn: Connection, target: str) -> Status:
+    before = locked_status(store, conn)
+    if before.newer:
+        raise CommandError(
+            f"the database is at {before.current}, which this celery-sqlresults does not know: "
+            "downgrade with the version that made it"
+        )
+    command.downgrade(config(store, conn), target)
+    return before
+
+
+def offline_sql(store: Store, out: TextIO, target: str = "heads") -> None:
+    """Write the SQL of an upgrade from an empty database to ``target`` (Alembic offline mode)."""
+    command.upgrade(config(store, output=out), target, sql=True)
+
+
+# ---- the lock ---------------------------------------------------------------
+@contextlib.contextmanager
+def locked(store: Store) -> Iterator[Connection]:
+    """A connection holding the database's schema lock (the one ``Dialect.schema_lock`` takes).
+
+    PostgreSQL: the same advisory lock key, but session-level and taken with
+    ``pg_try_advisory_lock`` polls, so it survives the commits of
+    per-revision transactions (``CREATE INDEX CONCURRENTLY`` needs them) and
+    a waiting process holds no snapshot that a concurrent index build would
+    wait for. MySQL/MariaDB (``GET_LOCK``) and SQLite (``BEGIN IMMEDIATE``,
+    everything in that one transaction): ``Dialect.schema_lock`` itself.
+    """
+    timeout = store.settings.lock_timeout
+    with store.engine.connect() as conn:
+        if store.dialect.name == "postgresql":
+            with _pg_session_lock(conn, timeout):
+                yield conn
+            return
+        if store.dialect.name != "sqlite":
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+        with store.dialect.schema_lock(conn, timeout):
+            yield conn
+
+
+@contextlib.contextmanager
+def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    try_lock = sa.text("SELECT pg_try_advisory_lock(:k)")
+    while not conn.execute(try_lock, {"k": _PG_LOCK_KEY}).scalar():
+        conn.commit()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for the PostgreSQL schema lock")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    conn.commit()
+    try:
+        # DDL waiting longer than this for a table lock gives up instead of
+        # queueing every writer behind it.
+        conn.exec_driver_sql(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+        conn.commit()
+        conn.execution_options(isolation_level="READ COMMITTED")
+        yield
+        conn.commit()
+    finally:
+        try:
+            conn.rollback()
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("RESET lock_timeout")
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+            conn.commit()
+        except DBAPIError:
+            conn.invalidate()  # closing the session releases the lock

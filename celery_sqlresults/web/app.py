@@ -1,0 +1,347 @@
+"""The Starlette application: JSON API, health check, OpenAPI document and the page.
+
+Read-only by design: every route is a GET over :class:`~celery_sqlresults.query.ResultQuery`.
+Routes (all but ``/healthz`` behind the optional token / basic auth):
+
+- ``GET /api/tasks?state=&name=&worker=&since=&until=&limit=&cursor=``: newest first,
+  keyset-paginated (``next_cursor``);
+- ``GET /api/tasks/{id}`` (404 if nothing is stored), ``GET /api/groups/{id}``,
+  ``GET /api/stats?since=&until=&name=&worker=``;
+- ``GET /healthz``: 200 ``{"ok": true}`` when the database answers, else 503;
+- ``GET /openapi.json``, ``GET /`` (the page), ``GET /static/app.js``.
+
+Bad query values answer 400 ``{"error": "…"}``; a database error answers 503
+without details (they are logged, password masked).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from celery import Celery, states
+from celery.result import ResultSet
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..backend import SQLResultsBackend
+from ..query import ResultQuery, TaskRecord, parse_when
+from ..settings import mask_url
+from .openapi import openapi_document
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("celery_sqlresults.web")
+
+STATIC = Path(__file__).with_name("static")
+#: Rows per page of ``/api/tasks``: default and maximum.
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+_STATE = re.compile(r"^[A-Za-z_]{1,50}$")
+_MAX_TEXT = 255
+_MAX_DEPTH = 20
+
+
+class BadRequest(ValueError):
+    """A query value the API cannot use; answered with 400 and this message."""
+
+
+def create_app(
+    source: Celery | SQLResultsBackend | ResultQuery,
+    *,
+    token: str | None = None,
+    basic_auth: str | None = None,
+) -> Starlette:
+    """The monitoring application over the results ``source`` stores.
+
+    ``source`` is an app (its ``app.backend`` is used), a backend or a
+    :class:`ResultQuery`. ``token`` (a Bearer token, or ``?token=``) and
+    ``basic_auth`` (``"user:password"``) default to the app's
+    ``sqlresults_web_token`` and ``sqlresults_web_basic_auth`` settings;
+    when either is set, every route but ``/healthz`` requires one of them.
+    """
+    query = source if isinstance(source, ResultQuery) else ResultQuery(source)
+    conf = query.backend.app.conf
+    token = token or conf.get("sqlresults_web_token") or None
+    basic_auth = basic_auth or conf.get("sqlresults_web_basic_auth") or None
+    if basic_auth is not None and ":" not in basic_auth:
+        raise ValueError("sqlresults_web_basic_auth must be 'user:password'")
+    api = _Api(query)
+    routes = [
+        Route("/", api.page),
+        Route("/static/app.js", api.script),
+        Route("/openapi.json", api.openapi),
+        Route("/healthz", api.healthz),
+        Route("/api/tasks", api.tasks),
+        Route("/api/tasks/{task_id:path}", api.task),
+        Route("/api/stats", api.stats),
+        Route("/api/groups/{group_id:path}", api.group),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            BadRequest: _bad_request,
+            sa.exc.SQLAlchemyError: api.database_error,
+            HTTPException: _http_error,
+        },
+    )
+    if token or basic_auth:
+        app.add_middleware(_Auth, token=token, basic_auth=basic_auth)
+    app.state.query = query
+    return app
+
+
+class _Api:
+    """The route handlers, bound to one query (and so one backend and engine)."""
+
+    def __init__(self, query: ResultQuery) -> None:
+        self.query = query
+        self.js = (STATIC / "app.js").read_text(encoding="utf-8")
+        html = (STATIC / "index.html").read_text(encoding="utf-8")
+        # The script is inlined so the page needs no second authenticated request;
+        # the CSP allows exactly that script (by hash) and nothing else.
+        self.html = html.replace("/*APP_JS*/", self.js)
+        digest = base64.b64encode(hashlib.sha256(self.js.encode()).digest()).decode()
+        self.csp = (
+            f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'"
+        )
+
+    # ---- page ------------------------------------------------------------
+    def page(self, request: Request) -> Response:
+        return HTMLResponse(self.html, headers=_headers({"Content-Security-Policy": self.csp}))
+
+    def script(self, request: Request) -> Response:
+        return Response(self.js, media_type="text/javascript", headers=_headers())
+
+    def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(), headers=_headers())
+
+    # ---- API -------------------------------------------------------------
+    def healthz(self, request: Request) -> Response:
+        try:
+            with self.query.store.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except Exception as exc:
+            self._log_error("health check", exc)
+            return JSONResponse({"ok": False, "error": "result database unreachable"}, 503)
+        return JSONResponse({"ok": True}, headers=_headers())
+
+    def tasks(self, request: Request) -> Response:
+        params = request.query_params
+        query = _filtered(self.query, params, state=True)
+        limit = _int(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        try:
+            query = query.after(params.get("cursor") or None)
+        except ValueError as exc:
+            raise BadRequest(f"cursor: {exc}") from None
+        records, cursor = query.page(limit)
+        return JSONResponse(
+            {"tasks": [_task(r) for r in records], "next_cursor": cursor}, headers=_headers()
+        )
+
+    def task(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        record = self.query.get(task_id)
+        if record is None:
+            return JSONResponse({"error": f"no result stored for task {task_id}"}, 404)
+        return JSONResponse(_task(record), headers=_headers())
+
+    def stats(self, request: Request) -> Response:
+        query = _filtered(self.query, request.query_params, state=False)
+        by_name = query.stats(by_name=True)
+        per_state: dict[str, int] = {}
+        names = []
+        for name, counts in by_name.items():
+            for state, n in counts.items():
+                per_state[state] = per_state.get(state, 0) + n
+            names.append({"name": name, "states": counts, "total": sum(counts.values())})
+        body = {"states": per_state, "total": sum(per_state.values()), "names": names}
+        return JSONResponse(body, headers=_headers())
+
+    def group(self, request: Request) -> Response:
+        group_id = request.path_params["group_id"]
+        group = self.query.backend.restore_group(group_id, cache=False)
+        if group is None:
+            return JSONResponse({"error": f"no group stored with id {group_id}"}, 404)
+        ids = _leaves(group)
+        records = self.query.get_many(ids)
+        members: list[dict[str, Any]] = []
+        counts: dict[str, int] = {}
+        for task_id in ids:
+            record = records.get(task_id)
+            state = record.status if record else states.PENDING
+            counts[state] = counts.get(state, 0) + 1
+            members.append(
+                {
+                    "task_id": task_id,
+                    "state": state,
+                    "name": record.name if record else None,
+                    "date_done": _jsonable(record.date_done) if record else None,
+                }
+            )
+        done = sum(n for st, n in counts.items() if st in states.READY_STATES)
+        body = {
+            "group_id": group_id,
+            "members": members,
+            "states": counts,
+            "progress": {"done": done, "total": len(members)},
+        }
+        return JSONResponse(body, headers=_headers())
+
+    # ---- errors ----------------------------------------------------------
+    async def database_error(self, request: Request, exc: Exception) -> Response:
+        self._log_error(request.url.path, exc)
+        return JSONResponse({"error": "result database unavailable"}, 503)
+
+    def _log_error(self, what: str, exc: BaseException) -> None:
+        url = self.query.backend.settings.url
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        if url.password:
+            reason = reason.replace(str(url.password), "***")
+        logger.warning("%s: result database %s: %s", what, mask_url(url), reason)
+
+
+# ---- request parsing -----------------------------------------------------------
+def _filtered(query: ResultQuery, params: Mapping[str, str], state: bool) -> ResultQuery:
+    """``query`` with the filters named in the query string (400 on a bad value)."""
+    wanted: list[str] | None = None
+    if state and params.get("state"):
+        wanted = [s.strip().upper() for s in params["state"].split(",") if s.strip()]
+        bad = [s for s in wanted if not _STATE.match(s)]
+        if bad:
+            raise BadRequest(f"state: {bad[0]!r} is not a task state like SUCCESS or FAILURE")
+    name, worker = (params.get(key) or None for key in ("name", "worker"))
+    for key, value in (("name", name), ("worker", worker)):
+        if value is not None and len(value) > _MAX_TEXT:
+            raise BadRequest(f"{key}: at most {_MAX_TEXT} characters")
+    since, until = (_time(params, key) for key in ("since", "until"))
+    return query.filter(state=wanted or None, name=name, worker=worker, since=since, until=until)
+
+
+def _time(params: Mapping[str, str], key: str) -> datetime | None:
+    value = params.get(key) or None
+    try:
+        return None if value is None else parse_when(value)
+    except ValueError as exc:
+        raise BadRequest(f"{key}: {exc}") from None
+
+
+def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadRequest(f"{name}: {value!r} is not a whole number") from None
+    if not low <= n <= high:
+        raise BadRequest(f"{name}: must be between {low} and {high}, got {n}")
+    return n
+
+
+# ---- responses -----------------------------------------------------------------
+def _headers(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers on every successful response: no sniffing, no caching of task data."""
+    return {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **(extra or {})}
+
+
+def _task(record: TaskRecord) -> dict[str, Any]:
+    """A task as JSON: values decoded, anything JSON cannot hold (exceptions…) as its repr."""
+    return {
+        "task_id": record.task_id,
+        "state": record.status,
+        "name": record.name,
+        "worker": record.worker,
+        "queue": record.queue,
+        "retries": record.retries,
+        "date_done": _jsonable(record.date_done),
+        "args": _jsonable(record.args),
+        "kwargs": _jsonable(record.kwargs),
+        "result": _jsonable(record.result),
+        "traceback": record.traceback,
+    }
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if depth < _MAX_DEPTH and isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    if depth < _MAX_DEPTH and isinstance(value, dict):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    return repr(value)
+
+
+def _leaves(group: ResultSet) -> list[str]:
+    """Task ids of a group in order, nested groups flattened."""
+    out: list[str] = []
+    results: Iterable[Any] = group.results or ()
+    for r in results:
+        if isinstance(r, ResultSet):
+            out.extend(_leaves(r))
+        else:
+            out.append(r.id)
+    return out
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, 400)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+# ---- authentication ----------------------------------------------------------------
+class _Auth:
+    """Require the token or the basic-auth credentials on every route but ``/healthz``."""
+
+    def __init__(self, app: ASGIApp, token: str | None, basic_auth: str | None) -> None:
+        self.app = app
+        self.token = token.encode() if token else None
+        self.basic = basic_auth.encode() if basic_auth else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz" or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        challenge = 'Basic realm="celery-sqlresults"' if self.basic else "Bearer"
+        response = JSONResponse(
+            {"error": "authentication required"}, 401, headers={"WWW-Authenticate": challenge}
+        )
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        request = Request(scope)
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        scheme = scheme.lower()
+        if self.token is not None:
+            given = credentials if scheme == "bearer" else request.query_params.get("token", "")
+            if given and hmac.compare_digest(given.strip().encode(), self.token):
+                return True
+        if self.basic is not None and scheme == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(decoded, self.basic)
+        return False

@@ -1,0 +1,204 @@
+"""The OpenAPI 3.1 document of the JSON API, written by hand (small and stable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_document"]
+
+
+def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _json(ref: str, description: str) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{ref}"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_TIME = "Relative (90s, 30m, 1h, 7d, 2w: that long ago) or ISO-8601 (UTC if no offset)."
+_FILTERS = [
+    _param("name", "Task name; * matches any text."),
+    _param("worker", "Worker hostname; * matches any text."),
+    _param("since", "Finished at or after this time. " + _TIME),
+    _param("until", "Finished before this time. " + _TIME),
+]
+_ERRORS = {
+    "400": _json("Error", "A query value is invalid (the message says which)."),
+    "401": _json("Error", "Authentication is configured and missing or wrong."),
+    "503": _json("Error", "The result database is unavailable."),
+}
+_NULLABLE_STR = {"type": ["string", "null"]}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The document served at ``/openapi.json``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "celery-sqlresults monitoring API",
+            "version": "1",
+            "description": "Read-only view of the task results a celery-sqlresults backend "
+            "stores. With sqlresults_web_token or sqlresults_web_basic_auth set, every path "
+            "but /healthz needs a Bearer token (or ?token=) or HTTP basic credentials.",
+        },
+        "paths": {
+            "/api/tasks": {
+                "get": {
+                    "summary": "List stored task results, newest first (keyset pagination).",
+                    "parameters": [
+                        _param("state", "Only these states, comma-separated (e.g. FAILURE)."),
+                        *_FILTERS,
+                        _param(
+                            "limit",
+                            "Rows per page (default 50).",
+                            {"type": "integer", "minimum": 1, "maximum": 500},
+                        ),
+                        _param("cursor", "The next_cursor of the previous page."),
+                    ],
+                    "responses": {"200": _json("TaskPage", "One page of tasks."), **_ERRORS},
+                }
+            },
+            "/api/tasks/{task_id}": {
+                "get": {
+                    "summary": "One stored task result.",
+                    "parameters": [_path_param("task_id")],
+                    "responses": {
+                        "200": _json("Task", "The stored task."),
+                        "404": _json("Error", "Nothing is stored for this task id."),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/api/stats": {
+                "get": {
+                    "summary": "Counts of stored results per state and per task name.",
+                    "parameters": _FILTERS,
+                    "responses": {"200": _json("Stats", "The counts."), **_ERRORS},
+                }
+            },
+            "/api/groups/{group_id}": {
+                "get": {
+                    "summary": "A stored group: its members, their states and its progress.",
+                    "parameters": [_path_param("group_id")],
+                    "responses": {
+                        "200": _json("Group", "The group."),
+                        "404": _json("Error", "No group is stored with this id."),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Whether the result database answers (never needs auth).",
+                    "responses": {
+                        "200": _json("Health", "The database answers."),
+                        "503": _json("Health", "The database is unreachable."),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}},
+                    "required": ["error"],
+                },
+                "Health": {
+                    "type": "object",
+                    "properties": {"ok": {"type": "boolean"}, "error": {"type": "string"}},
+                    "required": ["ok"],
+                },
+                "Task": {
+                    "type": "object",
+                    "description": "Values are decoded with the app's serializer; what JSON "
+                    "cannot hold (an exception, say) is given as its Python repr. name, worker, "
+                    "queue, retries, args and kwargs need result_extended (or record on publish).",
+                    "properties": {
+                        "task_id": {"type": "string"},
+                        "state": {"type": "string"},
+                        "name": _NULLABLE_STR,
+                        "worker": _NULLABLE_STR,
+                        "queue": _NULLABLE_STR,
+                        "retries": {"type": ["integer", "null"]},
+                        "date_done": {"type": ["string", "null"], "format": "date-time"},
+                        "args": {},
+                        "kwargs": {},
+                        "result": {},
+                        "traceback": _NULLABLE_STR,
+                    },
+                    "required": ["task_id", "state"],
+                },
+                "TaskPage": {
+                    "type": "object",
+                    "properties": {
+                        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+                        "next_cursor": _NULLABLE_STR,
+                    },
+                    "required": ["tasks", "next_cursor"],
+                },
+                "Stats": {
+                    "type": "object",
+                    "properties": {
+                        "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "total": {"type": "integer"},
+                        "names": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "name": _NULLABLE_STR,
+                                    "states": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "integer"},
+                                    },
+                                    "total": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "Group": {
+                    "type": "object",
+                    "properties": {
+                        "group_id": {"type": "string"},
+                        "members": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "task_id": {"type": "string"},
+                                    "state": {"type": "string"},
+                                    "name": _NULLABLE_STR,
+                                    "date_done": {"type": ["string", "null"]},
+                                },
+                            },
+                        },
+                        "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "progress": {
+                            "type": "object",
+                            "properties": {
+                                "done": {"type": "integer"},
+                                "total": {"type": "integer"},
+                            },
+                        },
+                    },
+                },
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+            },
+        },
+    }

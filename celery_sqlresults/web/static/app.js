@@ -1,0 +1,260 @@
+// celery-sqlresults monitoring page: polls the JSON API and renders with the DOM API.
+// Task data is only ever put into the page as text (textContent / attributes via
+// dataset), so a result holding HTML or a <script> is shown, never run.
+"use strict";
+(function () {
+  var REFRESH_MS = 2000;
+  var STATE_ORDER = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"];
+  var token = new URLSearchParams(location.search).get("token");
+  var shown = 0;          // rows in the list (kept on refresh after "Load more")
+  var nextCursor = null;  // cursor of the page after the rows shown
+  var generation = 0;     // answers to an older request are dropped
+  var rendered = {};      // what each part of the page shows now, to skip identical redraws
+
+  function $(id) { return document.getElementById(id); }
+
+  function el(tag, text, className) {
+    var node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (className) node.className = className;
+    return node;
+  }
+
+  function stateBadge(state) {
+    var css = "state state-" + String(state).toLowerCase().replace(/[^a-z]/g, "");
+    return el("span", state, css);
+  }
+
+  function taskLink(id) {
+    var a = el("a", id);
+    a.href = "#task/" + encodeURIComponent(id);
+    return a;
+  }
+
+  function when(iso) { return iso ? String(iso).replace("T", " ").slice(0, 19) : "–"; }
+
+  function asText(value) {
+    if (value === null || value === undefined) return "–";
+    return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+  }
+
+  async function api(path, params) {
+    var url = new URL(path, document.baseURI);
+    Object.keys(params || {}).forEach(function (key) {
+      var value = params[key];
+      if (value !== "" && value !== null && value !== undefined) url.searchParams.set(key, value);
+    });
+    var headers = token ? { Authorization: "Bearer " + token } : {};
+    var response = await fetch(url, { headers: headers, cache: "no-store" });
+    var body = await response.json().catch(function () { return { error: response.statusText }; });
+    if (!response.ok) {
+      var error = new Error(body.error || response.statusText);
+      error.status = response.status;
+      throw error;
+    }
+    return body;
+  }
+
+  function filters() {
+    return {
+      state: $("f-state").value,
+      name: $("f-name").value.trim(),
+      worker: $("f-worker").value.trim(),
+      since: $("f-since").value.trim(),
+    };
+  }
+
+  function setError(message) { $("error").textContent = message || ""; }
+
+  // ---- rendering ----------------------------------------------------------
+  function unchanged(part, data) {
+    var key = JSON.stringify([data, location.hash, $("f-state").value]);
+    if (rendered[part] === key) return true;
+    rendered[part] = key;
+    return false;
+  }
+
+  function renderCounts(stats) {
+    if (unchanged("counts", stats)) return;
+    var box = $("counts");
+    var current = $("f-state").value;
+    var names = Object.keys(stats.states).sort(function (a, b) {
+      var ia = STATE_ORDER.indexOf(a), ib = STATE_ORDER.indexOf(b);
+      return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || (a < b ? -1 : 1);
+    });
+    var nodes = [el("strong", "total " + stats.total)];
+    names.forEach(function (state) {
+      var button = el("button", state + " " + stats.states[state], stateBadge(state).className);
+      button.type = "button";
+      button.dataset.state = state;
+      if (state === current) button.classList.add("active");
+      button.addEventListener("click", function () {
+        $("f-state").value = $("f-state").value === state ? "" : state;
+        filtersChanged();
+      });
+      nodes.push(button);
+    });
+    box.replaceChildren.apply(box, nodes);
+  }
+
+  function taskRow(task) {
+    var tr = document.createElement("tr");
+    tr.dataset.taskId = task.task_id;
+    var id = el("td", null, "id");
+    id.appendChild(taskLink(task.task_id));
+    var state = el("td");
+    state.appendChild(stateBadge(task.state));
+    var result = el("td", asText(task.result).slice(0, 200), "result");
+    tr.append(id, state, el("td", task.name || "–"), el("td", task.worker || "–"),
+      el("td", when(task.date_done)), result);
+    if (location.hash === "#task/" + encodeURIComponent(task.task_id)) tr.classList.add("selected");
+    return tr;
+  }
+
+  function renderTasks(page, append) {
+    if (!append && unchanged("tasks", page)) return;
+    if (append) rendered.tasks = null;
+    var body = $("tasks").tBodies[0];
+    var rows = page.tasks.map(taskRow);
+    if (append) body.append.apply(body, rows);
+    else body.replaceChildren.apply(body, rows);
+    shown = body.rows.length;
+    nextCursor = page.next_cursor;
+    $("more").hidden = !nextCursor;
+    $("empty").hidden = shown > 0;
+  }
+
+  function renderDetail(task) {
+    if (unchanged("detail", task)) return;
+    $("d-id").textContent = task.task_id;
+    var fields = [];
+    [["state", task.state], ["name", task.name], ["worker", task.worker], ["queue", task.queue],
+      ["retries", task.retries], ["finished (UTC)", when(task.date_done)]].forEach(function (pair) {
+      fields.push(el("dt", pair[0]), el("dd", pair[1] === null ? "–" : pair[1]));
+    });
+    $("d-fields").replaceChildren.apply($("d-fields"), fields);
+    $("d-args").textContent = asText(task.args);
+    $("d-kwargs").textContent = asText(task.kwargs);
+    $("d-result").textContent = asText(task.result);
+    $("d-traceback").textContent = task.traceback || "–";
+  }
+
+  function renderGroup(group) {
+    if (unchanged("group", group)) return;
+    $("g-id").textContent = group.group_id;
+    $("g-progress").max = Math.max(group.progress.total, 1);
+    $("g-progress").value = group.progress.done;
+    var counts = Object.keys(group.states).map(function (s) { return s + " " + group.states[s]; });
+    $("g-text").textContent = group.progress.done + " / " + group.progress.total + " done" +
+      (counts.length ? " (" + counts.join(", ") + ")" : "");
+    var rows = group.members.map(function (member) {
+      var tr = document.createElement("tr");
+      tr.dataset.taskId = member.task_id;
+      var id = el("td", null, "id");
+      id.appendChild(taskLink(member.task_id));
+      var state = el("td");
+      state.appendChild(stateBadge(member.state));
+      tr.append(id, state, el("td", member.name || "–"), el("td", when(member.date_done)));
+      return tr;
+    });
+    var body = $("g-members").tBodies[0];
+    body.replaceChildren.apply(body, rows);
+  }
+
+  // ---- loading ------------------------------------------------------------
+  function route() {
+    var match = /^#(task|group)\/(.+)$/.exec(location.hash);
+    return match ? { kind: match[1], id: decodeURIComponent(match[2]) } : null;
+  }
+
+  async function loadView() {
+    var view = route();
+    $("detail").hidden = !view || view.kind !== "task";
+    $("group").hidden = !view || view.kind !== "group";
+    if (!view) return;
+    var path = (view.kind === "task" ? "api/tasks/" : "api/groups/") + encodeURIComponent(view.id);
+    try {
+      var data = await api(path);
+      if (view.kind === "task") renderDetail(data); else renderGroup(data);
+    } catch (error) {
+      if (error.status !== 404) throw error;
+      if (view.kind === "task") {
+        renderDetail({ task_id: view.id, state: "PENDING (nothing stored)", name: null,
+          worker: null, queue: null, retries: null, date_done: null, args: null, kwargs: null,
+          result: null, traceback: null });
+      } else {
+        renderGroup({ group_id: view.id + " (not stored)", members: [], states: {},
+          progress: { done: 0, total: 0 } });
+      }
+    }
+  }
+
+  async function refresh() {
+    var mine = ++generation;
+    var f = filters();
+    try {
+      var results = await Promise.all([
+        api("api/stats", { name: f.name, worker: f.worker, since: f.since }),
+        api("api/tasks", Object.assign({ limit: Math.min(500, Math.max(50, shown)) }, f)),
+      ]);
+      if (mine !== generation) return;
+      renderCounts(results[0]);
+      renderTasks(results[1], false);
+      await loadView();
+      setError("");
+      $("status").textContent = "updated " + new Date().toLocaleTimeString();
+    } catch (error) {
+      if (mine === generation) setError(error.message);
+    }
+  }
+
+  async function loadMore() {
+    if (!nextCursor) return;
+    try {
+      renderTasks(await api("api/tasks", Object.assign({ cursor: nextCursor }, filters())), true);
+    } catch (error) {
+      setError(error.message);
+    }
+  }
+
+  function filtersChanged() {
+    shown = 0;
+    refresh();
+  }
+
+  function poll() {
+    setTimeout(async function () {
+      if ($("f-live").checked && !document.hidden) await refresh();
+      poll();
+    }, REFRESH_MS);
+  }
+
+  var typing = null;
+  ["f-name", "f-worker", "f-since"].forEach(function (id) {
+    $(id).addEventListener("input", function () {
+      clearTimeout(typing);
+      typing = setTimeout(filtersChanged, 300);
+    });
+  });
+  $("f-state").addEventListener("change", filtersChanged);
+  $("filters").addEventListener("submit", function (event) { event.preventDefault(); });
+  $("more").addEventListener("click", loadMore);
+  $("open-group").addEventListener("click", function () {
+    var id = $("f-group").value.trim();
+    if (id) location.hash = "#group/" + encodeURIComponent(id);
+  });
+  document.querySelectorAll("aside .close").forEach(function (button) {
+    button.addEventListener("click", function () {
+      history.pushState(null, "", location.pathname + location.search);
+      loadView();
+    });
+  });
+  window.addEventListener("hashchange", function () {
+    loadView().catch(function (error) { setError(error.message); });
+    document.querySelectorAll("#tasks tbody tr").forEach(function (tr) {
+      tr.classList.toggle("selected", location.hash === "#task/" + encodeURIComponent(tr.dataset.taskId));
+    });
+  });
+  refresh();
+  poll();
+})();

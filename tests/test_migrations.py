@@ -1,0 +1,434 @@
+"""Versioned schema upgrades: revisions, adoption of db+ tables, start-up upgrades, CLI."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from click.testing import CliRunner, Result
+
+from celery_sqlresults import migrate, startup
+from celery_sqlresults.cli import results
+from celery_sqlresults.schema import build_tables
+
+from .conftest import OTHER_SCHEMA, ROOT, raw_engine, table_names
+from .test_compat import db_plus_app, request
+
+HEAD = "0002"
+TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
+SEQUENCES = ["task_id_sequence", "taskset_id_sequence"]  # MariaDB's are objects to grant on
+
+
+def run(*args: str) -> Result:
+    app = Celery("migrations-test", set_as_current=False)
+    return CliRunner().invoke(results, list(args), obj=SimpleNamespace(app=app))
+
+
+def version(db_url: str, schema: str | None = None) -> list[str]:
+    prefix = f"{schema}." if schema else ""
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return list(
+                conn.exec_driver_sql(
+                    f"SELECT version_num FROM {prefix}celery_sqlresults_version"
+                ).scalars()
+            )
+    finally:
+        eng.dispose()
+
+
+def indexed(db_url: str, table: str = "celery_taskmeta", schema: str | None = None) -> set[str]:
+    """First columns of the table's indexes."""
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            found = sa.inspect(conn).get_indexes(table, schema=schema)
+        return {ix["column_names"][0] for ix in found if ix["column_names"]}
+    finally:
+        eng.dispose()
+
+
+def count(db_url: str, table: str = "celery_taskmeta") -> int:
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return int(conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar() or 0)
+    finally:
+        eng.dispose()
+
+
+# ---- empty database ---------------------------------------------------------
+def test_empty_database_is_brought_to_head(make_app: Callable[..., Celery], db_url: str) -> None:
+    make_app().backend  # noqa: B018
+    assert TABLES <= table_names(db_url)
+    assert version(db_url) == [HEAD]
+    assert {"status", "name", "date_done"} <= indexed(db_url)
+    assert "alembic_version" not in table_names(db_url)
+
+
+def test_head_layout_is_what_schema_py_describes(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """The revisions and ``build_tables`` (used to repair dropped tables) must agree."""
+    make_app().backend  # noqa: B018
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        insp = sa.inspect(conn)
+        for table in build_tables().all:
+            columns = {c["name"] for c in insp.get_columns(table.name)}
+            assert columns == set(table.c.keys()), table.name
+            wanted = {tuple(c.name for c in ix.columns) for ix in table.indexes}
+            got = {tuple(ix["column_names"]) for ix in insp.get_indexes(table.name)}
+            assert wanted <= got, table.name
+    eng.dispose()
+
+
+def test_ready_schema_costs_one_query(make_app: Callable[..., Celery], db_url: str) -> None:
+    make_app().backend  # noqa: B018
+    startup._ready.clear()
+    app = make_app()
+    seen: list[str] = []
+    app.conf.database_engine_callback = lambda engine: sa.event.listen(
+        engine, "before_cursor_execute", lambda c, cur, stmt, *a: seen.append(stmt)
+    )
+    app.backend  # noqa: B018
+    schema_work = [s for s in seen if "celery_sqlresults_version" in s or "CREATE" in s.upper()]
+    assert len(schema_work) == 1 and schema_work[0].lstrip().upper().startswith("SELECT")
+    catalog = ("information_schema", "pg_catalog", "sqlite_master", "PRAGMA", "SHOW ")
+    assert not [s for s in seen if any(word in s for word in catalog)]
+
+
+# ---- adopting Celery's db+ tables ------------------------------------------------
+@pytest.mark.parametrize("extended", [True, False], ids=["extended", "plain"])
+def test_adopts_tables_written_by_db_plus(
+    make_app: Callable[..., Celery], db_url: str, extended: bool
+) -> None:
+    old = db_plus_app(db_url, result_extended=extended)
+    ob = old.backend
+    ob.store_result("ok", {"answer": 42}, "SUCCESS", request=request())
+    ob.store_result("bad", ValueError("boom"), "FAILURE", traceback="tb", request=request())
+    ob.store_result("run", None, "STARTED", request=request())
+    assert "celery_sqlresults_version" not in table_names(db_url)
+    rows = count(db_url)
+
+    # readable by us before adoption (lazy mode: no DDL) ...
+    lazy = make_app(result_extended=extended, database_create_tables_on_startup=False).backend
+    assert lazy.get_task_meta("ok")["result"] == {"answer": 42}
+    assert "celery_sqlresults_version" not in table_names(db_url)
+
+    # ... adopted in place at start-up ...
+    new = make_app(result_extended=extended)
+    nb = new.backend
+    assert version(db_url) == [HEAD]
+    assert count(db_url) == rows
+    assert {"status", "name", "date_done"} <= indexed(db_url)
+    # ... and after
+    ok = nb.get_task_meta("ok")
+    assert (ok["status"], ok["result"]) == ("SUCCESS", {"answer": 42})
+    if extended:
+        assert ok["name"] == "proj.add" and ok["args"] == [1, 2]
+    bad = nb.get_task_meta("bad")
+    assert isinstance(bad["result"], ValueError) and bad["traceback"] == "tb"
+    nb.store_result("run", 7, "SUCCESS", request=request())
+    nb.store_result("ours", 8, "SUCCESS", request=request())
+    # db+ still reads (and writes) the adopted tables
+    assert ob.get_task_meta("run", cache=False)["result"] == 7
+    assert ob.get_task_meta("ours", cache=False)["result"] == 8
+    assert ob.get_task_meta("ok", cache=False)["result"] == {"answer": 42}
+    ob.store_result("later", 9, "SUCCESS")
+    assert nb.get_task_meta("later")["result"] == 9
+
+
+def test_custom_names_and_schemas_keep_the_version_beside_the_tables(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    schema = None
+    if db_kind != "sqlite":
+        schema = OTHER_SCHEMA
+        eng = raw_engine(db_url)
+        with eng.connect() as conn:
+            word = "SCHEMA" if db_kind == "postgresql" else "DATABASE"
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                f"CREATE {word} {schema}"
+            )
+        eng.dispose()
+    names = {"task": "my_results", "group": "my_groups", "chord": "my_chords"}
+    app = make_app(
+        database_table_names=names, database_table_schemas={"task": schema, "group": schema}
+    )
+    app.backend  # noqa: B018
+    assert {"my_results", "my_groups", "my_chords", "celery_sqlresults_version"} <= table_names(
+        db_url, schema
+    )
+    assert version(db_url, schema) == [HEAD]
+    assert {"status", "name", "date_done"} <= indexed(db_url, "my_results", schema)
+
+
+# ---- upgrading ---------------------------------------------------------------------
+def test_upgrade_from_0001_to_head(make_app: Callable[..., Celery], db_url: str) -> None:
+    assert run("upgrade", "0001", "--url", db_url).exit_code == 0
+    assert version(db_url) == ["0001"]
+    assert "status" not in indexed(db_url)
+    backend = make_app(database_create_tables_on_startup=False).backend
+    backend.store_result("t1", 1, "SUCCESS")
+    assert run("check", "--url", db_url).exit_code == 1  # behind head
+
+    make_app().backend  # noqa: B018 - start-up upgrades
+    assert version(db_url) == [HEAD]
+    assert {"status", "name"} <= indexed(db_url)
+    assert backend.get_task_meta("t1", cache=False)["result"] == 1
+
+    down = run("downgrade", "0001", "--url", db_url)
+    assert down.exit_code == 0, down.output
+    assert "from 0002 to 0001" in down.stdout
+    assert "status" not in indexed(db_url)
+    up = run("upgrade", "--url", db_url)
+    assert up.exit_code == 0 and "to 0002 (head)" in up.stdout
+    assert run("upgrade", "--url", db_url).stdout.endswith("already at 0002 (head)\n")
+    assert backend.get_task_meta("t1", cache=False)["result"] == 1
+
+
+_RACER = textwrap.dedent(
+    """
+    import sys, time
+    from celery import Celery
+    url, start, n = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    app = Celery("racer", backend="sql+" + url, set_as_current=False)
+    while time.time() < start:
+        time.sleep(0.001)
+    backend = app.backend
+    backend.store_result(f"task-{n}", int(n), "SUCCESS")
+    assert backend.get_task_meta("old")["result"] == "kept"
+    print("ok", n)
+    """
+)
+
+
+def test_processes_starting_together_upgrade_once(
+    make_app: Callable[..., Celery], db_url: str, tmp_path: Path
+) -> None:
+    assert run("upgrade", "0001", "--url", db_url).exit_code == 0
+    make_app(database_create_tables_on_startup=False).backend.store_result("old", "kept", "SUCCESS")
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER)
+    start = time.time() + 3
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), db_url, str(start), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        for n in range(6)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "ok" in out
+        for bad in ("already exists", "Duplicate", "duplicate key", "eadlock", "Traceback"):
+            assert bad not in err
+    assert version(db_url) == [HEAD]
+    assert count(db_url) == 7
+    assert {"status", "name"} <= indexed(db_url)
+
+
+# ---- the command line ------------------------------------------------------------
+def test_check_and_current(db_url: str, db_kind: str) -> None:
+    empty = run("check", "--url", db_url)
+    assert empty.exit_code == 1 and "missing at" in empty.stdout
+    assert "run `celery results init`" in empty.stdout
+    assert run("current", "--url", db_url).stdout == "not versioned (head is 0002)\n"
+
+    assert run("upgrade", "0001", "--url", db_url).exit_code == 0
+    behind = run("check", "--url", db_url)
+    assert behind.exit_code == 1 and "0001 (behind head 0002)" in behind.stdout
+    assert run("current", "--url", db_url).stdout == "0001 (behind head 0002)\n"
+
+    init = run("init", "--url", db_url)
+    assert init.exit_code == 0 and "schema revision 0002 (head)" in init.stdout
+    ok = run("check", "--url", db_url)
+    assert ok.exit_code == 0 and ok.stdout.startswith("result schema complete at ")
+    assert run("current", "--url", db_url).stdout == "0002 (head)\n"
+
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE celery_sqlresults_chord")
+    eng.dispose()
+    gone = run("check", "--url", db_url)
+    assert gone.exit_code == 1 and "missing at" in gone.stdout and "chord" in gone.stdout
+    assert run("init", "--url", db_url).exit_code == 0  # repaired
+    assert run("check", "--url", db_url).exit_code == 0
+
+
+def test_errors_are_one_masked_line(db_url: str) -> None:
+    down = "postgresql+psycopg://u:secret@127.0.0.1:9/x"
+    for args in (["init"], ["check"], ["current"], ["upgrade"], ["downgrade", "base"]):
+        result = run(*args, "--url", down)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stdout == "" and len(result.stderr.splitlines()) == 1
+        assert "secret" not in result.output and "u:***@" in result.stderr
+    bad = run("upgrade", "0009", "--url", db_url)
+    assert bad.exit_code == 1 and len(bad.stderr.splitlines()) == 1 and "0009" in bad.stderr
+
+
+def _apply(db_url: str, sql: str) -> None:
+    """Feed printed SQL to the database statement by statement, as psql/mysql would."""
+    lines = [line for line in sql.splitlines() if not line.startswith("--")]
+    statements = [s.strip() for s in "\n".join(lines).split(";\n") if s.strip()]
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        for stmt in statements:
+            conn.exec_driver_sql(stmt.rstrip(";"))
+    eng.dispose()
+
+
+def test_printed_sql_applies_cleanly(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    printed = run("init", "--sql", "--url", db_url)
+    assert printed.exit_code == 0, printed.output
+    sql = printed.stdout
+    assert "celery_sqlresults_version" in sql and "alembic_version" not in sql
+    if db_kind == "postgresql":
+        assert "CREATE INDEX CONCURRENTLY" in sql
+    assert not table_names(db_url), "--sql must not touch the database"
+    _apply(db_url, sql)
+    check = run("check", "--url", db_url)
+    assert check.exit_code == 0, check.output
+    backend = make_app().backend
+    backend.store_result("t", 5, "SUCCESS")
+    assert backend.get_task_meta("t")["result"] == 5
+
+
+def test_applications_alembic_version_is_untouched(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        conn.exec_driver_sql("INSERT INTO alembic_version VALUES ('app_rev_42')")
+    make_app().backend  # noqa: B018
+    assert run("downgrade", "0001", "--url", db_url).exit_code == 0
+    assert run("upgrade", "--url", db_url).exit_code == 0
+    with eng.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT version_num FROM alembic_version").all()
+    eng.dispose()
+    assert [tuple(r) for r in rows] == [("app_rev_42",)]
+    assert version(db_url) == [HEAD]
+
+
+# ---- versions this package does not know -------------------------------------------
+def test_database_newer_than_the_package(
+    make_app: Callable[..., Celery], db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_app().backend.store_result("t", 1, "SUCCESS")
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("UPDATE celery_sqlresults_version SET version_num = '0099'")
+    eng.dispose()
+    startup._ready.clear()
+    with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
+        backend = make_app().backend
+    assert "revision 0099, newer than this celery-sqlresults knows" in caplog.text
+    assert backend.get_task_meta("t")["result"] == 1  # reads keep working
+    backend.store_result("u", 2, "SUCCESS")
+    assert version(db_url) == ["0099"]
+    check = run("check", "--url", db_url)
+    assert check.exit_code == 0 and "newer than this celery-sqlresults" in check.stdout
+    assert "0099 (newer" in run("current", "--url", db_url).stdout
+    for args in (["upgrade"], ["downgrade", "0001"]):
+        refused = run(*args, "--url", db_url)
+        assert refused.exit_code == 1 and "0099" in refused.stderr
+    assert version(db_url) == ["0099"]
+
+
+_NOT_ADDITIVE = '''
+"""A destructive step, for the test.
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+additive = False
+
+
+def upgrade() -> None:
+    op.create_table("destructive_marker", sa.Column("x", sa.Integer))
+
+
+def downgrade() -> None:
+    op.drop_table("destructive_marker")
+'''
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])
+def test_start_up_refuses_a_revision_that_is_not_additive(
+    make_app: Callable[..., Celery],
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    scripts = tmp_path / "migrations"
+    shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
+    (scripts / "versions" / "0003_destructive.py").write_text(_NOT_ADDITIVE)
+    monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
+    with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
+        backend = make_app().backend
+    assert version(db_url) == ["0002"]
+    assert "revision 0003" in caplog.text and "results upgrade" in caplog.text
+    assert "destructive_marker" not in table_names(db_url)
+    backend.store_result("t", 1, "SUCCESS")  # the tables work at 0002
+    assert run("check", "--url", db_url).exit_code == 1
+    assert run("upgrade", "--url", db_url).exit_code == 0
+    assert version(db_url) == ["0003"] and "destructive_marker" in table_names(db_url)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_runtime_user_who_may_not_read_the_version_table(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    from .test_startup import LIMITED, _limited_url
+
+    limited = _limited_url(db_url, db_kind)
+    make_app().backend  # noqa: B018 - a privileged deploy step
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        objects = sorted(TABLES) + ([] if db_kind == "postgresql" else SEQUENCES)
+        for table in objects:
+            rights = "SELECT, INSERT, UPDATE, DELETE"
+            if db_kind == "postgresql":
+                conn.exec_driver_sql(f"GRANT {rights} ON {table} TO {LIMITED}")
+            else:
+                db = sa.engine.make_url(db_url).database
+                for host in ("localhost", "127.0.0.1"):
+                    conn.exec_driver_sql(f"GRANT {rights} ON {db}.{table} TO '{LIMITED}'@'{host}'")
+        if db_kind == "postgresql":
+            conn.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {LIMITED}")
+    eng.dispose()
+    startup._ready.clear()
+    backend = make_app(limited).backend
+    startup.ensure_schema(backend.store, wait=0)  # what a starting worker runs: no error
+    backend.store_result("t", 1, "SUCCESS")
+    assert backend.get_task_meta("t")["result"] == 1

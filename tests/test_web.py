@@ -1,0 +1,445 @@
+"""The monitoring web app (JSON API, page, auth) and record-on-publish, on all three databases."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.utils.encoding import ensure_bytes
+
+from celery_sqlresults import ResultQuery, SQLResultsBackend
+from tests.conftest import ROOT
+
+pytest.importorskip("starlette")
+with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still works
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from celery_sqlresults.web import create_app
+
+HTML = '<b id="pwn">x</b><script>window.pwned = 1</script>'
+BASE = datetime(2024, 5, 1, 12, 0, 0)
+
+
+def put(
+    app: Celery,
+    task_id: str,
+    state: str = "SUCCESS",
+    result: Any = None,
+    *,
+    date: datetime | None = BASE,
+    traceback: str | None = None,
+    **extended: Any,
+) -> None:
+    """Store one task row directly (name/worker/args/kwargs as ``result_extended`` would)."""
+    backend: SQLResultsBackend = app.backend
+    row: dict[str, Any] = {
+        "task_id": task_id,
+        "status": state,
+        "result": ensure_bytes(backend.encode(result)),
+        "traceback": traceback,
+        "date_done": date,
+    }
+    for key, value in extended.items():
+        row[key] = ensure_bytes(backend.encode(value)) if key in ("args", "kwargs") else value
+    backend.store.store_task(row)
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Celery]) -> Celery:
+    return make_app(result_extended=True)
+
+
+@pytest.fixture
+def client(app: Celery) -> TestClient:
+    return TestClient(create_app(app))
+
+
+sqlite_only = pytest.mark.parametrize("db_kind", ["sqlite"])
+
+
+# ---- tasks ---------------------------------------------------------------------
+def test_task_detail_and_404(app: Celery, client: TestClient) -> None:
+    put(app, "ok", "SUCCESS", {"html": HTML, "n": [1, 2]}, name="proj.add", args=[1, 2])
+    app.backend.store_result("bad", ValueError("boom"), "FAILURE", traceback="Traceback…\nboom")
+
+    body = client.get("/api/tasks/ok").json()
+    assert body["state"] == "SUCCESS"
+    assert body["result"] == {"html": HTML, "n": [1, 2]}  # HTML comes back as data, untouched
+    assert body["name"] == "proj.add" and body["args"] == [1, 2]
+    assert body["date_done"].startswith("2024-05-01T12:00:00")
+
+    bad = client.get("/api/tasks/bad").json()
+    assert bad["state"] == "FAILURE"
+    assert bad["result"] == "ValueError('boom')" and "boom" in bad["traceback"]
+
+    missing = client.get("/api/tasks/nope")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/json"
+    assert "nope" in missing.json()["error"]
+
+
+def test_pagination_is_keyset_without_duplicates_or_gaps(app: Celery, client: TestClient) -> None:
+    # Many rows share a date_done (whole seconds, as MySQL's DATETIME stores them): the id
+    # breaks ties. One unfinished row (no date_done) sorts where the database puts NULLs.
+    ids = []
+    for i in range(23):
+        task_id = f"t{i:02d}"
+        put(app, task_id, date=BASE + timedelta(seconds=i // 4))
+        ids.append(task_id)
+    put(app, "unfinished", "STARTED", date=None)
+    ids.append("unfinished")
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        body = client.get("/api/tasks", params=params).json()
+        seen += [t["task_id"] for t in body["tasks"]]
+        pages += 1
+        if pages == 1:  # a row stored meanwhile is newer: it must not shift the next pages
+            put(app, "newer", date=BASE + timedelta(days=1))
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert len(body["tasks"]) == 5
+    assert pages == 5
+    assert len(seen) == len(set(seen)) == len(ids)
+    assert set(seen) == set(ids)
+    finished = [s for s in seen if s != "unfinished"]
+    assert finished == sorted(finished, key=lambda s: (int(s[1:]) // 4, int(s[1:])), reverse=True)
+
+    # The same pages through the Python API.
+    query = ResultQuery(app).filter(state="SUCCESS")
+    first, cursor = query.page(10)
+    second, last = query.after(cursor).page(100)
+    assert last is None
+    assert [r.task_id for r in first + second] == ["newer", *finished]
+
+
+def test_filters(app: Celery, client: TestClient) -> None:
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    put(app, "a", "SUCCESS", name="proj.add", worker="w1@host", date=now)
+    put(app, "b", "FAILURE", name="proj.mul", worker="w2@host", date=now - timedelta(minutes=5))
+    put(app, "c", "SUCCESS", name="other.add", worker="w1@host", date=now - timedelta(days=3))
+
+    def ids(**params: str) -> set[str]:
+        response = client.get("/api/tasks", params=params)
+        assert response.status_code == 200, response.text
+        return {t["task_id"] for t in response.json()["tasks"]}
+
+    assert ids() == {"a", "b", "c"}
+    assert ids(state="failure") == {"b"}
+    assert ids(state="SUCCESS,FAILURE") == {"a", "b", "c"}
+    assert ids(name="proj.*") == {"a", "b"}
+    assert ids(worker="w1@host") == {"a", "c"}
+    assert ids(since="1h") == {"a", "b"}
+    assert ids(since="1h", until="1m") == {"b"}
+    assert ids(until=(now - timedelta(days=1)).isoformat() + "Z") == {"c"}
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("params", "word"),
+    [
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2024-13-40"}, "until"),
+        ({"limit": "many"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "100000"}, "limit"),
+        ({"state": "<b>"}, "state"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"name": "x" * 300}, "name"),
+    ],
+)
+def test_bad_query_values_are_400(client: TestClient, params: dict[str, str], word: str) -> None:
+    response = client.get("/api/tasks", params=params)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(word + ":")
+
+
+def test_stats(app: Celery, client: TestClient) -> None:
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    put(app, "a", "SUCCESS", name="proj.add", date=now)
+    put(app, "b", "SUCCESS", name="proj.add", date=now)
+    put(app, "c", "FAILURE", name="proj.mul", date=now)
+    put(app, "d", "SUCCESS", name="proj.mul", date=now - timedelta(days=2))
+
+    body = client.get("/api/stats").json()
+    assert body["states"] == {"SUCCESS": 3, "FAILURE": 1} and body["total"] == 4
+    names = {n["name"]: n["states"] for n in body["names"]}
+    assert names == {"proj.add": {"SUCCESS": 2}, "proj.mul": {"FAILURE": 1, "SUCCESS": 1}}
+
+    recent = client.get("/api/stats", params={"since": "1d"}).json()
+    assert recent["states"] == {"SUCCESS": 2, "FAILURE": 1} and recent["total"] == 3
+    assert client.get("/api/stats", params={"since": "soon"}).status_code == 400
+
+
+def test_group(app: Celery, client: TestClient) -> None:
+    members = [app.AsyncResult(i) for i in ("g-a", "g-b", "g-c")]
+    app.GroupResult("grp", members).save(backend=app.backend)
+    put(app, "g-a", "SUCCESS", 1, name="proj.add")
+    put(app, "g-b", "FAILURE", "boom", name="proj.add")
+
+    body = client.get("/api/groups/grp").json()
+    assert [m["task_id"] for m in body["members"]] == ["g-a", "g-b", "g-c"]
+    assert [m["state"] for m in body["members"]] == ["SUCCESS", "FAILURE", "PENDING"]
+    assert body["progress"] == {"done": 2, "total": 3}
+    assert body["states"] == {"SUCCESS": 1, "FAILURE": 1, "PENDING": 1}
+    assert client.get("/api/groups/nope").status_code == 404
+
+
+# ---- health --------------------------------------------------------------------
+UNREACHABLE = {
+    "sqlite": "sqlite:////nonexistent-dir-sqlresults/results.db",
+    "postgresql": "postgresql+psycopg://postgres@127.0.0.1:1/x",
+    "mysql": "mysql+pymysql://root@127.0.0.1:1/x",
+}
+
+
+def test_healthz_up_and_down(
+    client: TestClient, make_app: Callable[..., Celery], db_kind: str
+) -> None:
+    assert client.get("/healthz").json() == {"ok": True}
+
+    down = make_app(url=UNREACHABLE[db_kind], database_create_tables_on_startup=False)
+    down_client = TestClient(create_app(down))
+    response = down_client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["ok"] is False
+    listing = down_client.get("/api/tasks")
+    assert listing.status_code == 503
+    assert listing.json() == {"error": "result database unavailable"}
+
+
+# ---- auth ----------------------------------------------------------------------
+@sqlite_only
+def test_no_auth_by_default(client: TestClient) -> None:
+    assert client.get("/api/tasks").status_code == 200
+    assert client.get("/").status_code == 200
+
+
+@sqlite_only
+def test_token_auth(make_app: Callable[..., Celery]) -> None:
+    app = make_app(sqlresults_web_token="s3cret-token")
+    client = TestClient(create_app(app))
+    for path in (
+        "/",
+        "/api/tasks",
+        "/api/stats",
+        "/api/tasks/x",
+        "/openapi.json",
+        "/static/app.js",
+    ):
+        response = client.get(path)
+        assert response.status_code == 401, path
+        assert "s3cret" not in response.text
+    assert client.get("/healthz").status_code == 200
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    assert client.get("/api/tasks", headers=bearer).status_code == 200
+    assert client.get("/api/tasks?token=s3cret-token").status_code == 200
+    assert client.get("/?token=s3cret-token").status_code == 200
+    assert client.get("/api/tasks", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/api/tasks?token=s3cret-tokenX").status_code == 401
+
+
+@sqlite_only
+def test_basic_auth(make_app: Callable[..., Celery]) -> None:
+    app = make_app(sqlresults_web_basic_auth="admin:pa55word")
+    client = TestClient(create_app(app))
+    denied = client.get("/api/tasks")
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"].startswith("Basic")
+    assert "pa55word" not in denied.text
+    assert client.get("/api/tasks", auth=("admin", "pa55word")).status_code == 200
+    assert client.get("/api/tasks", auth=("admin", "wrong")).status_code == 401
+    garbage = {"Authorization": "Basic %%%"}
+    assert client.get("/api/tasks", headers=garbage).status_code == 401
+    assert client.get("/healthz").status_code == 200
+    assert "pa55word" not in client.get("/", auth=("admin", "pa55word")).text
+
+    with pytest.raises(ValueError, match="user:password") as info:
+        create_app(make_app(sqlresults_web_basic_auth="no-colon-secret"))
+    assert "no-colon-secret" not in str(info.value)
+
+
+# ---- page and documents ------------------------------------------------------------
+@sqlite_only
+def test_page_renders_data_as_text_only(client: TestClient) -> None:
+    script = client.get("/static/app.js")
+    assert script.status_code == 200
+    js = script.text
+    assert "textContent" in js
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in js, sink
+
+    page = client.get("/")
+    assert page.headers["content-type"].startswith("text/html")
+    assert js in page.text  # inlined, and allowed by the CSP by its hash only
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for element in ('id="counts"', 'id="f-state"', 'id="tasks"', 'id="d-traceback"', 'id="group"'):
+        assert element in page.text
+
+
+@sqlite_only
+def test_openapi_lists_the_paths(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {
+        "/api/tasks",
+        "/api/tasks/{task_id}",
+        "/api/stats",
+        "/api/groups/{group_id}",
+        "/healthz",
+    }
+    params = {p["name"] for p in doc["paths"]["/api/tasks"]["get"]["parameters"]}
+    assert params == {"state", "name", "worker", "since", "until", "limit", "cursor"}
+
+
+# ---- record on publish -------------------------------------------------------------
+def _publisher(make_app: Callable[..., Celery], **conf: Any) -> Celery:
+    app = make_app(broker_url="memory://", task_store_eager_result=True, **conf)
+
+    @app.task(name="proj.add", shared=False)
+    def add(x: int, y: int, z: str = "") -> int:
+        return x + y
+
+    @app.task(name="proj.quiet", shared=False, ignore_result=True)
+    def quiet() -> None:
+        return None
+
+    return app
+
+
+def test_record_on_publish(make_app: Callable[..., Celery]) -> None:
+    app = _publisher(make_app, sqlresults_record_on_publish=True)
+    add = app.tasks["proj.add"]
+    sent = add.apply_async((2, 3), {"z": "<i>"}, queue="q1")
+
+    record = ResultQuery(app).get(sent.id)
+    assert record is not None
+    assert record.status == "PENDING"
+    assert (record.name, record.args, record.kwargs, record.queue) == (
+        "proj.add",
+        [2, 3],
+        {"z": "<i>"},
+        "q1",
+    )
+    assert record.date_done is not None
+    assert abs(record.date_done - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    assert sent.state == "PENDING"
+
+    # The worker's later write (result_extended off: core columns only) keeps what we recorded.
+    add.apply((2, 3), {"z": "<i>"}, task_id=sent.id)
+    done = ResultQuery(app).get(sent.id)
+    assert done is not None
+    assert (done.status, done.result) == ("SUCCESS", 5)
+    assert (done.name, done.args, done.kwargs, done.queue) == (
+        "proj.add",
+        [2, 3],
+        {"z": "<i>"},
+        "q1",
+    )
+
+    # A row that exists already (a later state) is never overwritten by a publish.
+    again = add.apply_async((7, 7), task_id=sent.id)
+    kept = ResultQuery(app).get(again.id)
+    assert kept is not None and (kept.status, kept.args) == ("SUCCESS", [2, 3])
+
+    # Tasks whose result is ignored get no row.
+    quiet = app.tasks["proj.quiet"].apply_async()
+    assert ResultQuery(app).get(quiet.id) is None
+
+
+def test_record_on_publish_off_does_nothing(
+    make_app: Callable[..., Celery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_sqlresults import publish
+
+    def fail(*args: Any) -> None:
+        raise AssertionError("record on publish ran while off")
+
+    monkeypatch.setattr(publish, "expect_publish", fail)
+    app = _publisher(make_app)
+    sent = app.tasks["proj.add"].apply_async((1, 1))
+    assert ResultQuery(app).get(sent.id) is None
+
+
+@sqlite_only
+def test_record_on_publish_survives_database_errors(
+    make_app: Callable[..., Celery], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _publisher(
+        make_app,
+        url="sqlite:////nonexistent-dir-sqlresults/results.db",
+        sqlresults_record_on_publish=True,
+        database_create_tables_on_startup=False,
+    )
+    sent = app.tasks["proj.add"].apply_async((1, 1))  # published, despite the database
+    assert re.fullmatch(r"[0-9a-f-]{36}", sent.id)
+    assert "could not record task" in caplog.text
+
+
+def test_cli_serve_is_registered() -> None:
+    from click.testing import CliRunner
+
+    from celery_sqlresults.cli import results
+
+    out = CliRunner().invoke(results, ["serve", "--help"])
+    assert out.exit_code == 0
+    assert "--host" in out.output and "127.0.0.1" in out.output and "5555" in out.output
+
+
+@sqlite_only
+def test_cli_serve_runs(db_url: str, tmp_path: Path) -> None:
+    """``celery -A proj results serve`` listens on 127.0.0.1 and keeps ?token= out of its log."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "webproj.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('webproj')\n"
+        f"app.conf.result_backend = {'sql+' + db_url!r}\n"
+        "app.conf.sqlresults_web_token = 'tok-123'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "celery", "-A", "webproj", "results", "serve"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.get(f"{base}/healthz").json() == {"ok": True}
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        assert httpx.get(f"{base}/api/tasks").status_code == 401
+        assert httpx.get(f"{base}/api/tasks?token=tok-123").json()["tasks"] == []
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    text = log.read_text()
+    assert f"http://127.0.0.1:{port}/" in text and "auth required" in text
+    assert "token=***" in text and "tok-123" not in text

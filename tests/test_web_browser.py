@@ -1,0 +1,203 @@
+"""The monitoring page in a real headless Chromium (SQLite only), driven by Selenium.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/test.sh`` installs them);
+without them the test is skipped (failed with ``CI=true``). Set
+``SQLRESULTS_WEB_SCREENSHOT=docs/monitoring.png`` to save the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from tests.conftest import IN_CI, ROOT
+from tests.test_web import HTML, put
+
+uvicorn = pytest.importorskip("uvicorn")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+)
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from celery_sqlresults.web import create_app  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        msg = "chromium/chromium-driver not installed (apt-get install chromium chromium-driver)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,900",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Celery], str]]:
+    """Run the app with uvicorn in a thread on a free 127.0.0.1 port; return its URL."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(app: Celery) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(create_app(app), log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _wait(
+    driver: webdriver.Chrome, what: Callable[[webdriver.Chrome], object], t: float = 10
+) -> None:
+    try:
+        WebDriverWait(driver, t, poll_frequency=0.1).until(what)
+    except TimeoutException:
+        pytest.fail(f"timed out; page text:\n{driver.find_element(By.TAG_NAME, 'body').text}")
+
+
+def _rows(driver: webdriver.Chrome) -> list[str]:
+    """Task ids listed, read in one script (the list is redrawn while polling)."""
+    script = "return [...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.taskId)"
+    return list(driver.execute_script(script))
+
+
+def _text(driver: webdriver.Chrome, element_id: str) -> str:
+    return str(driver.execute_script(f"return document.getElementById('{element_id}').innerText"))
+
+
+def _click(driver: webdriver.Chrome, by: str, selector: str) -> None:
+    """Click, retrying when a poll redrew the element between finding and clicking it."""
+    for _ in range(20):
+        try:
+            driver.find_element(by, selector).click()
+            return
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    pytest.fail(f"could not click {selector}")
+
+
+def test_monitoring_page(
+    make_app: Callable[..., Celery], serve: Callable[[Celery], str], browser: webdriver.Chrome
+) -> None:
+    app = make_app(result_extended=True)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    for i in range(6):
+        put(
+            app,
+            f"add-{i}",
+            "SUCCESS",
+            i * 2,
+            date=now - timedelta(minutes=10 - i),
+            name="proj.tasks.add",
+            worker="w1@host",
+            args=[i, i],
+        )
+    put(
+        app,
+        "fail-1",
+        "FAILURE",
+        {"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"},
+        date=now - timedelta(minutes=3),
+        traceback='Traceback (most recent call last):\n  File "tasks.py", line 9\nValueError: boom',
+        name="proj.tasks.parse",
+        worker="w2@host",
+        args=["input.csv"],
+    )
+    put(app, "html-1", "SUCCESS", HTML, date=now - timedelta(minutes=2), name="proj.tasks.render")
+    put(app, "run-1", "STARTED", None, date=now - timedelta(minutes=1), name="proj.tasks.export")
+    app.GroupResult("batch-1", [app.AsyncResult(i) for i in ("add-1", "run-1", "later")]).save(
+        backend=app.backend
+    )
+
+    browser.get(serve(app))
+    # Counts per state, and the list.
+    _wait(browser, lambda d: len(_rows(d)) == 9)
+    counts = _text(browser, "counts")
+    assert "SUCCESS 7" in counts and "FAILURE 1" in counts and "STARTED 1" in counts
+
+    # Filtering by state.
+    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("FAILURE")
+    _wait(browser, lambda d: _rows(d) == ["fail-1"])
+    _click(browser, By.CSS_SELECTOR, '#counts button[data-state="FAILURE"]')
+    _wait(browser, lambda d: len(_rows(d)) == 9)  # clicking the active state clears the filter
+
+    # A task stored after the page opened shows up without a reload.
+    put(app, "new-1", "SUCCESS", 42, date=datetime.now(timezone.utc).replace(tzinfo=None))
+    _wait(browser, lambda d: "new-1" in _rows(d), t=8)
+    _wait(browser, lambda d: "SUCCESS 8" in _text(d, "counts"))
+
+    # The detail view shows the traceback.
+    _click(browser, By.LINK_TEXT, "fail-1")
+    _wait(browser, lambda d: "ValueError: boom" in _text(d, "d-traceback"))
+    assert '"input.csv"' in _text(browser, "d-args")
+
+    # An HTML-bearing result is shown as text, never parsed.
+    _click(browser, By.LINK_TEXT, "html-1")
+    _wait(browser, lambda d: HTML in _text(d, "d-result"))
+    assert browser.find_elements(By.ID, "pwn") == []
+    assert browser.execute_script("return window.pwned === undefined")
+    cell = "return document.querySelector('#tasks tr[data-task-id=\"html-1\"] td.result').innerText"
+    assert str(browser.execute_script(cell)).startswith('<b id="pwn">')
+
+    # The group view with its progress.
+    browser.find_element(By.ID, "f-group").send_keys("batch-1")
+    _click(browser, By.ID, "open-group")
+    _wait(browser, lambda d: "1 / 3 done" in _text(d, "g-text"))
+    assert browser.find_element(By.ID, "g-progress").get_attribute("value") == "1"
+    put(app, "run-1", "SUCCESS", 1, date=datetime.now(timezone.utc).replace(tzinfo=None))
+    _wait(browser, lambda d: "2 / 3 done" in _text(d, "g-text"), t=8)
+
+    shot = os.environ.get("SQLRESULTS_WEB_SCREENSHOT")
+    if shot:
+        _click(browser, By.LINK_TEXT, "fail-1")
+        _wait(browser, lambda d: "ValueError: boom" in _text(d, "d-traceback"))
+        browser.save_screenshot(str(ROOT / shot))
