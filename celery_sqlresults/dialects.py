@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 __all__ = ["SUPPORTED", "Dialect", "dialect_for"]
 
@@ -147,16 +149,19 @@ class Dialect:
     def schema_lock(self, conn: Connection, timeout: float) -> Iterator[None]:
         """Hold the database's own lock for schema changes while the block runs.
 
-        PostgreSQL: a transaction-scoped advisory lock (DDL is transactional
-        there, so the lock and the CREATEs commit together). MySQL/MariaDB:
-        ``GET_LOCK``. SQLite: ``BEGIN IMMEDIATE``, the database write lock.
+        PostgreSQL: a session-level advisory lock taken by polling
+        ``pg_try_advisory_lock``, so it survives the commits between
+        revisions (``CREATE INDEX CONCURRENTLY`` needs them) and a waiting
+        process holds no snapshot an index build would wait for; DDL gives
+        up after ``timeout`` instead of queueing writers behind it.
+        MySQL/MariaDB: ``GET_LOCK``. SQLite: ``BEGIN IMMEDIATE``, the
+        database write lock, with everything in that one transaction.
         """
         if self.name == "postgresql":
-            with conn.begin():
-                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(timeout * 1000)}ms'"))
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            with _pg_session_lock(conn, timeout):
                 yield
         elif self.name == "mysql":
+            conn.execution_options(isolation_level="READ COMMITTED")
             got = conn.execute(
                 sa.text("SELECT GET_LOCK(:n, :t)"), {"n": _LOCK_NAME, "t": int(timeout)}
             ).scalar()
@@ -172,7 +177,7 @@ class Dialect:
         else:
             # The pysqlite driver opens transactions lazily and never for DDL;
             # take manual control so the DDL runs inside our write lock.
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             try:
                 yield
@@ -230,3 +235,35 @@ def dialect_for(name: str) -> Dialect:
     if family not in ("postgresql", "mysql", "sqlite"):
         raise ValueError(name)
     return Dialect(family)
+
+
+@contextlib.contextmanager
+def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    try_lock = sa.text("SELECT pg_try_advisory_lock(:k)")
+    while not conn.execute(try_lock, {"k": _PG_LOCK_KEY}).scalar():
+        conn.commit()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for the PostgreSQL schema lock")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    conn.commit()
+    try:
+        # DDL waiting longer than this for a table lock gives up instead of
+        # queueing every writer behind it.
+        conn.exec_driver_sql(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+        conn.commit()
+        conn.execution_options(isolation_level="READ COMMITTED")
+        yield
+        conn.commit()
+    finally:
+        try:
+            conn.rollback()
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("RESET lock_timeout")
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+            conn.commit()
+        except DBAPIError:
+            conn.invalidate()  # closing the session releases the lock

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
@@ -30,8 +29,6 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-
-from .dialects import _PG_LOCK_KEY
 
 if TYPE_CHECKING:
     from .store import Store
@@ -210,54 +207,9 @@ def offline_sql(store: Store, out: TextIO, target: str = "heads") -> None:
 # ---- the lock ---------------------------------------------------------------
 @contextlib.contextmanager
 def locked(store: Store) -> Iterator[Connection]:
-    """A connection holding the database's schema lock (the one ``Dialect.schema_lock`` takes).
-
-    PostgreSQL: the same advisory lock key, but session-level and taken with
-    ``pg_try_advisory_lock`` polls, so it survives the commits of
-    per-revision transactions (``CREATE INDEX CONCURRENTLY`` needs them) and
-    a waiting process holds no snapshot that a concurrent index build would
-    wait for. MySQL/MariaDB (``GET_LOCK``) and SQLite (``BEGIN IMMEDIATE``,
-    everything in that one transaction): ``Dialect.schema_lock`` itself.
-    """
-    timeout = store.settings.lock_timeout
-    with store.engine.connect() as conn:
-        if store.dialect.name == "postgresql":
-            with _pg_session_lock(conn, timeout):
-                yield conn
-            return
-        if store.dialect.name != "sqlite":
-            conn = conn.execution_options(isolation_level="READ COMMITTED")
-        with store.dialect.schema_lock(conn, timeout):
-            yield conn
-
-
-@contextlib.contextmanager
-def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
-    conn.execution_options(isolation_level="AUTOCOMMIT")
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    try_lock = sa.text("SELECT pg_try_advisory_lock(:k)")
-    while not conn.execute(try_lock, {"k": _PG_LOCK_KEY}).scalar():
-        conn.commit()
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"waited {timeout:.0f}s for the PostgreSQL schema lock")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.25)
-    conn.commit()
-    try:
-        # DDL waiting longer than this for a table lock gives up instead of
-        # queueing every writer behind it.
-        conn.exec_driver_sql(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
-        conn.commit()
-        conn.execution_options(isolation_level="READ COMMITTED")
-        yield
-        conn.commit()
-    finally:
-        try:
-            conn.rollback()
-            conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.exec_driver_sql("RESET lock_timeout")
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
-            conn.commit()
-        except DBAPIError:
-            conn.invalidate()  # closing the session releases the lock
+    """A connection holding the database's schema lock (see ``Dialect.schema_lock``)."""
+    with (
+        store.engine.connect() as conn,
+        store.dialect.schema_lock(conn, store.settings.lock_timeout),
+    ):
+        yield conn
