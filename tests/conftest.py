@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,6 +132,53 @@ def table_names(db_url: str, schema: str | None = None) -> set[str]:
             return set(sa.inspect(conn).get_table_names(schema=schema))
     finally:
         eng.dispose()
+
+
+# ---- many processes at once ----------------------------------------------------
+_RACER = textwrap.dedent(
+    """
+    import sys, time
+    from celery import Celery
+    url, start, n = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    app = Celery("racer", backend="sql+" + url, set_as_current=False)
+    while time.time() < start:
+        time.sleep(0.001)
+    backend = app.backend
+    backend.store_result(f"task-{n}", int(n), "SUCCESS")
+    assert backend.get_task_meta(f"task-{n}")["result"] == int(n)
+    for kept in sys.argv[4:]:
+        assert backend.get_task_meta(kept)["result"] == "kept", kept
+    print("ok", n)
+    """
+)
+
+
+def start_together(db_url: str, tmp_path: Path, n: int, *kept: str) -> None:
+    """``n`` processes build the backend at the same instant, each storing and reading a result.
+
+    Fails if any process fails or its stderr shows a schema race ("already
+    exists", duplicate key, deadlock). ``kept`` names rows that must still read
+    ``"kept"`` afterwards.
+    """
+    script = tmp_path / "racer.py"
+    script.write_text(_RACER)
+    start = time.time() + 3  # every process imports first, then all go together
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), db_url, str(start), str(i), *kept],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert "ok" in out
+        for bad in ("already exists", "Duplicate", "duplicate key", "eadlock", "Traceback"):
+            assert bad not in err
 
 
 # ---- a real worker ----------------------------------------------------------

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +17,7 @@ from celery_sqlresults import migrate, startup
 from celery_sqlresults.cli import results
 from celery_sqlresults.schema import build_tables
 
-from .conftest import OTHER_SCHEMA, ROOT, raw_engine, table_names
+from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .test_compat import db_plus_app, request
 
 HEAD = "0002"
@@ -199,46 +195,12 @@ def test_upgrade_from_0001_to_head(make_app: Callable[..., Celery], db_url: str)
     assert backend.get_task_meta("t1", cache=False)["result"] == 1
 
 
-_RACER = textwrap.dedent(
-    """
-    import sys, time
-    from celery import Celery
-    url, start, n = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-    app = Celery("racer", backend="sql+" + url, set_as_current=False)
-    while time.time() < start:
-        time.sleep(0.001)
-    backend = app.backend
-    backend.store_result(f"task-{n}", int(n), "SUCCESS")
-    assert backend.get_task_meta("old")["result"] == "kept"
-    print("ok", n)
-    """
-)
-
-
 def test_processes_starting_together_upgrade_once(
     make_app: Callable[..., Celery], db_url: str, tmp_path: Path
 ) -> None:
     assert run("upgrade", "0001", "--url", db_url).exit_code == 0
     make_app(database_create_tables_on_startup=False).backend.store_result("old", "kept", "SUCCESS")
-    script = tmp_path / "racer.py"
-    script.write_text(_RACER)
-    start = time.time() + 3
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), db_url, str(start), str(n)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-            text=True,
-        )
-        for n in range(6)
-    ]
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        assert "ok" in out
-        for bad in ("already exists", "Duplicate", "duplicate key", "eadlock", "Traceback"):
-            assert bad not in err
+    start_together(db_url, tmp_path, 6, "old")
     assert version(db_url) == [HEAD]
     assert count(db_url) == 7
     assert {"status", "name"} <= indexed(db_url)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +15,7 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
 from celery_sqlresults.startup import ensure_schema
 
-from .conftest import ROOT, raw_engine, table_names
+from .conftest import raw_engine, start_together, table_names
 
 TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
 
@@ -105,42 +101,8 @@ def test_reads_survive_tables_dropped_behind_our_back(
     assert backend.get_task_meta("t2")["result"] == 2
 
 
-_RACER = textwrap.dedent(
-    """
-    import sys, time
-    from celery import Celery
-    url, start, n = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-    app = Celery("racer", backend="sql+" + url, set_as_current=False)
-    while time.time() < start:
-        time.sleep(0.001)
-    backend = app.backend
-    backend.store_result(f"task-{n}", int(n), "SUCCESS")
-    assert backend.get_task_meta(f"task-{n}")["result"] == int(n)
-    print("ok", n)
-    """
-)
-
-
 def test_eight_processes_start_at_once_on_an_empty_database(db_url: str, tmp_path: Path) -> None:
-    script = tmp_path / "racer.py"
-    script.write_text(_RACER)
-    start = time.time() + 3  # every process imports first, then all go together
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), db_url, str(start), str(n)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-            text=True,
-        )
-        for n in range(8)
-    ]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err
-        assert "ok" in out
-        for bad in ("already exists", "Duplicate", "duplicate key", "Deadlock", "deadlock"):
-            assert bad not in err
+    start_together(db_url, tmp_path, 8)
     eng = raw_engine(db_url)
     with eng.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM celery_taskmeta").scalar() == 8
