@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -123,6 +124,38 @@ def make_app(db_url: str) -> Callable[..., Celery]:
 def raw_engine(db_url: str) -> sa.Engine:
     """An engine of the test's own, outside the backend's pool, for inspecting the database."""
     return sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+
+def task_request(
+    task: str = "proj.add", args: tuple = (1, 2), worker: str = "w1@host", retries: int = 2
+) -> SimpleNamespace:
+    """The parts of a worker's task request that ``result_extended`` stores."""
+    return SimpleNamespace(
+        task=task,
+        args=list(args),
+        kwargs={"k": "v"},
+        hostname=worker,
+        retries=retries,
+        delivery_info={"routing_key": "q1"},
+        group=None,
+        parent_id=None,
+        children=[],
+        stamps=None,
+        stamped_headers=None,
+        chord=None,
+        ignore_result=False,
+    )
+
+
+def overwrite_result(db_url: str, task_id: str, payload: bytes) -> None:
+    """Put raw bytes in a task's ``result`` column behind the backend's back."""
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = :t"),
+            {"r": payload, "t": task_id},
+        )
+    eng.dispose()
 
 
 def table_names(db_url: str, schema: str | None = None) -> set[str]:

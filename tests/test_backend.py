@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import AsyncResult, GroupResult, ResultSet
 
-from .conftest import raw_engine
-from .test_compat import request
+from .conftest import overwrite_result, raw_engine
+from .conftest import task_request as request
 
 
 def test_every_state_round_trips(make_app: Callable[..., Celery]) -> None:
@@ -231,13 +231,7 @@ def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: 
     assert app.AsyncResult("p").get(timeout=1) == {1, 2, 3}
 
     # a raw pickle row (as very old Celery wrote) is not unpickled by a json-only app
-    eng = raw_engine(db_url)
-    with eng.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = 'p'"),
-            {"r": pickle.dumps({"x": 1})},
-        )
-    eng.dispose()
+    overwrite_result(db_url, "p", pickle.dumps({"x": 1}))
     json_app = make_app(result_serializer="json", accept_content=["json"])
     with pytest.raises(Exception):  # noqa: B017 - json refuses the payload; pickle is never tried
         json_app.backend.get_task_meta("p")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -11,6 +10,7 @@ from celery import Celery
 from celery.result import GroupResult
 
 from .conftest import OTHER_SCHEMA, raw_engine, table_names
+from .conftest import task_request as request
 
 
 def db_plus_app(db_url: str, **conf: object) -> Celery:
@@ -18,24 +18,6 @@ def db_plus_app(db_url: str, **conf: object) -> Celery:
     app.conf.result_backend = "db+" + db_url
     app.conf.update(conf)
     return app
-
-
-def request(task: str = "proj.add", args: tuple = (1, 2)) -> SimpleNamespace:
-    return SimpleNamespace(
-        task=task,
-        args=list(args),
-        kwargs={"k": "v"},
-        hostname="w1@host",
-        retries=2,
-        delivery_info={"routing_key": "q1"},
-        group=None,
-        parent_id=None,
-        children=[],
-        stamps=None,
-        stamped_headers=None,
-        chord=None,
-        ignore_result=False,
-    )
 
 
 def test_sql_reads_what_db_plus_wrote(make_app: Callable[..., Celery], db_url: str) -> None:

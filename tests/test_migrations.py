@@ -18,7 +18,8 @@ from celery_sqlresults.cli import results
 from celery_sqlresults.schema import build_tables
 
 from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
-from .test_compat import db_plus_app, request
+from .conftest import task_request as request
+from .test_compat import db_plus_app
 
 HEAD = "0002"
 TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}

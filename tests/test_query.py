@@ -14,28 +14,13 @@ from celery.result import GroupResult
 
 from celery_sqlresults.query import ResultQuery, TaskRecord, Undecodable, parse_when
 
-from .conftest import raw_engine, table_names
+from .conftest import overwrite_result, raw_engine, table_names, task_request
 
 NOW = datetime.now(timezone.utc)
 
 
 def request(task: str, args: tuple = (), worker: str = "w1@host") -> SimpleNamespace:
-    """The parts of a worker's task request that ``result_extended`` stores."""
-    return SimpleNamespace(
-        task=task,
-        args=list(args),
-        kwargs={"k": "v"},
-        hostname=worker,
-        retries=1,
-        delivery_info={"routing_key": "q1"},
-        group=None,
-        parent_id=None,
-        children=[],
-        stamps=None,
-        stamped_headers=None,
-        chord=None,
-        ignore_result=False,
-    )
+    return task_request(task, args, worker, retries=1)
 
 
 def set_done(db_url: str, **ages: timedelta) -> None:
@@ -264,13 +249,7 @@ def test_tables_of_old_celery_without_extended_columns(
 
 def test_accept_content_is_honoured(make_app: Callable[..., Celery], db_url: str) -> None:
     make_app().backend.store_result("p", "x", states.SUCCESS)
-    eng = raw_engine(db_url)
-    with eng.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE celery_taskmeta SET result = :r WHERE task_id = 'p'"),
-            {"r": pickle.dumps({"x": 1})},
-        )
-    eng.dispose()
+    overwrite_result(db_url, "p", pickle.dumps({"x": 1}))
     record = ResultQuery(make_app(accept_content=["json"])).get("p")
     assert record is not None and isinstance(record.result, Undecodable)
     assert "<undecodable:" in repr(record.result)

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable
 from celery_sqlresults.startup import ensure_schema
 
-from .test_compat import request
+from .conftest import task_request as request
 
 # Text a task id or name may hold: anything but NUL (PostgreSQL text refuses NUL),
 # within Celery's 155-character columns.
