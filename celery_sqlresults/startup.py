@@ -33,7 +33,6 @@ __all__ = [
     "create_schema",
     "downgrade_schema",
     "ensure_schema",
-    "schema_ready",
     "upgrade_schema",
 ]
 
@@ -48,8 +47,12 @@ def _target(store: Store) -> str:
     return f"{store.settings.url.render_as_string(hide_password=False)}|{names}"
 
 
-def create_schema(store: Store) -> list[str]:
+def create_schema(store: Store, trust_version: bool = False) -> list[str]:
     """Bring the schema to the newest revision; return the names of the tables created.
+
+    ``trust_version`` is start-up's fast path: a version table at head means
+    done (one query). Without it the tables themselves are checked too, which
+    is what a write that found a table missing needs.
 
     Checks first without a lock (the common case: nothing to do), then takes
     the database's schema lock and runs the pending revisions (see
@@ -64,11 +67,7 @@ def create_schema(store: Store) -> list[str]:
     :class:`SchemaMissing` saying how to create them.
     """
     with store.engine.connect() as conn:
-        current = _status(store, conn)
-        done = current is None or current.at_head or current.newer
-        if done and not _needs_ddl(store, conn):
-            if current is not None:
-                _warn_if_newer(store, current)
+        if _up_to_date(store, conn, trust_version):
             return []
     try:
         with migrate.locked(store) as conn:
@@ -140,18 +139,22 @@ def downgrade_schema(store: Store, target: str) -> tuple[migrate.Status, migrate
     return before, after
 
 
-def schema_ready(store: Store) -> bool:
-    """The start-up fast path: one query on the version table, no lock, no DDL.
+def _up_to_date(store: Store, conn: sa.Connection, trust_version: bool) -> bool:
+    """The check before taking any lock: is there nothing to do?
 
-    True when the database is at head, or newer than this package (warned
-    about: reads and writes carry on with the tables as they are).
+    Behind head: no. At head (or newer than this package, warned about):
+    yes if ``trust_version``, else only if no table or column is missing.
+    Version table unreadable (a runtime user without rights on it): the
+    tables decide.
     """
-    with store.engine.connect() as conn:
-        current = _status(store, conn)
-        if current is None:
-            return not _needs_ddl(store, conn)
-    _warn_if_newer(store, current)
-    return current.at_head or current.newer
+    current = _status(store, conn)
+    if current is not None and not (current.at_head or current.newer):
+        return False
+    if not (current is not None and trust_version) and _needs_ddl(store, conn):
+        return False
+    if current is not None:
+        _warn_if_newer(store, current)
+    return True
 
 
 def _status(store: Store, conn: sa.Connection) -> migrate.Status | None:
@@ -204,8 +207,7 @@ def wait_for_database(store: Store, wait: float) -> None:
     while True:
         attempt += 1
         try:
-            if not schema_ready(store):
-                create_schema(store)
+            create_schema(store, trust_version=True)
             return
         except (OperationalError, TimeoutError) as exc:
             left = deadline - time.monotonic()

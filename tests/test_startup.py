@@ -231,11 +231,11 @@ def test_worker_style_start_waits_for_database(
     calls: list[Any] = []
     real = startup.create_schema
 
-    def flaky(store: Any) -> list[str]:
+    def flaky(store: Any, **kwargs: Any) -> list[str]:
         calls.append(store)
         if len(calls) < 3:
             raise sa.exc.OperationalError("connect", {}, Exception("connection refused"))
-        return real(store)
+        return real(store, **kwargs)
 
     monkeypatch.setattr(startup, "create_schema", flaky)
     ensure_schema(backend.store, wait=30)
