@@ -297,11 +297,11 @@ class SQLResultsBackend(BaseBackend):
                 yield task_id, cached
         deadline = None if timeout is None else time.monotonic() + timeout
         iterations = 0
+        notified: set[str] | None = None  # None: check every pending id
         with self._waiter.watch(pending, interval) as wait:
             while pending:
-                rows = self._ensure_retryable(
-                    self.store.get_ready, sorted(pending), self.extended_result
-                )
+                ids = pending if notified is None else pending & notified
+                rows = self._ensure_retryable(self.store.get_ready, list(ids), self.extended_result)
                 for row in rows:
                     meta = self._meta_from_row(row)
                     task_id = meta["task_id"]
@@ -319,7 +319,7 @@ class SQLResultsBackend(BaseBackend):
                 iterations += 1
                 if max_iterations and iterations >= max_iterations:
                     break
-                wait(_remaining(deadline))
+                notified = wait(_remaining(deadline))
 
     # ---- rows <-> meta ------------------------------------------------
     def _meta_from_row(self, row: RowMapping) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Waiting for results: PostgreSQL ``LISTEN/NOTIFY``, else adaptive polling.
 
-``AsyncResult.get()`` and joins call ``wait(remaining)`` between checks.
+``AsyncResult.get()`` and joins call ``wait(remaining)`` between checks. It
+returns the ids notified meanwhile, so a join re-reads just those, or
+``None``: re-check everything (polling, a timeout, a listener reconnect).
 
 * Polling starts at 1 ms and grows by half each round up to the caller's
   ``interval`` (Celery's 0.5 s default), so a fast task is seen within a few
@@ -34,7 +36,7 @@ __all__ = ["Listener", "Poller", "waiter_for"]
 
 logger = logging.getLogger("celery_sqlresults")
 
-Wait = Callable[[float | None], None]
+Wait = Callable[[float | None], "set[str] | None"]
 
 _FIRST_POLL = 0.001
 _GROWTH = 1.5
@@ -50,12 +52,40 @@ class Poller:
         delay = _FIRST_POLL
         cap = max(interval, _FIRST_POLL)
 
-        def wait(remaining: float | None) -> None:
+        def wait(remaining: float | None) -> set[str] | None:
             nonlocal delay
             time.sleep(delay if remaining is None else min(delay, remaining))
             delay = min(delay * _GROWTH, cap)
+            return None
 
         yield wait
+
+
+class _Watch:
+    """One waiter's subscription: an event, and the ids notified since it last looked."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._ids: set[str] = set()
+        self._everything = False
+
+    def notify(self, task_id: str | None) -> None:
+        """``task_id`` was stored; ``None``: anything may have been (listener reconnected)."""
+        with self._lock:
+            if task_id is None:
+                self._everything = True
+            else:
+                self._ids.add(task_id)
+        self.event.set()
+
+    def take(self) -> set[str] | None:
+        """The ids notified so far (then forgotten), or ``None`` to re-check everything."""
+        with self._lock:
+            self.event.clear()
+            ids, everything = self._ids, self._everything
+            self._ids, self._everything = set(), False
+        return None if everything or not ids else ids
 
 
 class Listener:
@@ -67,7 +97,7 @@ class Listener:
         self._connect = connect
         self._channel = channel
         self._lock = threading.Lock()
-        self._watchers: dict[str, set[threading.Event]] = {}
+        self._watchers: dict[str, set[_Watch]] = {}
         self._listening = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -79,24 +109,25 @@ class Listener:
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
         """Subscribe before the caller's first check; never delay a result that is ready."""
         self._start()
-        event = threading.Event()
+        watch = _Watch()
         ids = list(task_ids)
         with self._lock:
             for task_id in ids:
-                self._watchers.setdefault(task_id, set()).add(event)
+                self._watchers.setdefault(task_id, set()).add(watch)
         delay = _FIRST_POLL
 
-        def wait(remaining: float | None) -> None:
+        def wait(remaining: float | None) -> set[str] | None:
             nonlocal delay
             limit = interval if remaining is None else min(interval, remaining)
             if self._listening.is_set():
-                event.wait(limit)
-                event.clear()
-                return
+                woken = watch.event.wait(limit)
+                notified = watch.take()
+                return notified if woken else None  # a timeout re-checks everything
             # Not listening (yet, or again): poll, but return the moment LISTEN
             # is up, so the caller's next check covers anything sent before it.
             self._listening.wait(min(delay, limit))
             delay = min(delay * _GROWTH, max(interval, _FIRST_POLL))
+            return None
 
         try:
             yield wait
@@ -105,7 +136,7 @@ class Listener:
                 for task_id in ids:
                     waiters = self._watchers.get(task_id)
                     if waiters is not None:
-                        waiters.discard(event)
+                        waiters.discard(watch)
                         if not waiters:
                             del self._watchers[task_id]
 
@@ -131,9 +162,9 @@ class Listener:
 
     def _wake_all(self) -> None:
         with self._lock:
-            events = {e for waiters in self._watchers.values() for e in waiters}
-        for event in events:
-            event.set()
+            watches = {w for waiters in self._watchers.values() for w in waiters}
+        for watch in watches:
+            watch.notify(None)
 
     def _run(self) -> None:
         delay = 0.1
@@ -150,9 +181,9 @@ class Listener:
                 while True:
                     for note in conn.notifies(timeout=5.0):
                         with self._lock:
-                            events = list(self._watchers.get(note.payload, ()))
-                        for event in events:
-                            event.set()
+                            watches = list(self._watchers.get(note.payload, ()))
+                        for watch in watches:
+                            watch.notify(note.payload)
                     conn.execute("SELECT 1")  # notice a dead connection while idle
             except Exception as exc:
                 self._listening.clear()

@@ -47,6 +47,34 @@ def test_notify_wakes_a_waiter_that_would_not_poll_in_time(make_app: Callable[..
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery]) -> None:
+    """A join woken by NOTIFY reads the ids that were stored, not every id still pending."""
+    app = make_app()
+    backend = app.backend
+    ids = [f"j{i}" for i in range(30)]
+    queried: list[int] = []
+
+    def count(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "celery_taskmeta" in statement:
+            queried.append(sum(1 for p in (params or {}) if str(p).startswith("ids")))
+
+    sa.event.listen(backend.store.engine, "before_cursor_execute", count)
+
+    def store_all() -> None:
+        time.sleep(0.2)
+        for i, task_id in enumerate(ids):
+            backend.store_result(task_id, i, states.SUCCESS)
+            time.sleep(0.01)
+
+    threading.Thread(target=store_all).start()
+    results = ResultSet([app.AsyncResult(t) for t in ids]).join_native(timeout=30, interval=60)
+    assert results == list(range(30))
+    assert queried[0] == 30  # the first check reads every pending id
+    # re-checking all pending ids on every wake-up would read ~30 + 29 + … + 1 = 465
+    assert sum(queried) <= 30 + 2 * 30
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_listener_death_falls_back_to_polling_and_reconnects(
     make_app: Callable[..., Celery], db_url: str
 ) -> None:
