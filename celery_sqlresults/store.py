@@ -320,29 +320,25 @@ class Store:
                 return default
 
     def _write(self, fn: Callable[[Connection, _Layout], None]) -> None:
-        """Run ``fn``; if the tables are missing, create them first (lazy mode's creation)."""
-        try:
-            if self._try(fn):
-                return
-        except DBAPIError as exc:
-            if not self.dialect.is_missing_table(exc):
-                raise
-            self.forget_layout()
+        """Run ``fn``; if the tables are missing, create them first (lazy mode's creation).
+
+        :meth:`run` answers ``False`` both when the tables are known to be
+        missing and when ``fn`` found one missing.
+        """
+
+        def attempt(conn: Connection, layout: _Layout) -> bool:
+            fn(conn, layout)
+            return True
+
+        if self.run(attempt, False):
+            return
         from .startup import create_schema  # startup builds on this module
 
         create_schema(self)
-        if not self._try(fn):  # pragma: no cover - create_schema raised if it failed
+        if not self.run(attempt, False):
             raise SchemaMissing(
                 f"result tables still missing after creating them at {self.settings.masked_url}"
             )
-
-    def _try(self, fn: Callable[[Connection, _Layout], None]) -> bool:
-        with self.engine.connect() as conn:
-            layout = self.layout(conn)
-            if layout is None:
-                return False
-            fn(conn, layout)
-            return True
 
     # ---- record on publish ------------------------------------------------
     def insert_task_if_absent(self, values: Mapping[str, Any]) -> None:
