@@ -107,6 +107,7 @@ class SQLResultsBackend(BaseBackend):
             encode=True,
         )
         children = meta.get("children")
+        now = _utc_now_naive()
         row: dict[str, Any] = {
             "task_id": bytes_to_str(task_id),
             "status": state,
@@ -114,7 +115,10 @@ class SQLResultsBackend(BaseBackend):
             "traceback": traceback,
             "date_done": _to_utc_naive(meta.get("date_done")),
             "children": ensure_bytes(self.encode(children)) if children else None,
+            "date_created": now,  # only if this insert creates the row
         }
+        if state == states.STARTED:
+            row["date_started"] = now
         if self.extended_result and request is not None:
             for key in ("name", "args", "kwargs", "worker", "retries", "queue"):
                 row[key] = meta.get(key)

@@ -14,7 +14,7 @@ import contextlib
 import io
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -113,9 +113,7 @@ def init(ctx: click.Context, url: str | None, print_sql: bool) -> None:
     store = _store(ctx, url)
     with _schema_errors(store):
         if print_sql:
-            sql = io.StringIO()
-            migrate.offline_sql(store, sql)
-            click.echo(sql.getvalue(), nl=False)
+            _echo_sql(lambda out: migrate.offline_sql(store, out))
             return
         with store.engine.connect() as conn:
             missing = store.missing_tables(conn)
@@ -129,28 +127,79 @@ def init(ctx: click.Context, url: str | None, print_sql: bool) -> None:
     )
 
 
+_SQL_OPTION = click.option(
+    "--sql",
+    "print_sql",
+    is_flag=True,
+    help="Print the SQL from the database's current revision instead of running it.",
+)
+
+
 @results.command()
 @_url_option
+@_SQL_OPTION
 @click.argument("revision", default="heads")
 @click.pass_context
-def upgrade(ctx: click.Context, url: str | None, revision: str) -> None:
+def upgrade(ctx: click.Context, url: str | None, revision: str, print_sql: bool) -> None:
     """Upgrade the result schema to REVISION (default: the newest), non-additive steps too."""
     store = _store(ctx, url)
     with _schema_errors(store):
+        if print_sql:
+            start = _current_for_sql(store)
+            _echo_sql(lambda out: migrate.offline_sql(store, out, revision, start))
+            return
         before, after = startup.upgrade_schema(store, revision)
     _report_move(store, "upgraded", before, after)
 
 
 @results.command()
 @_url_option
+@_SQL_OPTION
 @click.argument("revision")
 @click.pass_context
-def downgrade(ctx: click.Context, url: str | None, revision: str) -> None:
+def downgrade(ctx: click.Context, url: str | None, revision: str, print_sql: bool) -> None:
     """Downgrade the result schema to REVISION (e.g. 0001; base: drops our chord table only)."""
     store = _store(ctx, url)
     with _schema_errors(store):
+        if print_sql:
+            start = _current_for_sql(store)
+            if start is None:
+                raise click.ClickException(
+                    f"the result schema at {store.settings.masked_url} is not versioned: "
+                    "nothing to downgrade"
+                )
+            _echo_sql(lambda out: migrate.offline_downgrade_sql(store, out, start, revision))
+            return
         before, after = startup.downgrade_schema(store, revision)
     _report_move(store, "downgraded", before, after)
+
+
+def _current_for_sql(store: Store) -> str | None:
+    """The revision offline SQL starts from: the database's (read, not changed).
+
+    Offline SQL cannot inspect, so it cannot adopt ``db+`` tables: those need
+    the online ``init``/``upgrade``.
+    """
+    with store.engine.connect() as conn:
+        status = migrate.status(store, conn)
+        present = status.current is None and len(store.missing_tables(conn)) < len(store.tables.all)
+    if status.newer:
+        raise click.ClickException(
+            f"the result schema at {store.settings.masked_url} is at {status.current}, newer "
+            "than this celery-sqlresults knows"
+        )
+    if present:
+        raise click.ClickException(
+            f"unversioned result tables (Celery's db+) at {store.settings.masked_url}: --sql "
+            "cannot adopt them; run `celery results init` without --sql"
+        )
+    return status.current
+
+
+def _echo_sql(write: Callable[[io.StringIO], None]) -> None:
+    sql = io.StringIO()
+    write(sql)
+    click.echo(sql.getvalue(), nl=False)
 
 
 @results.command()
@@ -236,7 +285,7 @@ def show(ctx: click.Context, url: str | None, task_id: str, as_json: bool) -> No
         if key != "traceback":
             label = "state" if key == "status" else key
             utc = " UTC" if isinstance(value, datetime) else ""
-            click.echo(f"{label + ':':<11}{_text(value, key)}{utc}")
+            click.echo(f"{label + ':':<14}{_text(value, key)}{utc}")
     if record.traceback:
         click.echo("traceback:")
         click.echo(record.traceback.rstrip())

@@ -44,16 +44,23 @@ class Dialect:
     name: str
 
     # ---- writes -------------------------------------------------------
-    def upsert(self, table: sa.Table, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+    def upsert(
+        self,
+        table: sa.Table,
+        columns: Sequence[str],
+        id_seq: bool,
+        insert_only: Sequence[str] = (),
+    ) -> sa.Insert:
         """INSERT … or UPDATE the row for ``task_id``, unless it already holds SUCCESS.
 
         The SUCCESS rule lives in the statement, so it holds against any
         concurrent writer without a read first or a row lock held by Python.
+        Columns in ``insert_only`` are written by the insert, never updated.
         """
         values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
         if self.name != "sqlite" and "id" in table.c:
             values["id"] = _id_value(table, id_seq)
-        updated = [c for c in columns if c != "task_id"]
+        updated = [c for c in columns if c != "task_id" and c not in insert_only]
         if self.name == "mysql":
             stmt = mysql.insert(table).values(values)
             guard = table.c.status == states.SUCCESS

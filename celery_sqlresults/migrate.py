@@ -31,6 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 if TYPE_CHECKING:
+    from .schema import Tables
     from .store import Store
 
 __all__ = ["SCRIPT_LOCATION", "Status", "head", "locked", "read_version", "status"]
@@ -153,14 +154,22 @@ def pending(current: str | None, target: str = "heads") -> list[Script]:
     return list(reversed(list(script().iterate_revisions(target, current or "base"))))
 
 
-def additive_target(current: str | None) -> tuple[str | None, Script | None]:
-    """How far start-up may go: up to (not into) the first revision not marked ``additive``.
+def additive_target(
+    current: str | None, conn: Connection, tables: Tables
+) -> tuple[str | None, Script | None]:
+    """How far start-up may go: up to (not into) the first revision that is not additive.
 
+    A revision says so with a module attribute ``additive``: a bool, or a
+    function of the connection and tables for a step that is safe only where
+    it has nothing heavy to do (0004 converts MySQL columns, elsewhere a no-op).
     Returns that revision and the refused one (``None`` when all are additive).
     """
     target = current
     for rev in pending(current):
-        if not getattr(rev.module, "additive", False):
+        additive = getattr(rev.module, "additive", False)
+        if callable(additive):
+            additive = additive(conn, tables)
+        if not additive:
             return target, rev
         target = rev.revision
     return target, None
@@ -179,7 +188,7 @@ def upgrade_locked(
     if before.newer:
         return before, None
     if only_additive:
-        additive, refused = additive_target(before.current)
+        additive, refused = additive_target(before.current, conn, store.tables)
         if additive is None or additive == before.current:
             return before, refused
         target = additive
@@ -199,9 +208,19 @@ def downgrade_locked(store: Store, conn: Connection, target: str) -> Status:
     return before
 
 
-def offline_sql(store: Store, out: TextIO, target: str = "heads") -> None:
-    """Write the SQL of an upgrade from an empty database to ``target`` (Alembic offline mode)."""
-    command.upgrade(config(store, output=out), target, sql=True)
+def offline_sql(store: Store, out: TextIO, target: str = "heads", start: str | None = None) -> None:
+    """Write the SQL of an upgrade from ``start`` (default: an empty database) to ``target``.
+
+    Alembic's offline mode: nothing is run, nothing is inspected, so the SQL
+    assumes the database is exactly at ``start``.
+    """
+    span = target if start is None else f"{start}:{target}"
+    command.upgrade(config(store, output=out), span, sql=True)
+
+
+def offline_downgrade_sql(store: Store, out: TextIO, start: str, target: str) -> None:
+    """Write the SQL of a downgrade from ``start`` to ``target`` (Alembic offline mode)."""
+    command.downgrade(config(store, output=out), f"{start}:{target}", sql=True)
 
 
 # ---- the lock ---------------------------------------------------------------

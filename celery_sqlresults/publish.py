@@ -4,7 +4,8 @@ Celery's backends store nothing until a worker picks a task up, so a task
 waiting in the queue is indistinguishable from an unknown id. With
 ``sqlresults_record_on_publish = True`` the publishing process stores a
 PENDING row with the task's name, args, kwargs (encoded like
-``result_extended`` encodes them), queue and the time it was sent:
+``result_extended`` encodes them), queue and the time it was sent
+(``date_created``, which later writes keep):
 
 1. Celery calls :meth:`SQLResultsBackend.on_task_call` just before it
    publishes a task whose result is kept (never for ``ignore_result``); with
@@ -79,10 +80,12 @@ def _record(
         return
     if message_id != task_id:
         return
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
     row = {
         "task_id": task_id,
         "status": states.PENDING,
-        "date_done": datetime.now(timezone.utc).replace(tzinfo=None),
+        "date_created": now,
+        "date_done": now,  # what cleanup() expires a never-run task by
         "name": name or sender,
         "args": ensure_bytes(backend.encode(args)),
         "kwargs": ensure_bytes(backend.encode(kwargs)),

@@ -48,6 +48,8 @@ _COLUMNS = (
     "worker",
     "queue",
     "retries",
+    "date_created",
+    "date_started",
     "date_done",
     "args",
     "kwargs",
@@ -91,8 +93,12 @@ class TaskRecord:
     """One stored task result, decoded as ``AsyncResult`` would see it.
 
     ``name``, ``worker``, ``queue``, ``retries``, ``args`` and ``kwargs`` are
-    stored only with ``result_extended = True`` (else ``None``). ``date_done``
-    is aware UTC, ``None`` while the task has not finished. The ``result`` of a
+    stored only with ``result_extended = True`` (else ``None``). Dates are
+    aware UTC: ``date_created`` when the row was first written (publish time
+    with ``sqlresults_record_on_publish``), ``date_started`` the last STARTED
+    (``task_track_started``), ``date_done`` ``None`` while the task has not
+    finished; each ``None`` where the table lacks the column (``db+`` tables
+    before revision 0003) or nothing wrote it. The ``result`` of a
     failed task is the exception. A value the app may not decode is an
     :class:`Undecodable`.
     """
@@ -103,6 +109,8 @@ class TaskRecord:
     worker: str | None
     queue: str | None
     retries: int | None
+    date_created: datetime | None
+    date_started: datetime | None
     date_done: datetime | None
     args: Any
     kwargs: Any
@@ -380,7 +388,6 @@ class ResultQuery:
             # A payload that is no safe exception stays the plain dict it was stored as.
             with contextlib.suppress(Exception):
                 result = self.backend.exception_to_python(result)
-        done = row["date_done"]
         return TaskRecord(
             task_id=row["task_id"],
             status=status,
@@ -388,7 +395,9 @@ class ResultQuery:
             worker=row.get("worker"),
             queue=row.get("queue"),
             retries=row.get("retries"),
-            date_done=None if done is None else _utc(done),
+            date_created=_utc_or_none(row.get("date_created")),
+            date_started=_utc_or_none(row.get("date_started")),
+            date_done=_utc_or_none(row["date_done"]),
             args=self._decode(row.get("args")),
             kwargs=self._decode(row.get("kwargs")),
             result=result,
@@ -448,6 +457,10 @@ def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
 
 
 def _naive(value: datetime) -> datetime:

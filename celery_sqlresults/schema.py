@@ -2,9 +2,11 @@
 
 Same names, columns, types, sequences and the ``date_done`` index, so a
 ``db+`` user who switches to ``sql+`` keeps every row and ``db+`` can still
-read what we write. The one deliberate difference: on MySQL/MariaDB the
-binary columns are ``LONGBLOB`` in tables *we* create, so results over 64 KB
-fit (``db+`` reads them the same way).
+read what we write. The deliberate differences, all invisible to ``db+``:
+on MySQL/MariaDB the binary columns are ``LONGBLOB`` (revision 0004 converts
+adopted tables), so results over 64 KB fit; the task table has two more
+nullable timestamps, ``date_created`` and ``date_started``; and the chord
+counter table is ours.
 
 This is the layout at the newest schema revision (``migrations/versions``);
 the revisions get a database there, and a test checks they agree.
@@ -19,7 +21,7 @@ import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql
 
-__all__ = ["DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables"]
+__all__ = ["DATE_COLUMNS", "DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables"]
 
 #: Table names Celery uses unless ``database_table_names`` says otherwise.
 DEFAULT_NAMES = {
@@ -31,6 +33,9 @@ DEFAULT_NAMES = {
 
 #: Columns Celery fills only with ``result_extended`` (always created, as Celery does).
 EXTENDED_COLUMNS = ("name", "args", "kwargs", "worker", "retries", "queue", "stamps")
+
+#: Our monitoring timestamps on the task table (not Celery's; revision 0003).
+DATE_COLUMNS = ("date_created", "date_started")
 
 _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
@@ -97,6 +102,9 @@ def build_tables(
         sa.Column("retries", sa.Integer, nullable=True),
         sa.Column("queue", sa.String(155), nullable=True),
         sa.Column("stamps", _Blob, nullable=True),
+        # Ours (revision 0003); Celery's db+ does not map them.
+        sa.Column("date_created", sa.DateTime, nullable=True),
+        sa.Column("date_started", sa.DateTime, nullable=True),
         schema=task_schema,
         sqlite_autoincrement=True,
     )

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from .dialects import Dialect, dialect_for
 from .engine import get_engine
 from .exceptions import SchemaMissing
-from .schema import EXTENDED_COLUMNS, Tables, build_tables
+from .schema import DATE_COLUMNS, EXTENDED_COLUMNS, Tables, build_tables
 from .settings import Settings
 
 __all__ = ["BATCH_SIZE", "Store"]
@@ -75,7 +75,10 @@ class Store:
 
     # ---- writes -------------------------------------------------------
     def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:
-        """Insert or update one task row; a stored SUCCESS is never replaced."""
+        """Insert or update one task row; a stored SUCCESS is never replaced.
+
+        ``date_created`` is kept from the first insert (a publish-time row's, say).
+        """
 
         def run(conn: Connection, layout: _Layout) -> None:
             row = {k: v for k, v in values.items() if k in layout.task_columns}
@@ -281,7 +284,9 @@ class Store:
         key = ("task_upsert", columns, notify)
         stmt = layout.statements.get(key)
         if stmt is None:
-            stmt = self.dialect.upsert(self.tables.task, columns, layout.task_seq)
+            stmt = self.dialect.upsert(
+                self.tables.task, columns, layout.task_seq, insert_only=("date_created",)
+            )
             if notify:
                 stmt = self.dialect.notifying(stmt, self.tables.task, self.channel)
             layout.statements[key] = stmt
@@ -292,7 +297,8 @@ class Store:
         stmt = layout.statements.get(key)
         if stmt is None:
             t = self.tables.task
-            skip = {"id"} if extended else {"id", *EXTENDED_COLUMNS}
+            # The monitoring timestamps are not part of Celery's meta: left to ResultQuery.
+            skip = {"id", *DATE_COLUMNS, *(() if extended else EXTENDED_COLUMNS)}
             cols = [c for c in t.c if c.name in layout.task_columns and c.name not in skip]
             if kind == "one":
                 stmt = sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))

@@ -86,9 +86,9 @@ def test_show(seeded: str) -> None:
     result = run("show", "--url", seeded, "fail-mid")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for line in ("state:     FAILURE", "name:      proj.fail", "worker:    w2@other"):
+    for line in ("state:        FAILURE", "name:         proj.fail", "worker:       w2@other"):
         assert line in out.splitlines()
-    assert "result:    ValueError('boom')" in out and "queue:     q1" in out
+    assert "result:       ValueError('boom')" in out and "queue:        q1" in out
     assert "date_done: " in out and " UTC" in out
     assert out.rstrip().endswith("traceback:\nTraceback (most recent call last):\nValueError: boom")
     record = json.loads(run("show", "--url", seeded, "--json", "add-new").stdout)
@@ -200,7 +200,7 @@ def test_celery_command_end_to_end(seeded: str) -> None:
     assert listing.returncode == 0, listing.stderr
     assert [r["task_id"] for r in json.loads(listing.stdout)] == ["add-new", "add-old"]
     shown = celery(seeded, "show", "fail-mid")
-    assert shown.returncode == 0 and "state:     FAILURE" in shown.stdout.splitlines()
+    assert shown.returncode == 0 and "state:        FAILURE" in shown.stdout.splitlines()
     missing = celery(seeded, "show", "nope")
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == "Error: no result stored for task nope\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,13 +16,14 @@ from click.testing import CliRunner, Result
 
 from celery_sqlresults import migrate, startup
 from celery_sqlresults.cli import results
+from celery_sqlresults.query import ResultQuery
 from celery_sqlresults.schema import build_tables
 
 from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .conftest import task_request as request
 from .test_compat import db_plus_app
 
-HEAD = "0002"
+HEAD = "0004"
 TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
 SEQUENCES = ["task_id_sequence", "taskset_id_sequence"]  # MariaDB's are objects to grant on
 
@@ -52,6 +54,31 @@ def indexed(db_url: str, table: str = "celery_taskmeta", schema: str | None = No
         with eng.connect() as conn:
             found = sa.inspect(conn).get_indexes(table, schema=schema)
         return {ix["column_names"][0] for ix in found if ix["column_names"]}
+    finally:
+        eng.dispose()
+
+
+def columns(db_url: str, table: str = "celery_taskmeta") -> set[str]:
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return {c["name"] for c in sa.inspect(conn).get_columns(table)}
+    finally:
+        eng.dispose()
+
+
+def column_type(db_url: str, column: str, table: str = "celery_taskmeta") -> str:
+    """The column's type as MySQL's catalog names it (``blob``, ``longblob``)."""
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return str(
+                conn.exec_driver_sql(
+                    "SELECT data_type FROM information_schema.columns WHERE table_schema = "
+                    "DATABASE() AND table_name = %s AND column_name = %s",
+                    (table, column),
+                ).scalar()
+            ).lower()
     finally:
         eng.dispose()
 
@@ -109,7 +136,7 @@ def test_ready_schema_costs_one_query(make_app: Callable[..., Celery], db_url: s
 # ---- adopting Celery's db+ tables ------------------------------------------------
 @pytest.mark.parametrize("extended", [True, False], ids=["extended", "plain"])
 def test_adopts_tables_written_by_db_plus(
-    make_app: Callable[..., Celery], db_url: str, extended: bool
+    make_app: Callable[..., Celery], db_url: str, db_kind: str, extended: bool
 ) -> None:
     old = db_plus_app(db_url, result_extended=extended)
     ob = old.backend
@@ -127,7 +154,8 @@ def test_adopts_tables_written_by_db_plus(
     # ... adopted in place at start-up ...
     new = make_app(result_extended=extended)
     nb = new.backend
-    assert version(db_url) == [HEAD]
+    # MySQL: 0004 (BLOB -> LONGBLOB copies the table) waits for `celery results upgrade`.
+    assert version(db_url) == ["0003" if db_kind == "mysql" else HEAD]
     assert count(db_url) == rows
     assert {"status", "name", "date_done"} <= indexed(db_url)
     # ... and after
@@ -188,11 +216,11 @@ def test_upgrade_from_0001_to_head(make_app: Callable[..., Celery], db_url: str)
 
     down = run("downgrade", "0001", "--url", db_url)
     assert down.exit_code == 0, down.output
-    assert "from 0002 to 0001" in down.stdout
+    assert f"from {HEAD} to 0001" in down.stdout
     assert "status" not in indexed(db_url)
     up = run("upgrade", "--url", db_url)
-    assert up.exit_code == 0 and "to 0002 (head)" in up.stdout
-    assert run("upgrade", "--url", db_url).stdout.endswith("already at 0002 (head)\n")
+    assert up.exit_code == 0 and f"to {HEAD} (head)" in up.stdout
+    assert run("upgrade", "--url", db_url).stdout.endswith(f"already at {HEAD} (head)\n")
     assert backend.get_task_meta("t1", cache=False)["result"] == 1
 
 
@@ -207,23 +235,94 @@ def test_processes_starting_together_upgrade_once(
     assert {"status", "name"} <= indexed(db_url)
 
 
+# ---- 0003: when a task was created and started ------------------------------------
+def test_date_created_is_kept_and_date_started_follows_started(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    app = make_app(result_extended=True)
+    backend = app.backend
+    backend.store_result("t", None, "STARTED", request=request())
+    started = ResultQuery(app).get("t")
+    assert started is not None and started.date_done is None
+    assert started.date_created is not None and started.date_started is not None
+    assert abs(started.date_started - datetime.now(timezone.utc)) < timedelta(minutes=1)
+
+    backend.store_result("t", None, "RETRY", request=request())
+    backend.store_result("t", 3, "SUCCESS", request=request())
+    done = ResultQuery(app).get("t")
+    assert done is not None and done.status == "SUCCESS" and done.date_done is not None
+    assert (done.date_created, done.date_started) == (started.date_created, started.date_started)
+    assert backend.get_task_meta("t")["result"] == 3
+    assert "date_created" not in backend.get_task_meta("t")  # not part of Celery's meta
+
+    backend.store_result("never-started", 1, "SUCCESS", request=request())
+    plain = ResultQuery(app).get("never-started")
+    assert plain is not None and plain.date_created is not None and plain.date_started is None
+
+
+def test_tables_before_0003_still_work(make_app: Callable[..., Celery], db_url: str) -> None:
+    assert run("upgrade", "0002", "--url", db_url).exit_code == 0
+    app = make_app(database_create_tables_on_startup=False, result_extended=True)
+    app.backend.store_result("t", None, "STARTED", request=request())
+    app.backend.store_result("t", 4, "SUCCESS", request=request())
+    old = ResultQuery(app).get("t")
+    assert old is not None and old.result == 4 and old.date_created is None
+
+    make_app().backend  # noqa: B018 - start-up adds the columns
+    assert version(db_url) == [HEAD]
+    assert {"date_created", "date_started"} <= columns(db_url)
+    fresh = make_app(result_extended=True)
+    fresh.backend.store_result("u", 5, "SUCCESS", request=request())
+    new = ResultQuery(fresh).get("u")
+    assert new is not None and new.date_created is not None
+
+
+# ---- 0004: LONGBLOB for tables adopted from db+ on MySQL ---------------------------
+@pytest.mark.parametrize("db_kind", ["mysql"])
+def test_adopted_mysql_blobs_wait_for_the_upgrade_command(
+    make_app: Callable[..., Celery], db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_plus_app(db_url).backend.store_result("old", "kept", "SUCCESS")
+    assert column_type(db_url, "result") == "blob"
+    with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
+        backend = make_app().backend
+    assert version(db_url) == ["0003"]  # the additive revisions ran, 0004 did not
+    assert "revision 0004" in caplog.text and "results upgrade" in caplog.text
+    big = "x" * 100_000  # over BLOB's 64 KB
+    with pytest.raises(sa.exc.DBAPIError, match=r"(?i)too long"):
+        backend.store_result("big", big, "SUCCESS")
+    check = run("check", "--url", db_url)
+    assert check.exit_code == 1 and "run `celery results upgrade`" in check.stdout
+
+    up = run("upgrade", "--url", db_url)
+    assert up.exit_code == 0, up.output
+    assert version(db_url) == [HEAD]
+    assert column_type(db_url, "result") == "longblob"
+    assert column_type(db_url, "kwargs") == "longblob"
+    assert column_type(db_url, "result", "celery_tasksetmeta") == "longblob"
+    backend.store_result("big", big, "SUCCESS")
+    assert backend.get_task_meta("big", cache=False)["result"] == big
+    assert backend.get_task_meta("old", cache=False)["result"] == "kept"
+    assert run("check", "--url", db_url).exit_code == 0
+
+
 # ---- the command line ------------------------------------------------------------
 def test_check_and_current(db_url: str, db_kind: str) -> None:
     empty = run("check", "--url", db_url)
     assert empty.exit_code == 1 and "missing at" in empty.stdout
     assert "run `celery results init`" in empty.stdout
-    assert run("current", "--url", db_url).stdout == "not versioned (head is 0002)\n"
+    assert run("current", "--url", db_url).stdout == f"not versioned (head is {HEAD})\n"
 
     assert run("upgrade", "0001", "--url", db_url).exit_code == 0
     behind = run("check", "--url", db_url)
-    assert behind.exit_code == 1 and "0001 (behind head 0002)" in behind.stdout
-    assert run("current", "--url", db_url).stdout == "0001 (behind head 0002)\n"
+    assert behind.exit_code == 1 and f"0001 (behind head {HEAD})" in behind.stdout
+    assert run("current", "--url", db_url).stdout == f"0001 (behind head {HEAD})\n"
 
     init = run("init", "--url", db_url)
-    assert init.exit_code == 0 and "schema revision 0002 (head)" in init.stdout
+    assert init.exit_code == 0 and f"schema revision {HEAD} (head)" in init.stdout
     ok = run("check", "--url", db_url)
     assert ok.exit_code == 0 and ok.stdout.startswith("result schema complete at ")
-    assert run("current", "--url", db_url).stdout == "0002 (head)\n"
+    assert run("current", "--url", db_url).stdout == f"{HEAD} (head)\n"
 
     eng = raw_engine(db_url)
     with eng.begin() as conn:
@@ -276,6 +375,35 @@ def test_printed_sql_applies_cleanly(
     assert backend.get_task_meta("t")["result"] == 5
 
 
+def test_upgrade_and_downgrade_print_sql_from_the_current_revision(db_url: str) -> None:
+    assert run("upgrade", "0001", "--url", db_url).exit_code == 0
+    up = run("upgrade", "--sql", "--url", db_url)
+    assert up.exit_code == 0, up.output
+    assert "CREATE TABLE" not in up.stdout.upper()  # only what comes after 0001
+    assert version(db_url) == ["0001"], "--sql must not touch the database"
+    _apply(db_url, up.stdout)
+    assert version(db_url) == [HEAD]
+    assert {"status", "name"} <= indexed(db_url)
+    assert {"date_created", "date_started"} <= columns(db_url)
+    assert run("check", "--url", db_url).exit_code == 0
+
+    down = run("downgrade", "--sql", "0001", "--url", db_url)
+    assert down.exit_code == 0, down.output
+    assert version(db_url) == [HEAD]
+    _apply(db_url, down.stdout)
+    assert version(db_url) == ["0001"]
+    assert "status" not in indexed(db_url) and "date_created" not in columns(db_url)
+
+
+def test_printed_upgrade_sql_refuses_db_plus_tables(db_url: str) -> None:
+    db_plus_app(db_url).backend.store_result("old", 1, "SUCCESS")
+    refused = run("upgrade", "--sql", "--url", db_url)
+    assert refused.exit_code == 1 and "cannot adopt" in refused.stderr
+    assert "results init" in refused.stderr and "celery_sqlresults_version" not in table_names(
+        db_url
+    )
+
+
 def test_applications_alembic_version_is_untouched(
     make_app: Callable[..., Celery], db_url: str
 ) -> None:
@@ -321,15 +449,15 @@ def test_database_newer_than_the_package(
 _NOT_ADDITIVE = '''
 """A destructive step, for the test.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 additive = False
@@ -354,17 +482,17 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 ) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0003_destructive.py").write_text(_NOT_ADDITIVE)
+    (scripts / "versions" / "0005_destructive.py").write_text(_NOT_ADDITIVE)
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
-    assert version(db_url) == ["0002"]
-    assert "revision 0003" in caplog.text and "results upgrade" in caplog.text
+    assert version(db_url) == [HEAD]
+    assert "revision 0005" in caplog.text and "results upgrade" in caplog.text
     assert "destructive_marker" not in table_names(db_url)
-    backend.store_result("t", 1, "SUCCESS")  # the tables work at 0002
+    backend.store_result("t", 1, "SUCCESS")  # the tables work at the revision before
     assert run("check", "--url", db_url).exit_code == 1
     assert run("upgrade", "--url", db_url).exit_code == 0
-    assert version(db_url) == ["0003"] and "destructive_marker" in table_names(db_url)
+    assert version(db_url) == ["0005"] and "destructive_marker" in table_names(db_url)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])

@@ -339,8 +339,9 @@ def test_record_on_publish(make_app: Callable[..., Celery]) -> None:
         {"z": "<i>"},
         "q1",
     )
-    assert record.date_done is not None
-    assert abs(record.date_done - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    assert record.date_done is not None and record.date_created is not None
+    assert abs(record.date_created - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    assert record.date_started is None
     assert sent.state == "PENDING"
 
     # The worker's later write (result_extended off: core columns only) keeps what we recorded.
@@ -348,6 +349,7 @@ def test_record_on_publish(make_app: Callable[..., Celery]) -> None:
     done = ResultQuery(app).get(sent.id)
     assert done is not None
     assert (done.status, done.result) == ("SUCCESS", 5)
+    assert done.date_created == record.date_created  # publish time, not the worker's
     assert (done.name, done.args, done.kwargs, done.queue) == (
         "proj.add",
         [2, 3],
