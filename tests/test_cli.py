@@ -206,6 +206,36 @@ def test_celery_command_end_to_end(seeded: str) -> None:
     assert missing.stderr == "Error: no result stored for task nope\n"
 
 
+def test_every_command_through_celery(make_app: Callable[..., Celery], db_url: str) -> None:
+    """Each ``results`` command as a user runs it: ``celery -A app results …``, app settings.
+
+    (``serve`` runs the same way in tests/test_web.py.)
+    """
+
+    def ok(*args: str) -> str:
+        done = celery(db_url, *args)
+        assert done.returncode == 0, (args, done.stderr)
+        return done.stdout
+
+    assert "not versioned" in ok("current")
+    assert celery(db_url, "check").returncode == 1
+    assert "result tables ready" in ok("init")
+    assert ok("check").startswith("result schema complete")
+    assert "downgraded" in ok("downgrade", "0002")
+    assert "ALTER TABLE" in ok("upgrade", "--sql").upper()
+    assert "upgraded" in ok("upgrade")
+    assert ok("current").endswith("(head)\n")
+    seed(make_app(result_extended=True), db_url)
+    assert "FAILURE" in ok("stats")
+    assert "fail-mid" in ok("list", "--state", "FAILURE")
+    assert "proj.fail" in ok("show", "fail-mid")
+    assert "forgot 1" in ok("forget", "fail-mid")
+    assert celery(db_url, "show", "fail-mid").returncode == 1
+    assert "would delete" in ok("cleanup", "--older-than", "1d", "--dry-run")
+    assert "deleted" in ok("cleanup", "--older-than", "1d")
+    assert json.loads(ok("list", "--json", "--until", "1d")) == []
+
+
 def test_celery_command_unreachable_database(tmp_path: Path) -> None:
     done = celery(f"sqlite:///{tmp_path / 'unused.db'}", "stats", "--url", UNREACHABLE[0])
     assert done.returncode == 1 and done.stdout == ""
