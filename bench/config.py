@@ -38,6 +38,7 @@ class Sizes:
     dbplus_roundtrips: int  # cap for db+ (.get() polls every 0.5 s)
     group: int  # tasks in the group
     chord: int  # header tasks in the chord
+    big_chord: int  # header tasks in the big chord (one round)
     startup_repeats: int  # startup measurements per state (median reported)
     rounds: int  # repeats of figures 1-3, 5, 6 (median reported); db+ in a client: 1
     warmup: int = 10
@@ -52,6 +53,7 @@ class Sizes:
             dbplus_roundtrips=50,
             group=1000,
             chord=200,
+            big_chord=2000,
             startup_repeats=5,
             rounds=3,
         )
@@ -66,6 +68,7 @@ class Sizes:
             dbplus_roundtrips=20,
             group=200,
             chord=50,
+            big_chord=200,
             startup_repeats=2,
             rounds=1,
         )

@@ -87,6 +87,7 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
             "rt_p90": ops.percentile(samples, 90),
             "group": median(ops.group_seconds(add, sizes.group) for _ in range(rounds)),
             "chord": median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds)),
+            "big_chord": ops.chord_seconds(add, tsum, sizes.big_chord),
         }
 
 

@@ -204,10 +204,16 @@ class SQLResultsBackend(BaseBackend):
         gid = getattr(request, "group", None)
         if not gid or not getattr(request, "chord", None):
             return
-        counted = self._ensure_retryable(self.store.chord_part_done, gid)
+        task_id = bytes_to_str(request.id)
+        counted = self._ensure_retryable(self.store.chord_part_done, gid, task_id, _utc_now_naive())
         if counted is None:
-            # Completed (counter deleted) or expired: a late duplicate must not re-fire.
-            logger.warning("celery-sqlresults: chord %s has no counter row; part ignored", gid)
+            # Counted before (a redelivered task), or the chord completed or expired:
+            # a repeat must not fire the body again.
+            logger.warning(
+                "celery-sqlresults: chord %s: part %s already counted or no counter row; ignored",
+                gid,
+                task_id,
+            )
             return
         done, size = counted
         if size is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 __all__ = ["SUPPORTED", "Dialect", "dialect_for"]
 
@@ -92,14 +92,63 @@ class Dialect:
         )
 
     def count_part(
-        self, conn: Connection, table: sa.Table, group_id: str
+        self,
+        conn: Connection,
+        table: sa.Table,
+        parts: sa.Table | None,
+        part: Mapping[str, Any],
     ) -> tuple[int, int | None] | None:
         """Atomically add one finished part to a chord; return ``(done, chord_size)``.
 
-        One ``UPDATE … RETURNING`` on PostgreSQL and SQLite. MySQL/MariaDB have
-        no ``UPDATE … RETURNING``: the new count goes through the
-        connection-local ``LAST_INSERT_ID(expr)``, read back on the same
-        connection. ``None`` when the chord has no counter row.
+        ``part`` (``group_id``, ``task_id``, ``date_created``) is recorded in
+        ``parts`` with the count, atomically, so the same task reported again
+        is not counted again. PostgreSQL: one statement (the part's insert in a
+        CTE, the counter's ``UPDATE … RETURNING`` only if it inserted).
+        MySQL/MariaDB and SQLite: the insert and the count in one explicit
+        transaction. ``None`` when the part was counted already or the chord
+        has no counter row. Without ``parts`` (a schema before revision 0005
+        and no rights to upgrade it) parts are counted as they come.
+        """
+        if parts is None:
+            return self._count(conn, table, part["group_id"])
+        if self.name == "postgresql":
+            inserted = (
+                postgresql.insert(parts)
+                .values(dict(part))
+                .on_conflict_do_nothing()
+                .returning(parts.c.group_id)
+                .cte("part")
+            )
+            row = conn.execute(
+                sa.update(table)
+                .where(table.c.group_id == inserted.c.group_id)
+                .values(done=table.c.done + 1)
+                .returning(table.c.done, table.c.chord_size)
+            ).first()
+            return None if row is None else (int(row[0]), row[1])
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if self.name == "sqlite" else "START TRANSACTION")
+        try:
+            try:
+                conn.execute(sa.insert(parts).values(dict(part)))
+            except IntegrityError:
+                conn.exec_driver_sql("ROLLBACK")
+                return None
+            counted = self._count(conn, table, part["group_id"])
+        except BaseException:
+            with contextlib.suppress(DBAPIError):
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
+        return counted
+
+    def _count(
+        self, conn: Connection, table: sa.Table, group_id: str
+    ) -> tuple[int, int | None] | None:
+        """``done = done + 1`` returning the new count and the size.
+
+        MySQL/MariaDB have no ``UPDATE … RETURNING``: the new count goes
+        through the connection-local ``LAST_INSERT_ID(expr)``, read back on
+        the same connection.
         """
         where = table.c.group_id == group_id
         if self.name == "mysql":
@@ -147,9 +196,10 @@ class Dialect:
         """DELETE at most ``limit`` rows matching ``where`` (short transactions, short locks)."""
         if self.name == "mysql":
             return sa.delete(table).where(where).with_dialect_options(mysql_limit=limit)
-        (key,) = table.primary_key.columns
-        keys = sa.select(key).where(where).limit(limit).scalar_subquery()
-        return sa.delete(table).where(key.in_(keys))
+        key = list(table.primary_key.columns)
+        keys = sa.select(*key).where(where).limit(limit)
+        target = key[0] if len(key) == 1 else sa.tuple_(*key)  # row values for a composite key
+        return sa.delete(table).where(target.in_(keys))
 
     # ---- schema -------------------------------------------------------
     @contextlib.contextmanager

@@ -28,6 +28,7 @@ DEFAULT_NAMES = {
     "task": "celery_taskmeta",
     "group": "celery_tasksetmeta",
     "chord": "celery_sqlresults_chord",
+    "chord_part": "celery_sqlresults_chord_part",
     "version": "celery_sqlresults_version",
 }
 
@@ -44,8 +45,9 @@ _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 class Tables:
     """The tables of one configuration, in their own ``MetaData``.
 
-    ``task`` and ``group`` are Celery's; ``chord`` is ours (one counter row per
-    running chord) and invisible to Celery's ``db+``. ``version`` names the
+    ``task`` and ``group`` are Celery's; ``chord`` (one counter row per running
+    chord) and ``chord_part`` (the header tasks counted so far, so a redelivered
+    task is not counted twice) are ours and invisible to Celery's ``db+``. ``version`` names the
     table holding our schema revision (Alembic's ``version_table``, kept in
     the task table's schema and managed by Alembic, not part of ``metadata``).
     """
@@ -54,11 +56,12 @@ class Tables:
     task: sa.Table
     group: sa.Table
     chord: sa.Table
+    chord_part: sa.Table
     version: str = DEFAULT_NAMES["version"]
 
     @property
     def all(self) -> tuple[sa.Table, ...]:
-        return (self.task, self.group, self.chord)
+        return (self.task, self.group, self.chord, self.chord_part)
 
     @property
     def expiring(self) -> dict[str, tuple[sa.Table, sa.Column[Any]]]:
@@ -67,6 +70,7 @@ class Tables:
             "task": (self.task, self.task.c.date_done),
             "group": (self.group, self.group.c.date_done),
             "chord": (self.chord, self.chord.c.date_created),
+            "chord_part": (self.chord_part, self.chord_part.c.date_created),
         }
 
 
@@ -127,4 +131,12 @@ def build_tables(
         sa.Column("date_created", sa.DateTime, nullable=False, index=True),
         schema=group_schema,
     )
-    return Tables(md, task, group, chord, names["version"])
+    chord_part = sa.Table(
+        names["chord_part"],
+        md,
+        sa.Column("group_id", sa.String(155), primary_key=True),
+        sa.Column("task_id", sa.String(155), primary_key=True),
+        sa.Column("date_created", sa.DateTime, nullable=False),
+        schema=group_schema,
+    )
+    return Tables(md, task, group, chord, chord_part, names["version"])

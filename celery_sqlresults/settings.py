@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
 ENGINE_DEFAULTS: dict[str, Any] = {"pool_recycle": 3600}
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_TABLE_KEYS = ("task", "group", "chord", "version")
+_TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
 _EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
 
 

@@ -230,7 +230,11 @@ def wait_for_database(store: Store, wait: float) -> None:
 
 def _needs_ddl(store: Store, conn: sa.Connection) -> bool:
     layout = store.layout(conn)
-    return layout is None or not layout.has_chord or bool(store.missing_columns(layout))
+    return (
+        layout is None
+        or not (layout.has_chord and layout.has_chord_part)
+        or bool(store.missing_columns(layout))
+    )
 
 
 def _repair(store: Store, conn: sa.Connection) -> None:

@@ -50,6 +50,7 @@ class _Layout:
     task_seq: bool
     group_seq: bool
     has_chord: bool
+    has_chord_part: bool
     statements: dict[Any, sa.Executable] = field(default_factory=dict)
 
 
@@ -114,7 +115,8 @@ class Store:
     ) -> dict[str, int]:
         """Delete rows finished before ``cutoff``, ``batch`` per statement (short locks).
 
-        Returns the count per table (``task``, ``group``, ``chord``); with
+        Returns the count per table (``task``, ``group``, ``chord``; the
+        counted parts of expired chords go too, unreported); with
         ``dry_run`` the counts of what would go, deleting nothing.
         """
         counts: dict[str, int] = {}
@@ -139,6 +141,7 @@ class Store:
                 counts[key] += n
                 if n < batch:
                     break
+        counts.pop("chord_part", None)  # bookkeeping of the chord counters, not reported
         return counts
 
     # ---- chords -------------------------------------------------------
@@ -164,15 +167,29 @@ class Store:
         stmt = sa.update(c).where(c.c.group_id == group_id).values(chord_size=size)
         self.run(lambda conn, _: conn.execute(stmt), None)
 
-    def chord_part_done(self, group_id: str) -> tuple[int, int | None] | None:
-        """Count one finished header task; ``(done, size)`` or ``None`` if no counter exists."""
-        return self.run(
-            lambda conn, _: self.dialect.count_part(conn, self.tables.chord, group_id), None
-        )
+    def chord_part_done(
+        self, group_id: str, task_id: str, now: datetime
+    ) -> tuple[int, int | None] | None:
+        """Count one finished header task once; ``(done, size)``, or ``None`` when this
+        task was counted already or the chord has no counter."""
+        part = {"group_id": group_id, "task_id": task_id, "date_created": now}
+
+        def run(conn: Connection, layout: _Layout) -> tuple[int, int | None] | None:
+            parts = self.tables.chord_part if layout.has_chord_part else None
+            return self.dialect.count_part(conn, self.tables.chord, parts, part)
+
+        return self.run(run, None)
 
     def chord_delete(self, group_id: str) -> None:
-        c = self.tables.chord
-        self.run(lambda conn, _: conn.execute(sa.delete(c).where(c.c.group_id == group_id)), None)
+        """Drop a finished chord's counter and its counted parts."""
+
+        def run(conn: Connection, layout: _Layout) -> None:
+            c, p = self.tables.chord, self.tables.chord_part
+            conn.execute(sa.delete(c).where(c.c.group_id == group_id))
+            if layout.has_chord_part:
+                conn.execute(sa.delete(p).where(p.c.group_id == group_id))
+
+        self.run(run, None)
 
     # ---- reads --------------------------------------------------------
     def get_task(self, task_id: str, extended: bool = True) -> RowMapping | None:
@@ -268,13 +285,14 @@ class Store:
             }
         except NoSuchTableError:
             return None
-        chord = self.tables.chord
+        chord, part = self.tables.chord, self.tables.chord_part
         return _Layout(
             task_columns=frozenset(task) & frozenset(self.tables.task.c.keys()),
             group_columns=frozenset(group) & frozenset(self.tables.group.c.keys()),
             task_seq=self.dialect.id_from_sequence(dict(task["id"])),
             group_seq=self.dialect.id_from_sequence(dict(group["id"])),
             has_chord=insp.has_table(chord.name, chord.schema),
+            has_chord_part=insp.has_table(part.name, part.schema),
         )
 
     # ---- statements ---------------------------------------------------

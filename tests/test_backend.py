@@ -215,8 +215,9 @@ def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_u
         )
         == {"task": 30, "group": 1, "chord": 1}  # chord: a counter that never completed
     )
-    assert backend.store.chord_part_done("oldchord") is None
-    assert backend.store.chord_part_done("newchord") == (1, None)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    assert backend.store.chord_part_done("oldchord", "p1", now) is None
+    assert backend.store.chord_part_done("newchord", "p1", now) == (1, None)
     assert backend.get_task_meta("old3", cache=False)["status"] == states.PENDING
     assert backend.get_task_meta("fresh")["result"] == 1
     assert backend.get_task_meta("running")["status"] == states.STARTED

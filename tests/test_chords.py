@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import redis
@@ -116,3 +119,48 @@ def test_canvas_shapes_from_celery_docs(db_url: str, worker_factory: Callable[..
     inner = chord([add.s(10), add.s(20)], tsum.s())
     outer = chain(chord([add.s(1, 1), add.s(2, 2)], tsum.s()), inner)
     assert outer.apply_async().get(timeout=timeout) == (6 + 10) + (6 + 20)
+
+
+# ---- each header task counts once -----------------------------------------------------
+def _parts(db_url: str) -> int:
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        n = conn.exec_driver_sql("SELECT count(*) FROM celery_sqlresults_chord_part").scalar()
+    eng.dispose()
+    return int(n or 0)
+
+
+def test_a_part_reported_twice_counts_once(make_app: Callable[..., Celery], db_url: str) -> None:
+    """A redelivered header task (acks_late, worker lost after storing) reports its part again."""
+    store = make_app().backend.store
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    store.chord_start("g1", now)
+    store.chord_set_size("g1", 3)
+    assert store.chord_part_done("g1", "a", now) == (1, 3)
+    assert store.chord_part_done("g1", "a", now) is None
+    assert store.chord_part_done("g1", "b", now) == (2, 3)
+    assert store.chord_part_done("g1", "b", now) is None
+    assert store.chord_part_done("g1", "c", now) == (3, 3)
+    assert store.chord_part_done("other", "a", now) is None  # no counter row
+    store.chord_delete("g1")
+    assert store.chord_part_done("g1", "c", now) is None  # completed: a late repeat is ignored
+    store.cleanup(now + timedelta(seconds=1))  # the repeat's orphan row expires
+    assert _parts(db_url) == 0
+
+
+def test_the_same_part_from_many_threads_counts_once(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    store = make_app().backend.store
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    store.chord_start("g2", now)
+    barrier = threading.Barrier(8)
+
+    def report(_: int) -> tuple[int, int | None] | None:
+        barrier.wait()
+        return store.chord_part_done("g2", "same", now)
+
+    with ThreadPoolExecutor(8) as pool:
+        counted = [c for c in pool.map(report, range(8)) if c is not None]
+    assert counted == [(1, None)]
+    assert store.chord_part_done("g2", "next", now) == (2, None)

@@ -23,8 +23,13 @@ from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .conftest import task_request as request
 from .test_compat import db_plus_app
 
-HEAD = "0004"
-TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
+HEAD = "0005"
+TABLES = {
+    "celery_taskmeta",
+    "celery_tasksetmeta",
+    "celery_sqlresults_chord",
+    "celery_sqlresults_chord_part",
+}
 SEQUENCES = ["task_id_sequence", "taskset_id_sequence"]  # MariaDB's are objects to grant on
 
 
@@ -286,7 +291,7 @@ def test_adopted_mysql_blobs_wait_for_the_upgrade_command(
     assert column_type(db_url, "result") == "blob"
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
-    assert version(db_url) == ["0003"]  # the additive revisions ran, 0004 did not
+    assert version(db_url) == ["0003"]  # 0004 is refused, so 0005 waits behind it
     assert "revision 0004" in caplog.text and "results upgrade" in caplog.text
     big = "x" * 100_000  # over BLOB's 64 KB
     with pytest.raises(sa.exc.DBAPIError, match=r"(?i)too long"):
@@ -379,7 +384,8 @@ def test_upgrade_and_downgrade_print_sql_from_the_current_revision(db_url: str) 
     assert run("upgrade", "0001", "--url", db_url).exit_code == 0
     up = run("upgrade", "--sql", "--url", db_url)
     assert up.exit_code == 0, up.output
-    assert "CREATE TABLE" not in up.stdout.upper()  # only what comes after 0001
+    assert "CREATE TABLE CELERY_TASKMETA" not in up.stdout.upper()  # only what follows 0001
+    assert "CREATE TABLE CELERY_SQLRESULTS_CHORD_PART" in up.stdout.upper()
     assert version(db_url) == ["0001"], "--sql must not touch the database"
     _apply(db_url, up.stdout)
     assert version(db_url) == [HEAD]
@@ -393,6 +399,7 @@ def test_upgrade_and_downgrade_print_sql_from_the_current_revision(db_url: str) 
     _apply(db_url, down.stdout)
     assert version(db_url) == ["0001"]
     assert "status" not in indexed(db_url) and "date_created" not in columns(db_url)
+    assert "celery_sqlresults_chord_part" not in table_names(db_url)
 
 
 def test_printed_upgrade_sql_refuses_db_plus_tables(db_url: str) -> None:
@@ -449,15 +456,15 @@ def test_database_newer_than_the_package(
 _NOT_ADDITIVE = '''
 """A destructive step, for the test.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 additive = False
@@ -482,17 +489,17 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 ) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0005_destructive.py").write_text(_NOT_ADDITIVE)
+    (scripts / "versions" / "0006_destructive.py").write_text(_NOT_ADDITIVE)
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
     assert version(db_url) == [HEAD]
-    assert "revision 0005" in caplog.text and "results upgrade" in caplog.text
+    assert "revision 0006" in caplog.text and "results upgrade" in caplog.text
     assert "destructive_marker" not in table_names(db_url)
     backend.store_result("t", 1, "SUCCESS")  # the tables work at the revision before
     assert run("check", "--url", db_url).exit_code == 1
     assert run("upgrade", "--url", db_url).exit_code == 0
-    assert version(db_url) == ["0005"] and "destructive_marker" in table_names(db_url)
+    assert version(db_url) == ["0006"] and "destructive_marker" in table_names(db_url)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])

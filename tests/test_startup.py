@@ -17,7 +17,12 @@ from celery_sqlresults.startup import ensure_schema
 
 from .conftest import raw_engine, start_together, table_names
 
-TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
+TABLES = {
+    "celery_taskmeta",
+    "celery_tasksetmeta",
+    "celery_sqlresults_chord",
+    "celery_sqlresults_chord_part",
+}
 
 
 def statements_of(app: Celery) -> list[str]:

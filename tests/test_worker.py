@@ -16,7 +16,12 @@ from .conftest import REDIS_URL, ROOT, Worker, client_app, table_names
 
 pytestmark = pytest.mark.worker
 
-TABLES = {"celery_taskmeta", "celery_tasksetmeta", "celery_sqlresults_chord"}
+TABLES = {
+    "celery_taskmeta",
+    "celery_tasksetmeta",
+    "celery_sqlresults_chord",
+    "celery_sqlresults_chord_part",
+}
 
 
 def test_worker_creates_schema_before_first_task_and_runs_tasks(
