@@ -22,7 +22,6 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, allow_join_result, result_from_tuple
 from celery.utils.time import maybe_timedelta
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from .exceptions import SQLResultsError
@@ -332,7 +331,7 @@ class SQLResultsBackend(BaseBackend):
                 notified = wait(_remaining(deadline))
 
     # ---- rows <-> meta ------------------------------------------------
-    def _meta_from_row(self, row: RowMapping) -> dict[str, Any]:
+    def _meta_from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "task_id": row["task_id"],
             "status": row["status"],

@@ -2,7 +2,8 @@
 
 Each public method is one statement per call (one per batch for
 :meth:`Store.get_ready`), executed in autocommit on the process's pooled
-engine. Statements are built once per table layout and reused.
+engine. Statements are built once per table layout and reused; the task
+read and write, the hot path, run through :mod:`celery_sqlresults.fastpath`.
 
 Missing tables never make a read fail: a read of a table that does not
 exist answers "nothing stored". A write to a missing table creates the
@@ -24,6 +25,7 @@ from celery import states
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
+from . import fastpath
 from .dialects import Dialect, dialect_for
 from .engine import get_engine
 from .exceptions import SchemaMissing
@@ -83,7 +85,7 @@ class Store:
 
         def run(conn: Connection, layout: _Layout) -> None:
             row = {k: v for k, v in values.items() if k in layout.task_columns}
-            conn.execute(self._task_upsert(layout, tuple(row), notify), row)
+            fastpath.execute(conn, self._task_upsert(layout, tuple(row), notify), row)
 
         self._write(run)
 
@@ -192,13 +194,12 @@ class Store:
         self.run(run, None)
 
     # ---- reads --------------------------------------------------------
-    def get_task(self, task_id: str, extended: bool = True) -> RowMapping | None:
+    def get_task(self, task_id: str, extended: bool = True) -> Mapping[str, Any] | None:
         """One task's row; ``extended=False`` skips the ``result_extended`` columns."""
 
-        def run(conn: Connection, layout: _Layout) -> RowMapping | None:
+        def run(conn: Connection, layout: _Layout) -> Mapping[str, Any] | None:
             stmt = self._task_select(layout, "one", extended)
-            row = conn.execute(stmt, {"task_id": task_id}).first()
-            return None if row is None else row._mapping
+            return fastpath.fetch_one(conn, stmt, {"task_id": task_id})
 
         return self.run(run, None)
 
