@@ -4,21 +4,24 @@ SQLAlchemy builds and compiles every statement (once per statement object);
 what this module skips is its per-call execution machinery, which on
 PostgreSQL costs more than the round trip itself (measured on psycopg 3: a
 primary-key read 0.17 ms through ``Connection.execute`` against 0.07 ms on
-the cursor, prepared). The connection still comes from SQLAlchemy's pool,
-errors still arrive as SQLAlchemy's ``DBAPIError`` subclasses, and a
-disconnect still invalidates the pooled connection, so retries and the
-missing-table handling above work unchanged.
+the cursor, prepared) and is most of the cost of a SQLite read. The
+connection still comes from SQLAlchemy's pool, errors still arrive as
+SQLAlchemy's ``DBAPIError`` subclasses, and a disconnect still invalidates
+the pooled connection, so retries and the missing-table handling work
+unchanged.
 
-Used only where it is exactly equivalent: psycopg 3 in autocommit (our
-default), and no ``before/after_cursor_execute`` listeners on the engine
-(instrumentation such as tracing sees every statement through the normal
-path). Everything else runs through ``Connection.execute``.
+SQLAlchemy's bind and result processors still convert values (SQLite keeps
+dates as text). Used only where it is exactly equivalent: psycopg 3, PyMySQL
+or the standard ``sqlite3`` in autocommit (our default), and no
+``before/after_cursor_execute`` listeners on the engine (instrumentation
+such as tracing sees every statement through the normal path). Everything
+else runs through ``Connection.execute``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +31,24 @@ from sqlalchemy.engine import Connection, Engine
 __all__ = ["execute", "fetch_one"]
 
 
+#: Drivers the fast path knows, and how to tell that a raw connection is in autocommit.
+_AUTOCOMMIT: dict[str, Callable[[Any], bool]] = {
+    "psycopg": lambda c: bool(c.autocommit),
+    "pymysql": lambda c: bool(c.get_autocommit()),
+    "pysqlite": lambda c: c.isolation_level is None,
+}
+
+
 @dataclass(frozen=True)
 class _Compiled:
     statement: sa.Executable  # kept alive, so its id() is not reused
     sql: str
     defaults: dict[str, Any]  # values of the statement's own bound literals
+    positions: tuple[str, ...] | None  # parameter order for positional paramstyles
+    binds: dict[str, Callable[[Any], Any]]  # SQLAlchemy's bind processors (SQLite dates)
     names: tuple[str, ...]  # result columns, in order
+    results: tuple[Callable[[Any], Any] | None, ...]  # and their result processors
+    prepare: bool  # psycopg: server-side prepared statement
 
 
 _compiled: dict[int, _Compiled] = {}
@@ -47,7 +62,12 @@ def fetch_one(conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) 
         return None if row is None else row._mapping
     compiled = _compile(conn, stmt)
     row = _run(conn, compiled, params, fetch=True)
-    return None if row is None else dict(zip(compiled.names, row, strict=True))
+    if row is None:
+        return None
+    return {
+        name: value if proc is None or value is None else proc(value)
+        for name, proc, value in zip(compiled.names, compiled.results, row, strict=True)
+    }
 
 
 def execute(conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) -> None:
@@ -60,12 +80,13 @@ def execute(conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) ->
 
 def _usable(conn: Connection) -> bool:
     engine: Engine = conn.engine
-    if engine.dialect.driver != "psycopg":
+    autocommit = _AUTOCOMMIT.get(engine.dialect.driver)
+    if autocommit is None:
         return False
     dispatch = engine.dispatch
     if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
         return False
-    return bool(getattr(conn.connection.driver_connection, "autocommit", False))
+    return autocommit(conn.connection.driver_connection)
 
 
 def _compile(conn: Connection, stmt: sa.Executable) -> _Compiled:
@@ -73,10 +94,19 @@ def _compile(conn: Connection, stmt: sa.Executable) -> _Compiled:
     if found is not None and found.statement is stmt:
         return found
     assert isinstance(stmt, sa.ClauseElement)
-    compiled = stmt.compile(dialect=conn.dialect)
-    selected = getattr(stmt, "selected_columns", None)
-    names = tuple(c.key for c in selected) if selected is not None else ()
-    made = _Compiled(stmt, str(compiled), dict(compiled.params), names)
+    dialect = conn.dialect
+    compiled: Any = stmt.compile(dialect=dialect)  # an SQLCompiler
+    selected = list(getattr(stmt, "selected_columns", None) or ())
+    made = _Compiled(
+        statement=stmt,
+        sql=str(compiled),
+        defaults=dict(compiled.params),
+        positions=tuple(compiled.positiontup or ()) if compiled.positional else None,
+        binds=dict(compiled._bind_processors),
+        names=tuple(c.key for c in selected),
+        results=tuple(c.type._cached_result_processor(dialect, None) for c in selected),
+        prepare=dialect.driver == "psycopg",
+    )
     with _compiled_lock:
         _compiled[id(stmt)] = made
     return made
@@ -87,9 +117,16 @@ def _run(conn: Connection, compiled: _Compiled, params: Mapping[str, Any], fetch
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     values = {**compiled.defaults, **params}
-    cursor: Any = dbapi_conn.cursor()  # psycopg's: execute() takes prepare=
+    for name, proc in compiled.binds.items():
+        if values.get(name) is not None:
+            values[name] = proc(values[name])
+    args: Any = values if compiled.positions is None else [values[n] for n in compiled.positions]
+    cursor: Any = dbapi_conn.cursor()
     try:
-        cursor.execute(compiled.sql, values, prepare=True)
+        if compiled.prepare:
+            cursor.execute(compiled.sql, args, prepare=True)
+        else:
+            cursor.execute(compiled.sql, args)
         return cursor.fetchone() if fetch else None
     except conn.dialect.loaded_dbapi.Error as exc:
         lost = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)

@@ -1,27 +1,32 @@
-"""The task read and write on psycopg's cursor: same results, same errors, listeners respected."""
+"""The task read and write on the driver's cursor: same values, same errors, listeners respected."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery, states
 
 from celery_sqlresults import fastpath
+from celery_sqlresults.query import ResultQuery
 
-from .conftest import raw_engine
-
-pytestmark = pytest.mark.parametrize("db_kind", ["postgresql"])
+from .conftest import raw_engine, task_request
 
 
 def test_hot_path_runs_on_the_cursor(make_app: Callable[..., Celery], db_url: str) -> None:
-    backend = make_app(result_extended=True).backend
+    app = make_app(result_extended=True)
+    backend = app.backend
     fastpath._compiled.clear()
-    backend.store_result("t", {"x": [1, "é"]}, states.SUCCESS)
+    backend.store_result("t", {"x": [1, "é"]}, states.SUCCESS, request=task_request())
     meta = backend.get_task_meta("t", cache=False)
     assert (meta["status"], meta["result"]) == (states.SUCCESS, {"x": [1, "é"]})
-    assert meta["date_done"] is not None
+    assert (meta["name"], meta["args"], meta["kwargs"]) == ("proj.add", [1, 2], {"k": "v"})
+    assert isinstance(meta["date_done"], datetime)  # SQLite's text converted as SQLAlchemy would
+    assert abs(meta["date_done"] - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    record = ResultQuery(app).get("t")  # the date columns, read the ordinary way
+    assert record is not None and record.date_created is not None
     sql = [c.sql for c in fastpath._compiled.values()]
     assert any(s.lstrip().startswith(("INSERT", "WITH")) for s in sql)  # the upsert
     assert any(s.lstrip().startswith("SELECT") for s in sql)  # the read
@@ -44,6 +49,7 @@ def test_listeners_see_every_statement(make_app: Callable[..., Celery], db_url: 
     )
 
 
+@pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_errors_are_sqlalchemys(make_app: Callable[..., Celery], db_url: str) -> None:
     """A dropped table reads as PENDING; a killed connection is invalidated and retried."""
     backend = make_app().backend
