@@ -39,7 +39,8 @@ class Sizes:
     group: int  # tasks in the group
     chord: int  # header tasks in the chord
     startup_repeats: int  # startup measurements per state (median reported)
-    rounds: int  # repeats of figures 1-3, 5, 6 (median reported); db+ in a client: 1
+    rounds: int  # repeats of figures 1-3, 5, 6, 8 (median reported); db+ in a client: 1
+    publish: int  # apply_async calls per publish-rate measurement (figure 8)
     warmup: int = 10
 
     @classmethod
@@ -54,6 +55,7 @@ class Sizes:
             chord=200,
             startup_repeats=5,
             rounds=3,
+            publish=2000,
         )
 
     @classmethod
@@ -68,4 +70,5 @@ class Sizes:
             chord=50,
             startup_repeats=2,
             rounds=1,
+            publish=300,
         )

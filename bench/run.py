@@ -16,6 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
+from celery.signals import before_task_publish
+
+from celery_sqlresults import publish as sqlresults_publish
+
 from . import config, ops
 from .app import make_app
 from .config import Sizes
@@ -90,6 +94,36 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
         }
 
 
+def publish_figures(url: str, sizes: Sizes) -> dict[str, float]:
+    """Figure 8: ``apply_async`` rate to the broker, no worker; sql+ also with record on publish.
+
+    For sql+ each round measures with the setting off, then on; its signal
+    handler is disconnected again after each "on" so no later publish (nor
+    db+'s or Redis') pays for a connected receiver.
+    """
+    sql = url.startswith("sql+")
+    off: list[float] = []
+    on: list[float] = []
+    for _ in range(sizes.rounds):
+        add = make_app(url).tasks["bench.add"]
+        off.append(ops.publish_rate(add, sizes.publish, sizes.warmup))
+        if sql:
+            add = make_app(url, record_on_publish=True).tasks["bench.add"]
+            try:
+                on.append(ops.publish_rate(add, sizes.publish, sizes.warmup))
+            finally:
+                _disconnect_record_on_publish()
+    out = {"publish": median(off)}
+    if sql:
+        out["publish_recorded"] = median(on)
+    return out
+
+
+def _disconnect_record_on_publish() -> None:
+    before_task_publish.disconnect(dispatch_uid=sqlresults_publish.__name__)
+    sqlresults_publish._connected = False
+
+
 def backend_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
     out = client_figures(url, sizes, capped)
     log(f"  client done: {_brief(out)}")
@@ -97,6 +131,8 @@ def backend_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict
     log("  prefork child done")
     out.update(worker_figures(url, sizes, log_dir, capped))
     log(f"  worker done: {_brief(out)}")
+    out.update(publish_figures(url, sizes))
+    log(f"  publish done: {_brief(out)}")
     return out
 
 
