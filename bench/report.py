@@ -305,7 +305,9 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    publishing costs the caller, backend included: nothing for db+, a result subscription
    for Redis, and for sql+ nothing with `sqlresults_record_on_publish` off (the first row)
    and one insert-if-absent of a PENDING row with it on (the second row, compared with the
-   same db+ and Redis figures). Each round measures sql+ off, then on.
+   same db+ and Redis figures). Measured after each database's other figures, the
+   backends taking turns within each round (sql+ off, sql+ on, db+, Redis); Redis' column
+   is the median over its rounds next to every database.
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
 (rate ÷ rate for rates, inverted time ÷ time for times). One run on a small machine:

@@ -94,29 +94,28 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
         }
 
 
-def publish_figures(url: str, sizes: Sizes) -> dict[str, float]:
-    """Figure 8: ``apply_async`` rate to the broker, no worker; sql+ also with record on publish.
+def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:
+    """Figure 8: ``apply_async`` rates to the broker, no worker, for the backends in ``urls``.
 
-    For sql+ each round measures with the setting off, then on; its signal
-    handler is disconnected again after each "on" so no later publish (nor
-    db+'s or Redis') pays for a connected receiver.
+    ``urls`` maps a label to a backend URL; an ``sql+`` URL is measured with
+    record on publish off (label) and on (label + ``_recorded``). The backends
+    take turns within each round so drift in the machine's load hits them
+    alike; record on publish's signal handler is disconnected after each
+    "on" so no later publish pays for a connected receiver.
     """
-    sql = url.startswith("sql+")
-    off: list[float] = []
-    on: list[float] = []
+    samples: dict[str, list[float]] = {}
     for _ in range(sizes.rounds):
-        add = make_app(url).tasks["bench.add"]
-        off.append(ops.publish_rate(add, sizes.publish, sizes.warmup))
-        if sql:
-            add = make_app(url, record_on_publish=True).tasks["bench.add"]
-            try:
-                on.append(ops.publish_rate(add, sizes.publish, sizes.warmup))
-            finally:
-                _disconnect_record_on_publish()
-    out = {"publish": median(off)}
-    if sql:
-        out["publish_recorded"] = median(on)
-    return out
+        for label, url in urls.items():
+            add = make_app(url).tasks["bench.add"]
+            samples.setdefault(label, []).append(ops.publish_rate(add, sizes.publish, sizes.warmup))
+            if url.startswith("sql+"):
+                add = make_app(url, record_on_publish=True).tasks["bench.add"]
+                try:
+                    rate = ops.publish_rate(add, sizes.publish, sizes.warmup)
+                finally:
+                    _disconnect_record_on_publish()
+                samples.setdefault(label + "_recorded", []).append(rate)
+    return {label: median(rates) for label, rates in samples.items()}
 
 
 def _disconnect_record_on_publish() -> None:
@@ -131,8 +130,6 @@ def backend_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict
     log("  prefork child done")
     out.update(worker_figures(url, sizes, log_dir, capped))
     log(f"  worker done: {_brief(out)}")
-    out.update(publish_figures(url, sizes))
-    log(f"  publish done: {_brief(out)}")
     return out
 
 
@@ -154,12 +151,24 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
 
 def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
     results = Results()
+    redis_publish: list[float] = []
     flush_redis()
     log("Redis")
     results.redis = backend_figures(config.REDIS_RESULTS, sizes, tmp, capped=False)
     for kind in kinds:
         target = prepare(kind, tmp)
         results.per_db[kind] = database_figures(target, sizes, tmp)
+        log(f"{kind}: publish rates")
+        urls = {"sql": target.backend_url("sql"), "db": target.backend_url("db")}
+        urls["redis"] = config.REDIS_RESULTS
+        rates = publish_figures(urls, sizes)
+        log(f"  {_brief(rates)}")
+        results.per_db[kind]["sql"]["publish"] = rates["sql"]
+        results.per_db[kind]["sql"]["publish_recorded"] = rates["sql_recorded"]
+        results.per_db[kind]["db"]["publish"] = rates["db"]
+        redis_publish.append(rates["redis"])
+    if redis_publish:  # measured next to each database; one Redis column for all
+        results.redis["publish"] = median(redis_publish)
     return results
 
 
