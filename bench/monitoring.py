@@ -237,6 +237,12 @@ def cases(app: Celery, groups: dict[int, str], rows: int) -> list[Case]:
             True,
         ),
         Case(
+            "list, name=other.* (glob, no match: worst case)",
+            lambda: query.filter(name="other.*").page(PAGE),
+            f"/api/tasks?name=other.*&limit={PAGE}",
+            True,
+        ),
+        Case(
             "list, state=FAILURE and name=proj.tasks.t19",
             lambda: query.filter(state="FAILURE", name="proj.tasks.t19").page(PAGE),
             f"/api/tasks?state=FAILURE&name=proj.tasks.t19&limit={PAGE}",

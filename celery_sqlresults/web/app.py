@@ -230,7 +230,7 @@ def _filtered(query: ResultQuery, params: Mapping[str, str], state: bool) -> Res
     if state and params.get("state"):
         if not _STATES.fullmatch(params["state"]):
             raise BadRequest(
-                f"state: {params['state']!r} is not a task state like SUCCESS or FAILURE "
+                f"state: {_shown(params['state'])} is not a task state like SUCCESS or FAILURE "
                 "(several: comma-separated, no spaces)"
             )
         wanted = params["state"].upper().split(",")
@@ -264,12 +264,16 @@ def _int(value: str | None, name: str, default: int, low: int, high: int) -> int
     if value is None:
         return default
     if not _INTEGER.fullmatch(value):
-        raise BadRequest(f"{name}: {value!r} is not a whole number")
+        raise BadRequest(f"{name}: {_shown(value)} is not a whole number")
     n = int(value) if len(value) <= 20 else None  # int() refuses over 4300 digits
     if n is None or not low <= n <= high:
-        shown = value if len(value) <= 30 else value[:30] + "…"
-        raise BadRequest(f"{name}: must be between {low} and {high}, got {shown}")
+        raise BadRequest(f"{name}: must be between {low} and {high}, got {_shown(value)}")
     return n
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` for an error message: its repr, cut short (a message must not echo megabytes)."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 # ---- responses -----------------------------------------------------------------
