@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shlex
 import statistics
 import sys
@@ -324,9 +325,11 @@ def seq_scan(case: Case) -> bool:
 
 
 # ---- report ----------------------------------------------------------------------
-def render(results: list[Case], rows: int, runs: int, command: str, fill: str) -> str:
+def render(
+    results: list[Case], rows: int, runs: int, command: str, fill: str, load_before: float
+) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = f"{_load()} at the end of the run"
+    load = f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end"
     lines = [
         f"# Monitoring queries on {rows:,} stored results (PostgreSQL)",
         "",
@@ -355,7 +358,8 @@ def render(results: list[Case], rows: int, runs: int, command: str, fill: str) -
         "`create_app`: routing, the same `ResultQuery`, JSON encoding). Pages hold "
         f"{PAGE} rows; page {DEEP_PAGE} is reached with the keyset cursor of page "
         f"{DEEP_PAGE - 1}. The SQL is what the API ran, captured on the engine; its plans "
-        "(`EXPLAIN (ANALYZE, BUFFERS)`, one more run) are below.",
+        "(`EXPLAIN (ANALYZE, BUFFERS)`, one more run) are below. *Items*: what the answer "
+        "holds (tasks, task names in the stats, group members).",
         "",
         "## Figures",
         "",
@@ -414,12 +418,6 @@ def _short(path: str) -> str:
     return path if len(path) <= 60 else path[:57] + "…"
 
 
-def _load() -> str:
-    import os
-
-    return f"{os.getloadavg()[0]:.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.monitoring", description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000, help="task results to store")
@@ -429,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < 10_000:
         parser.error("--rows: at least 10000 (the deep page and the groups need them)")
     command = shlex.join([".venv/bin/python", "-m", "bench.monitoring", *sys.argv[1:]])
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     app, groups = prepare(args.rows)
-    fill = f"{time.perf_counter() - start:.0f} s with the indexes and VACUUM ANALYZE"
+    fill = f"{time.perf_counter() - start:.0f} s in all, with the groups and VACUUM ANALYZE"
     results = measure(app, groups, args.rows, args.runs)
-    text = render(results, args.rows, args.runs, command, fill)
+    text = render(results, args.rows, args.runs, command, fill, load_before)
     table = text.split("## Figures", 1)[1].split("## Plans", 1)[0]
     print(table.strip())
     if args.out is not None:
