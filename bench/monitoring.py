@@ -38,6 +38,7 @@ from celery.result import AsyncResult, GroupResult
 from sqlalchemy.engine import make_url
 
 from celery_sqlresults import ResultQuery, create_tables
+from celery_sqlresults import engine as engine_mod
 from celery_sqlresults.web import create_app
 
 from . import config
@@ -141,6 +142,17 @@ def prepare(rows: int) -> tuple[Celery, dict[int, str]]:
         conn.exec_driver_sql("VACUUM ANALYZE celery_tasksetmeta")
         log(f"VACUUM ANALYZE in {time.perf_counter() - start:.1f} s")
     return app, groups
+
+
+def drop_database() -> None:
+    """Drop the benchmark database: a million rows are a few hundred MB on a shared server."""
+    engine_mod.dispose_all()
+    admin = admin_engine(config.PG_ADMIN)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+    finally:
+        admin.dispose()
 
 
 # ---- measuring -------------------------------------------------------------------
@@ -423,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="task results to store")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per figure (median)")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    parser.add_argument(
+        "--keep", action="store_true", help=f"keep the database {DATABASE} (default: drop it)"
+    )
     args = parser.parse_args(argv)
     if args.rows < 10_000:
         parser.error("--rows: at least 10000 (the deep page and the groups need them)")
@@ -431,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     app, groups = prepare(args.rows)
     fill = f"{time.perf_counter() - start:.0f} s in all, with the groups and VACUUM ANALYZE"
-    results = measure(app, groups, args.rows, args.runs)
+    try:
+        results = measure(app, groups, args.rows, args.runs)
+    finally:
+        if not args.keep:
+            drop_database()
     text = render(results, args.rows, args.runs, command, fill, load_before)
     table = text.split("## Figures", 1)[1].split("## Plans", 1)[0]
     print(table.strip())
