@@ -16,13 +16,19 @@ from . import config
 from .ops import store_get_rates
 
 
-def make_app(backend: str, broker: str = config.BROKER, queue: str = "bench") -> Celery:
-    """An app storing results in ``backend`` (a full Celery URL: ``sql+…``, ``db+…``, ``redis://…``)."""
+def make_app(
+    backend: str, broker: str = config.BROKER, queue: str = "bench", record_on_publish: bool = False
+) -> Celery:
+    """An app storing results in ``backend`` (a full Celery URL: ``sql+…``, ``db+…``, ``redis://…``).
+
+    ``record_on_publish`` turns on ``sqlresults_record_on_publish`` (sql+ only).
+    """
     app = Celery("bench", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
         result_extended=True,
         broker_connection_retry_on_startup=True,
+        sqlresults_record_on_publish=record_on_publish,
     )
     _register_tasks(app)
     return app

@@ -40,7 +40,8 @@ class Sizes:
     chord: int  # header tasks in the chord
     big_chord: int  # header tasks in the big chord (one round)
     startup_repeats: int  # startup measurements per state (median reported)
-    rounds: int  # repeats of figures 1-3, 5, 6 (median reported); db+ in a client: 1
+    rounds: int  # repeats of figures 1-3, 5, 6, 8 (median reported); db+ in a client: 1
+    publish: int  # apply_async calls per publish-rate measurement (figure 8)
     warmup: int = 10
 
     @classmethod
@@ -56,6 +57,7 @@ class Sizes:
             big_chord=2000,
             startup_repeats=5,
             rounds=3,
+            publish=2000,
         )
 
     @classmethod
@@ -71,4 +73,5 @@ class Sizes:
             big_chord=200,
             startup_repeats=2,
             rounds=1,
+            publish=300,
         )

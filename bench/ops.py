@@ -114,3 +114,28 @@ def chord_seconds(add: Any, tsum: Any, n: int) -> float:
     if value != n * (n - 1):
         raise RuntimeError(f"chord returned {value!r}, expected {n * (n - 1)}")
     return elapsed
+
+
+def publish_rate(add: Any, n: int, warmup: int = 10) -> float:
+    """``add.apply_async()`` calls per second to a queue no worker consumes.
+
+    Measures what publishing costs the caller, including the result backend's
+    ``on_task_call`` (record on publish, Redis' result subscription). The queue
+    is purged and deleted afterwards; every message must be found there.
+    """
+    app = add.app
+    queue = f"bench-publish-{uuid()[:8]}"
+    try:
+        for _ in range(warmup):
+            add.apply_async((1, 1), queue=queue)
+        start = time.perf_counter()
+        for _ in range(n):
+            add.apply_async((1, 1), queue=queue)
+        elapsed = time.perf_counter() - start
+    finally:
+        with app.connection_for_write() as conn:
+            purged = conn.default_channel.queue_purge(queue)
+            conn.default_channel.queue_delete(queue)
+    if purged != n + warmup:
+        raise RuntimeError(f"purged {purged} messages from {queue}, published {n + warmup}")
+    return n / elapsed

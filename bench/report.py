@@ -31,6 +31,10 @@ class Figure:
     key: str
     label: str
     unit: str  # "/s" (higher is better), "ms" or "s" (lower is better)
+    others: str | None = None  # key of db+'s and Redis' figure, if not ``key``
+
+    def key_for(self, backend: str) -> str:
+        return self.key if backend == "sql" or self.others is None else self.others
 
     @property
     def higher_is_better(self) -> bool:
@@ -62,6 +66,13 @@ def figures(sizes: Sizes) -> list[Figure]:
         Figure("startup_empty_first", "7. startup, empty db: construct + first call", "ms"),
         Figure("startup_ready", "7. startup, ready db: construct backend", "ms"),
         Figure("startup_ready_first", "7. startup, ready db: construct + first call", "ms"),
+        Figure("publish", "8. apply_async, no worker (sql+: record on publish off)", "/s"),
+        Figure(
+            "publish_recorded",
+            "8. apply_async, no worker, sql+ record on publish on",
+            "/s",
+            "publish",
+        ),
     ]
 
 
@@ -107,6 +118,15 @@ _OTHER_GOALS = [
     Goal("store_child", "db", 5.0, "store_result in prefork child ≥ 5x db+"),
     Goal("get_child", "db", 5.0, "get_task_meta in prefork child ≥ 5x db+"),
 ]
+#: db+ does nothing when a task is published: with record on publish off, neither do we.
+_PUBLISH_GOAL = Goal(
+    "publish",
+    "db",
+    0.9,
+    "record on publish off costs nothing extra: publish rate ≥ 0.9x db+ (noise)",
+)
+_PG_GOALS.append(_PUBLISH_GOAL)
+_OTHER_GOALS.append(_PUBLISH_GOAL)
 GOALS = {"postgresql": _PG_GOALS, "mysql": _OTHER_GOALS, "sqlite": _OTHER_GOALS}
 
 
@@ -127,7 +147,7 @@ def verdicts(results: Results, kinds: list[str], sizes: Sizes) -> list[Verdict]:
     for kind in kinds:
         for goal in GOALS[kind]:
             fig = figs[goal.key]
-            other = results.value(kind, goal.against, goal.key)
+            other = results.value(kind, goal.against, fig.key_for(goal.against))
             value = ratio(fig, results.value(kind, "sql", goal.key), other)
             out.append(Verdict(kind, goal, value))
     return out
@@ -138,7 +158,7 @@ def table(results: Results, kind: str, sizes: Sizes) -> str:
     head = ["Figure", "sql+", "db+", "Redis", "sql+/db+", "sql+/Redis"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for fig in figures(sizes):
-        ours, db, red = (results.value(kind, b, fig.key) for b in config.BACKENDS)
+        ours, db, red = (results.value(kind, b, fig.key_for(b)) for b in config.BACKENDS)
         cells = [fig.label, fig.format(ours), fig.format(db), fig.format(red)]
         cells += [_fmt_ratio(ratio(fig, ours, db)), _fmt_ratio(ratio(fig, ours, red))]
         rows.append("| " + " | ".join(cells) + " |")
@@ -157,7 +177,24 @@ def targets_section(results: Results, kinds: list[str], sizes: Sizes) -> str:
             f"{_fmt_ratio(verdict.value)} vs {verdict.goal.against}, "
             f"needs ≥ {verdict.goal.min_ratio:.2f}x"
         )
+    lines += ["", *publish_overhead(results, kinds)]
     return "\n".join(lines)
+
+
+def publish_overhead(results: Results, kinds: list[str]) -> list[str]:
+    """What record on publish costs per publish (figure 8, sql+ on vs off): reported, no target."""
+    lines = ["Record on publish (one insert-if-absent per publish; reported, no target):", ""]
+    for kind in kinds:
+        off = results.value(kind, "sql", "publish")
+        on = results.value(kind, "sql", "publish_recorded")
+        if not off or not on:
+            continue
+        extra_ms = 1000 / on - 1000 / off
+        lines.append(
+            f"- {config.DB_TITLES[kind]}: {on:,.0f} publishes/s with it on vs {off:,.0f}/s off "
+            f"({on / off:.2f}x the rate, {extra_ms:+.2f} ms per publish)"
+        )
+    return lines
 
 
 def machine(servers: Mapping[str, str], load: str) -> list[str]:
@@ -264,6 +301,15 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    `get_task_meta`, on an empty database (all tables dropped first) and on a ready
    one; median of {s.startup_repeats}. Celery's db+ creates its tables in its
    constructor too (`database_create_tables_at_setup`, on by default).
+8. In a plain client process, `add.apply_async((1, 1))` to a queue of the Redis broker
+   that no worker consumes: {s.publish} calls after {s.warmup} warm-up calls, {s.rounds}
+   rounds; the queue is purged afterwards (every message must be there). This is what
+   publishing costs the caller, backend included: nothing for db+, a result subscription
+   for Redis, and for sql+ nothing with `sqlresults_record_on_publish` off (the first row)
+   and one insert-if-absent of a PENDING row with it on (the second row, compared with the
+   same db+ and Redis figures). Measured after each database's other figures, the
+   backends taking turns within each round (sql+ off, sql+ on, db+, Redis); Redis' column
+   is the median over its rounds next to every database.
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
 (rate ÷ rate for rates, inverted time ÷ time for times). One run on a small machine:

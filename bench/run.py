@@ -16,6 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
 
+from celery.signals import before_task_publish
+
+from celery_sqlresults import publish as sqlresults_publish
+
 from . import config, ops
 from .app import make_app
 from .config import Sizes
@@ -91,6 +95,35 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
         }
 
 
+def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:
+    """Figure 8: ``apply_async`` rates to the broker, no worker, for the backends in ``urls``.
+
+    ``urls`` maps a label to a backend URL; an ``sql+`` URL is measured with
+    record on publish off (label) and on (label + ``_recorded``). The backends
+    take turns within each round so drift in the machine's load hits them
+    alike; record on publish's signal handler is disconnected after each
+    "on" so no later publish pays for a connected receiver.
+    """
+    samples: dict[str, list[float]] = {}
+    for _ in range(sizes.rounds):
+        for label, url in urls.items():
+            add = make_app(url).tasks["bench.add"]
+            samples.setdefault(label, []).append(ops.publish_rate(add, sizes.publish, sizes.warmup))
+            if url.startswith("sql+"):
+                add = make_app(url, record_on_publish=True).tasks["bench.add"]
+                try:
+                    rate = ops.publish_rate(add, sizes.publish, sizes.warmup)
+                finally:
+                    _disconnect_record_on_publish()
+                samples.setdefault(label + "_recorded", []).append(rate)
+    return {label: median(rates) for label, rates in samples.items()}
+
+
+def _disconnect_record_on_publish() -> None:
+    before_task_publish.disconnect(dispatch_uid=sqlresults_publish.__name__)
+    sqlresults_publish._connected = False
+
+
 def backend_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
     out = client_figures(url, sizes, capped)
     log(f"  client done: {_brief(out)}")
@@ -119,12 +152,24 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
 
 def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
     results = Results()
+    redis_publish: list[float] = []
     flush_redis()
     log("Redis")
     results.redis = backend_figures(config.REDIS_RESULTS, sizes, tmp, capped=False)
     for kind in kinds:
         target = prepare(kind, tmp)
         results.per_db[kind] = database_figures(target, sizes, tmp)
+        log(f"{kind}: publish rates")
+        urls = {"sql": target.backend_url("sql"), "db": target.backend_url("db")}
+        urls["redis"] = config.REDIS_RESULTS
+        rates = publish_figures(urls, sizes)
+        log(f"  {_brief(rates)}")
+        results.per_db[kind]["sql"]["publish"] = rates["sql"]
+        results.per_db[kind]["sql"]["publish_recorded"] = rates["sql_recorded"]
+        results.per_db[kind]["db"]["publish"] = rates["db"]
+        redis_publish.append(rates["redis"])
+    if redis_publish:  # measured next to each database; one Redis column for all
+        results.redis["publish"] = median(redis_publish)
     return results
 
 

@@ -39,6 +39,8 @@ __all__ = [
 T = TypeVar("T")
 When = str | datetime | timedelta
 
+#: Largest id a cursor may name: a signed 64-bit integer (SQLite's rowid; BIGINT elsewhere).
+_MAX_ID = 2**63 - 1
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _COLUMNS = (
@@ -432,8 +434,10 @@ def decode_cursor(cursor: str) -> tuple[datetime | None, int]:
         done, row_id = json.loads(raw)
         if type(row_id) is not int or not (done is None or isinstance(done, str)):
             raise ValueError
+        if not 0 <= row_id <= _MAX_ID:
+            raise ValueError
         return (None if done is None else _naive(datetime.fromisoformat(done))), row_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error):
         raise ValueError(f"invalid cursor {cursor!r}: use the next_cursor of a page") from None
 
 
@@ -445,7 +449,8 @@ def _keyset(
     Unfinished rows (``date_done IS NULL``) come first on PostgreSQL and
     last on MySQL/SQLite, as the listing's ``ORDER BY`` puts them.
     """
-    d, i = t.c.date_done, t.c.id
+    # As BIGINT: a cursor may name an id beyond PostgreSQL's INTEGER (it compares fine).
+    d, i = t.c.date_done, sa.type_coerce(t.c.id, sa.BigInteger)
     if done is None:
         among_unfinished = sa.and_(d.is_(None), i < row_id)
         return sa.or_(among_unfinished, d.is_not(None)) if nulls_first else among_unfinished

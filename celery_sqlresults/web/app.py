@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..backend import SQLResultsBackend
 from ..query import ResultQuery, TaskRecord, parse_when
 from ..settings import mask_url
-from .openapi import openapi_document
+from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
 
 __all__ = ["create_app"]
 
@@ -50,8 +50,10 @@ logger = logging.getLogger("celery_sqlresults.web")
 STATIC = Path(__file__).with_name("static")
 #: Rows per page of ``/api/tasks``: default and maximum.
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
-_STATE = re.compile(r"^[A-Za-z_]{1,50}$")
-_MAX_TEXT = 255
+# The document's patterns, matched whole (``$`` would also allow a trailing newline).
+_STATES = re.compile(STATES.strip("^$"))
+_NO_NUL = re.compile(NO_NUL.strip("^$"))
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 _MAX_DEPTH = 20
 
 
@@ -145,8 +147,13 @@ class _Api:
         params = request.query_params
         query = _filtered(self.query, params, state=True)
         limit = _int(params.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        cursor = params.get("cursor") or None
+        if cursor is not None and len(cursor) > MAX_CURSOR:
+            raise BadRequest(
+                f"cursor: at most {MAX_CURSOR} characters; use the next_cursor of a page"
+            )
         try:
-            query = query.after(params.get("cursor") or None)
+            query = query.after(cursor)
         except ValueError as exc:
             raise BadRequest(f"cursor: {exc}") from None
         records, cursor = query.page(limit)
@@ -155,7 +162,7 @@ class _Api:
         )
 
     def task(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
+        task_id = _text(request.path_params["task_id"], "task_id")
         record = self.query.get(task_id)
         if record is None:
             return JSONResponse({"error": f"no result stored for task {task_id}"}, 404)
@@ -174,7 +181,7 @@ class _Api:
         return JSONResponse(body, headers=_headers())
 
     def group(self, request: Request) -> Response:
-        group_id = request.path_params["group_id"]
+        group_id = _text(request.path_params["group_id"], "group_id")
         group = self.query.backend.restore_group(group_id, cache=False)
         if group is None:
             return JSONResponse({"error": f"no group stored with id {group_id}"}, 404)
@@ -221,14 +228,18 @@ def _filtered(query: ResultQuery, params: Mapping[str, str], state: bool) -> Res
     """``query`` with the filters named in the query string (400 on a bad value)."""
     wanted: list[str] | None = None
     if state and params.get("state"):
-        wanted = [s.strip().upper() for s in params["state"].split(",") if s.strip()]
-        bad = [s for s in wanted if not _STATE.match(s)]
-        if bad:
-            raise BadRequest(f"state: {bad[0]!r} is not a task state like SUCCESS or FAILURE")
+        if not _STATES.fullmatch(params["state"]):
+            raise BadRequest(
+                f"state: {_shown(params['state'])} is not a task state like SUCCESS or FAILURE "
+                "(several: comma-separated, no spaces)"
+            )
+        wanted = params["state"].upper().split(",")
     name, worker = (params.get(key) or None for key in ("name", "worker"))
     for key, value in (("name", name), ("worker", worker)):
-        if value is not None and len(value) > _MAX_TEXT:
-            raise BadRequest(f"{key}: at most {_MAX_TEXT} characters")
+        if value is not None and len(value) > MAX_TEXT:
+            raise BadRequest(f"{key}: at most {MAX_TEXT} characters")
+        if value is not None:
+            _text(value, key)
     since, until = (_time(params, key) for key in ("since", "until"))
     return query.filter(state=wanted or None, name=name, worker=worker, since=since, until=until)
 
@@ -241,16 +252,28 @@ def _time(params: Mapping[str, str], key: str) -> datetime | None:
         raise BadRequest(f"{key}: {exc}") from None
 
 
+def _text(value: str, name: str) -> str:
+    """``value`` unless it holds a NUL character (PostgreSQL text cannot; no id or name has one)."""
+    if not _NO_NUL.fullmatch(value):
+        raise BadRequest(f"{name}: must not contain NUL characters")
+    return value
+
+
 def _int(value: str | None, name: str, default: int, low: int, high: int) -> int:
-    if value is None or value == "":
+    """An integer in ASCII digits: ``int()`` would also take `` 5``, ``5_0`` or Arabic digits."""
+    if value is None:
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise BadRequest(f"{name}: {value!r} is not a whole number") from None
-    if not low <= n <= high:
-        raise BadRequest(f"{name}: must be between {low} and {high}, got {n}")
+    if not _INTEGER.fullmatch(value):
+        raise BadRequest(f"{name}: {_shown(value)} is not a whole number")
+    n = int(value) if len(value) <= 20 else None  # int() refuses over 4300 digits
+    if n is None or not low <= n <= high:
+        raise BadRequest(f"{name}: must be between {low} and {high}, got {_shown(value)}")
     return n
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` for an error message: its repr, cut short (a message must not echo megabytes)."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 # ---- responses -----------------------------------------------------------------

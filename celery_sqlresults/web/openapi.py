@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["openapi_document"]
+__all__ = ["MAX_CURSOR", "MAX_TEXT", "NO_NUL", "STATES", "openapi_document"]
+
+# The request grammar, shared with the app so the document and the checks agree.
+#: ``state``: task states, comma-separated, no spaces (or empty: any state).
+STATES = r"^([A-Za-z_]{1,50}(,[A-Za-z_]{1,50})*)?$"
+#: Text values (name, worker, ids): no NUL character, which PostgreSQL text cannot hold.
+NO_NUL = r"^[^\x00]*$"
+#: Longest ``name``/``worker`` pattern, and longest cursor, accepted.
+MAX_TEXT, MAX_CURSOR = 255, 200
 
 
 def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -18,7 +26,8 @@ def _param(name: str, description: str, schema: dict[str, Any] | None = None) ->
 
 
 def _path_param(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    schema = {"type": "string", "pattern": NO_NUL}
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def _json(ref: str, description: str) -> dict[str, Any]:
@@ -27,14 +36,15 @@ def _json(ref: str, description: str) -> dict[str, Any]:
 
 
 _TIME = "Relative (90s, 30m, 1h, 7d, 2w: that long ago) or ISO-8601 (UTC if no offset)."
+_TEXT = {"type": "string", "maxLength": MAX_TEXT, "pattern": NO_NUL}
 _FILTERS = [
-    _param("name", "Task name; * matches any text."),
-    _param("worker", "Worker hostname; * matches any text."),
+    _param("name", "Task name; * matches any text.", _TEXT),
+    _param("worker", "Worker hostname; * matches any text.", _TEXT),
     _param("since", "Finished at or after this time. " + _TIME),
     _param("until", "Finished before this time. " + _TIME),
 ]
 _ERRORS = {
-    "400": _json("Error", "A query value is invalid (the message says which)."),
+    "400": _json("Error", "A value is invalid; the message starts with its name."),
     "401": _json("Error", "Authentication is configured and missing or wrong."),
     "503": _json("Error", "The result database is unavailable."),
 }
@@ -57,14 +67,23 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "List stored task results, newest first (keyset pagination).",
                     "parameters": [
-                        _param("state", "Only these states, comma-separated (e.g. FAILURE)."),
+                        _param(
+                            "state",
+                            "Only these states, comma-separated without spaces (e.g. "
+                            "FAILURE or SUCCESS,FAILURE; any case).",
+                            {"type": "string", "pattern": STATES},
+                        ),
                         *_FILTERS,
                         _param(
                             "limit",
                             "Rows per page (default 50).",
                             {"type": "integer", "minimum": 1, "maximum": 500},
                         ),
-                        _param("cursor", "The next_cursor of the previous page."),
+                        _param(
+                            "cursor",
+                            "The next_cursor of the previous page (opaque).",
+                            {"type": "string", "maxLength": MAX_CURSOR},
+                        ),
                     ],
                     "responses": {"200": _json("TaskPage", "One page of tasks."), **_ERRORS},
                 }
