@@ -112,6 +112,12 @@ def build_tables(
         schema=task_schema,
         sqlite_autoincrement=True,
     )
+    # Revision 0006: name globs as prefix matches under any collation (PostgreSQL only).
+    sa.Index(
+        f"ix_{task.name}_name_pattern"[:63],
+        task.c.name,
+        postgresql_ops={"name": "varchar_pattern_ops"},
+    ).ddl_if(dialect="postgresql")
     group = sa.Table(
         names["group"],
         md,

@@ -23,13 +23,14 @@ from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .conftest import task_request as request
 from .test_compat import db_plus_app
 
-HEAD = "0005"
+HEAD = "0006"
 TABLES = {
     "celery_taskmeta",
     "celery_tasksetmeta",
     "celery_sqlresults_chord",
     "celery_sqlresults_chord_part",
 }
+PATTERN_INDEX = "ix_celery_taskmeta_name_pattern"
 SEQUENCES = ["task_id_sequence", "taskset_id_sequence"]  # MariaDB's are objects to grant on
 
 
@@ -59,6 +60,15 @@ def indexed(db_url: str, table: str = "celery_taskmeta", schema: str | None = No
         with eng.connect() as conn:
             found = sa.inspect(conn).get_indexes(table, schema=schema)
         return {ix["column_names"][0] for ix in found if ix["column_names"]}
+    finally:
+        eng.dispose()
+
+
+def index_names(db_url: str, table: str = "celery_taskmeta") -> set[str]:
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return {str(ix["name"]) for ix in sa.inspect(conn).get_indexes(table)}
     finally:
         eng.dispose()
 
@@ -98,12 +108,33 @@ def count(db_url: str, table: str = "celery_taskmeta") -> int:
 
 
 # ---- empty database ---------------------------------------------------------
-def test_empty_database_is_brought_to_head(make_app: Callable[..., Celery], db_url: str) -> None:
+def test_empty_database_is_brought_to_head(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
     make_app().backend  # noqa: B018
     assert TABLES <= table_names(db_url)
     assert version(db_url) == [HEAD]
     assert {"status", "name", "date_done"} <= indexed(db_url)
     assert "alembic_version" not in table_names(db_url)
+    assert (PATTERN_INDEX in index_names(db_url)) == (db_kind == "postgresql")
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_name_pattern_index_serves_globs(make_app: Callable[..., Celery], db_url: str) -> None:
+    assert run("upgrade", "0005", "--url", db_url).exit_code == 0
+    assert PATTERN_INDEX not in index_names(db_url)
+    assert run("upgrade", "--url", db_url).exit_code == 0
+    assert PATTERN_INDEX in index_names(db_url)
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        conn.exec_driver_sql("SET enable_seqscan = off")  # a tiny table: ask what could serve it
+        plan = conn.exec_driver_sql(
+            "EXPLAIN SELECT * FROM celery_taskmeta WHERE name LIKE 'proj.%%'"
+        ).scalars()
+        assert PATTERN_INDEX in "\n".join(plan)
+    eng.dispose()
+    assert run("downgrade", "0005", "--url", db_url).exit_code == 0
+    assert PATTERN_INDEX not in index_names(db_url)
 
 
 def test_head_layout_is_what_schema_py_describes(
@@ -456,15 +487,15 @@ def test_database_newer_than_the_package(
 _NOT_ADDITIVE = '''
 """A destructive step, for the test.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 additive = False
@@ -489,17 +520,17 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 ) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0006_destructive.py").write_text(_NOT_ADDITIVE)
+    (scripts / "versions" / "0007_destructive.py").write_text(_NOT_ADDITIVE)
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
     assert version(db_url) == [HEAD]
-    assert "revision 0006" in caplog.text and "results upgrade" in caplog.text
+    assert "revision 0007" in caplog.text and "results upgrade" in caplog.text
     assert "destructive_marker" not in table_names(db_url)
     backend.store_result("t", 1, "SUCCESS")  # the tables work at the revision before
     assert run("check", "--url", db_url).exit_code == 1
     assert run("upgrade", "--url", db_url).exit_code == 0
-    assert version(db_url) == ["0006"] and "destructive_marker" in table_names(db_url)
+    assert version(db_url) == ["0007"] and "destructive_marker" in table_names(db_url)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 from kombu.utils.encoding import ensure_bytes
 
@@ -26,6 +27,7 @@ with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still wo
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+from celery_sqlresults.web import app as web_app
 from celery_sqlresults.web import create_app
 
 HTML = '<b id="pwn">x</b><script>window.pwned = 1</script>'
@@ -83,6 +85,7 @@ def test_task_detail_and_404(app: Celery, client: TestClient) -> None:
     bad = client.get("/api/tasks/bad").json()
     assert bad["state"] == "FAILURE"
     assert bad["result"] == "ValueError('boom')" and "boom" in bad["traceback"]
+    assert bad["date_created"] is not None and bad["date_started"] is None  # never STARTED
 
     missing = client.get("/api/tasks/nope")
     assert missing.status_code == 404
@@ -185,6 +188,29 @@ def test_stats(app: Celery, client: TestClient) -> None:
     recent = client.get("/api/stats", params={"since": "1d"}).json()
     assert recent["states"] == {"SUCCESS": 2, "FAILURE": 1} and recent["total"] == 3
     assert client.get("/api/stats", params={"since": "soon"}).status_code == 400
+
+
+def test_stats_are_counted_once_for_every_open_page(
+    app: Celery, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting reads the table: pages polling together share one count per STATS_TTL."""
+    put(app, "a", "SUCCESS", name="proj.add", date=datetime.now(timezone.utc).replace(tzinfo=None))
+    counts: list[str] = []
+    sa.event.listen(
+        app.backend.store.engine,
+        "before_cursor_execute",
+        lambda c, cur, s, *a: counts.append(s) if "count(" in s.lower() else None,
+    )
+    clock = [1000.0]
+    monkeypatch.setattr(web_app.time, "monotonic", lambda: clock[0])
+    first = [client.get("/api/stats").json() for _ in range(5)]
+    assert len(counts) == 1 and all(b == first[0] for b in first)
+    client.get("/api/stats", params={"since": "1d"})  # another query: its own count
+    assert len(counts) == 2
+    put(app, "b", "FAILURE", name="proj.add", date=datetime.now(timezone.utc).replace(tzinfo=None))
+    clock[0] += web_app.STATS_TTL
+    assert client.get("/api/stats").json()["states"] == {"SUCCESS": 1, "FAILURE": 1}
+    assert len(counts) == 3
 
 
 def test_group(app: Celery, client: TestClient) -> None:

@@ -23,6 +23,8 @@ import hmac
 import logging
 import math
 import re
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -50,6 +52,12 @@ logger = logging.getLogger("celery_sqlresults.web")
 STATIC = Path(__file__).with_name("static")
 #: Rows per page of ``/api/tasks``: default and maximum.
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+#: Seconds a ``/api/stats`` answer is reused for the same query. Counting a whole
+#: table is the one request that reads every row (about 0.25 s on a million rows,
+#: docs/monitoring-benchmarks.md); every open page asks every 2 s, so all of
+#: them together now cost one count per this many seconds.
+STATS_TTL = 2.0
+_STATS_KEEP = 64  # distinct stats queries remembered
 # The document's patterns, matched whole (``$`` would also allow a trailing newline).
 _STATES = re.compile(STATES.strip("^$"))
 _NO_NUL = re.compile(NO_NUL.strip("^$"))
@@ -111,6 +119,8 @@ class _Api:
 
     def __init__(self, query: ResultQuery) -> None:
         self.query = query
+        self._stats: dict[tuple[tuple[str, str], ...], tuple[float, dict[str, Any]]] = {}
+        self._stats_lock = threading.Lock()
         self.js = (STATIC / "app.js").read_text(encoding="utf-8")
         html = (STATIC / "index.html").read_text(encoding="utf-8")
         # The script is inlined so the page needs no second authenticated request;
@@ -170,6 +180,20 @@ class _Api:
 
     def stats(self, request: Request) -> Response:
         query = _filtered(self.query, request.query_params, state=False)
+        key = tuple(sorted((k, v) for k, v in request.query_params.items() if k != "token"))
+        now = time.monotonic()
+        with self._stats_lock:
+            cached = self._stats.get(key)
+        if cached is not None and now - cached[0] < STATS_TTL:
+            return JSONResponse(cached[1], headers=_headers())
+        body = self._count(query)
+        with self._stats_lock:
+            if len(self._stats) >= _STATS_KEEP:
+                self._stats.clear()
+            self._stats[key] = (now, body)
+        return JSONResponse(body, headers=_headers())
+
+    def _count(self, query: ResultQuery) -> dict[str, Any]:
         by_name = query.stats(by_name=True)
         per_state: dict[str, int] = {}
         names = []
@@ -177,8 +201,7 @@ class _Api:
             for state, n in counts.items():
                 per_state[state] = per_state.get(state, 0) + n
             names.append({"name": name, "states": counts, "total": sum(counts.values())})
-        body = {"states": per_state, "total": sum(per_state.values()), "names": names}
-        return JSONResponse(body, headers=_headers())
+        return {"states": per_state, "total": sum(per_state.values()), "names": names}
 
     def group(self, request: Request) -> Response:
         group_id = _text(request.path_params["group_id"], "group_id")
@@ -291,6 +314,8 @@ def _task(record: TaskRecord) -> dict[str, Any]:
         "worker": record.worker,
         "queue": record.queue,
         "retries": record.retries,
+        "date_created": _jsonable(record.date_created),
+        "date_started": _jsonable(record.date_started),
         "date_done": _jsonable(record.date_done),
         "args": _jsonable(record.args),
         "kwargs": _jsonable(record.kwargs),

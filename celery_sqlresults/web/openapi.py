@@ -151,6 +151,17 @@ def openapi_document() -> dict[str, Any]:
                         "worker": _NULLABLE_STR,
                         "queue": _NULLABLE_STR,
                         "retries": {"type": ["integer", "null"]},
+                        "date_created": {
+                            "type": ["string", "null"],
+                            "format": "date-time",
+                            "description": "When the row was first written: publish time with "
+                            "record on publish, else the first state a worker stored.",
+                        },
+                        "date_started": {
+                            "type": ["string", "null"],
+                            "format": "date-time",
+                            "description": "The last STARTED (task_track_started).",
+                        },
                         "date_done": {"type": ["string", "null"], "format": "date-time"},
                         "args": {},
                         "kwargs": {},

@@ -129,7 +129,9 @@
     $("d-id").textContent = task.task_id;
     var fields = [];
     [["state", task.state], ["name", task.name], ["worker", task.worker], ["queue", task.queue],
-      ["retries", task.retries], ["finished (UTC)", when(task.date_done)]].forEach(function (pair) {
+      ["retries", task.retries], ["created (UTC)", when(task.date_created)],
+      ["started (UTC)", when(task.date_started)],
+      ["finished (UTC)", when(task.date_done)]].forEach(function (pair) {
       fields.push(el("dt", pair[0]), el("dd", pair[1] === null ? "–" : pair[1]));
     });
     $("d-fields").replaceChildren.apply($("d-fields"), fields);
@@ -180,7 +182,8 @@
       if (error.status !== 404) throw error;
       if (view.kind === "task") {
         renderDetail({ task_id: view.id, state: "PENDING (nothing stored)", name: null,
-          worker: null, queue: null, retries: null, date_done: null, args: null, kwargs: null,
+          worker: null, queue: null, retries: null, date_created: null, date_started: null,
+          date_done: null, args: null, kwargs: null,
           result: null, traceback: null });
       } else {
         renderGroup({ group_id: view.id + " (not stored)", members: [], states: {},
