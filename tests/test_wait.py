@@ -59,6 +59,13 @@ def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery]) -> 
             queried.append(sum(1 for p in (params or {}) if str(p).startswith("ids")))
 
     sa.event.listen(backend.store.engine, "before_cursor_execute", count)
+    # This process's listener lost its connection when the test database was recreated;
+    # measure once it listens again (until then waits poll, and re-read every id by design).
+    listener = backend._waiter
+    listener._start()
+    for _ in range(2):
+        assert listener._listening.wait(30)
+        time.sleep(0.3)  # a reconnect in flight shows up as not listening
 
     def store_all() -> None:
         time.sleep(0.2)
