@@ -36,8 +36,8 @@ __all__ = ["SQLResultsBackend"]
 logger = logging.getLogger("celery_sqlresults")
 
 _PICKLE = "application/x-python-serialize"
-#: Bytes of a traceback kept when a failure is stored without its oversized values.
-_TRACEBACK_TAIL = 8000
+#: Characters of a traceback kept when it is too large for its column (MySQL TEXT: 64 KB).
+_TRACEBACK_KEPT = 8000
 
 
 class SQLResultsBackend(BaseBackend):
@@ -236,7 +236,8 @@ class SQLResultsBackend(BaseBackend):
                 row[column] = None
             row["result"] = ensure_bytes(self.encode(self.prepare_exception(exc)))
             if "traceback" in exc.columns and traceback:
-                row["traceback"] = "…" + traceback[-_TRACEBACK_TAIL:]
+                half = _TRACEBACK_KEPT // 2  # the frames, and the end of the error line
+                row["traceback"] = f"{traceback[:half]}\n… (cut to fit) …\n{traceback[-half:]}"
             self.store.store_task(row, notify=notify)
         return result
 

@@ -9,6 +9,7 @@ Also usable from ``bench/`` scripts. Runs the server as the ``postgres``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -96,10 +97,8 @@ class PrivatePostgres:
         _wait_until(lambda: _answers(self.url()), "private PostgreSQL")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # not running
             self._ctl("stop", "-m", "immediate")
-        except subprocess.CalledProcessError:
-            pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
 
 
