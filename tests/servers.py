@@ -55,7 +55,7 @@ def _answers(url: str) -> bool:
 class PrivatePostgres:
     """``initdb`` + ``pg_ctl`` on a free port; trust authentication on 127.0.0.1."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, fsync: bool = False) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="sqlr-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -66,7 +66,7 @@ class PrivatePostgres:
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.root}'\nfsync = off\n"
+                f"unix_socket_directories = '{self.root}'\nfsync = {'on' if fsync else 'off'}\n"
                 "max_connections = 200\n"
             )
 
