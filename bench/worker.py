@@ -20,14 +20,25 @@ STOP_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
-def running_worker(backend_url: str, concurrency: int, log_dir: Path) -> Iterator[str]:
-    """Start a prefork worker for ``backend_url``; yield its queue; stop it afterwards."""
-    queue = f"bench-{uuid()[:8]}"
-    log_path = log_dir / f"{queue}.log"
+def running_worker(
+    backend_url: str,
+    concurrency: int,
+    log_dir: Path,
+    queue: str | None = None,
+    broker: str = config.BROKER,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+) -> Iterator[str]:
+    """Start a prefork worker for ``backend_url``; yield its queue; stop it afterwards.
+
+    Several workers may share one ``queue``; ``procs`` collects their processes.
+    """
+    queue = queue or f"bench-{uuid()[:8]}"
+    name = f"{queue}-{uuid()[:4]}"
+    log_path = log_dir / f"{name}.log"
     env = {
         **os.environ,
         config.ENV_BACKEND: backend_url,
-        config.ENV_BROKER: config.BROKER,
+        config.ENV_BROKER: broker,
         config.ENV_QUEUE: queue,
         "PYTHONPATH": str(config.ROOT),
     }
@@ -35,7 +46,7 @@ def running_worker(backend_url: str, concurrency: int, log_dir: Path) -> Iterato
         sys.executable, "-m", "celery", "-A", "bench.app", "worker",
         "--pool=prefork", f"--concurrency={concurrency}", "-Q", queue,
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-n", f"{queue}@%h",
+        "-n", f"{name}@%h",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -46,6 +57,8 @@ def running_worker(backend_url: str, concurrency: int, log_dir: Path) -> Iterato
             cwd=config.ROOT,
             start_new_session=True,  # its own process group: children are ours to stop
         )
+        if procs is not None:
+            procs.append(proc)
         try:
             _wait_ready(proc, log_path)
             yield queue

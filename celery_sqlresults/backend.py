@@ -20,13 +20,13 @@ from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, allow_join_result, result_from_tuple
-from celery.utils.time import maybe_timedelta
+from celery.utils.time import get_exponential_backoff_interval, maybe_timedelta
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from .exceptions import SQLResultsError
+from .exceptions import LockTimeout, ResultTooLarge, SQLResultsError
 from .settings import Settings
-from .startup import ensure_schema
+from .startup import _reason, ensure_schema
 from .store import Store
 from .wait import waiter_for
 
@@ -35,7 +35,8 @@ __all__ = ["SQLResultsBackend"]
 logger = logging.getLogger("celery_sqlresults")
 
 _PICKLE = "application/x-python-serialize"
-_DEFAULT_MAX_RETRIES = 10
+#: Characters of a traceback kept when it is too large for its column (MySQL TEXT: 64 KB).
+_TRACEBACK_KEPT = 8000
 
 
 class SQLResultsBackend(BaseBackend):
@@ -61,11 +62,12 @@ class SQLResultsBackend(BaseBackend):
         self.settings = Settings.from_app(self.app, url or dburi, engine_options)
         # Keep the URL Celery shows (as_uri masks the password).
         self.url = self.settings.url.render_as_string(hide_password=False)
-        # Like Celery's db+: retry transient database errors unless told otherwise.
+        # Like Celery's db+: retry transient database errors unless told otherwise;
+        # bounded by sqlresults_retry_timeout, and by a count only if one is set.
         if not conf.value_set_for("result_backend_always_retry"):
             self.always_retry = True
         if not conf.value_set_for("result_backend_max_retries"):
-            self.max_retries = _DEFAULT_MAX_RETRIES
+            self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
@@ -83,9 +85,100 @@ class SQLResultsBackend(BaseBackend):
 
     # ---- retries --------------------------------------------------------
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        """Disconnects, refused connections, deadlocks and lock timeouts: worth another try."""
         if isinstance(exc, (OperationalError, InterfaceError)):
             return True
         return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+    def _ensure_retryable(
+        self,
+        func: Any,
+        *args: Any,
+        fallback_exc: Any = None,
+        fallback_msg: str | None = None,
+        max_retries: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``func`` with Celery's retry policy, bounded in time as well.
+
+        Celery bounds retries by count, with full-jitter backoff, so how long
+        a write keeps trying varies from run to run: a database restart of a
+        few seconds can outlast ten quick retries. Here transient errors are
+        retried with Celery's backoff (``result_backend_base_sleep_between_retries_ms``
+        up to ``result_backend_max_sleep_between_retries_ms``) for up to
+        ``sqlresults_retry_timeout`` seconds from the first failure, and at
+        most ``result_backend_max_retries`` times if that is set. Giving up
+        raises an error naming the operation, the masked URL and both bounds.
+        """
+        limit = self.max_retries if max_retries is None else max_retries
+        bound = self.settings.retry_timeout
+        started: float | None = None
+        retries = 0
+        while True:
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                now = time.monotonic()
+                started = now if started is None else started
+                retryable = self.always_retry and self.exception_safe_to_retry(exc)
+                left = (started + bound - now) if bound else float("inf")
+                if not retryable or retries >= limit or left <= 0:
+                    self._give_up(exc, func, retries, now - started, retryable, fallback_exc)
+                    raise
+                retries += 1
+                pause = min(
+                    left,
+                    get_exponential_backoff_interval(
+                        self.base_sleep_between_retries_ms,
+                        retries,
+                        self.max_sleep_between_retries_ms,
+                        True,
+                    )
+                    / 1000,
+                )
+                logger.warning(
+                    "celery-sqlresults: %s failed at %s (%s); retry %d in %.2fs",
+                    getattr(func, "__name__", "operation"),
+                    self.settings.masked_url,
+                    _reason(exc),
+                    retries,
+                    pause,
+                )
+                hook = getattr(self, "on_backend_retryable_error", None)  # Celery >= 5.6
+                if hook is not None:
+                    try:
+                        hook(exc)
+                    except Exception:
+                        logger.exception("celery-sqlresults: on_backend_retryable_error failed")
+                self._sleep(pause)
+
+    def _give_up(
+        self,
+        exc: Exception,
+        func: Any,
+        retries: int,
+        elapsed: float,
+        retried: bool,
+        fallback_exc: Any,
+    ) -> None:
+        """Raise the error a caller sees once retrying is over (returns: re-raise ``exc``)."""
+        lock = self.store.dialect.is_lock_timeout(exc)
+        if not (lock or (retried and fallback_exc is not None)):
+            return
+        what = getattr(func, "__name__", "operation").lstrip("_").replace("_", " ")
+        message = f"{what} failed at {self.settings.masked_url}: {_reason(exc)}"
+        if lock:
+            message += (
+                f". Another session held a lock longer than sqlresults_lock_timeout="
+                f"{self.settings.lock_timeout:g}s (a migration, a long transaction?)"
+            )
+        if retried:
+            message += (
+                f". Gave up after {retries} retr{'y' if retries == 1 else 'ies'} in "
+                f"{elapsed:.1f}s (sqlresults_retry_timeout={self.settings.retry_timeout:g}s, "
+                f"result_backend_max_retries={self.max_retries:g}); raise them to wait longer"
+            )
+        raise (fallback_exc or LockTimeout)(message) from exc
 
     # ---- tasks --------------------------------------------------------
     def _store_result(
@@ -134,7 +227,21 @@ class SQLResultsBackend(BaseBackend):
                 if stamped
                 else None
             )
-        self.store.store_task(row, notify=self._waiter.notifies and state in self.READY_STATES)
+        notify = self._waiter.notifies and state in self.READY_STATES
+        try:
+            self.store.store_task(row, notify=notify)
+        except ResultTooLarge as exc:
+            if state not in states.EXCEPTION_STATES:
+                raise  # an EncodeError: the worker records a FAILURE saying why
+            # A failure must still be recorded: store why its values could not be.
+            logger.error("celery-sqlresults: %s", exc)
+            for column in exc.columns:
+                row[column] = None
+            row["result"] = ensure_bytes(self.encode(self.prepare_exception(exc)))
+            if "traceback" in exc.columns and traceback:
+                half = _TRACEBACK_KEPT // 2  # the frames, and the end of the error line
+                row["traceback"] = f"{traceback[:half]}\n… (cut to fit) …\n{traceback[-half:]}"
+            self.store.store_task(row, notify=notify)
         return result
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:

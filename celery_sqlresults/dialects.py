@@ -10,6 +10,7 @@ database's own lock, how to delete in bounded batches and how to recognise
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +36,23 @@ _MISSING_TABLE = re.compile(r"no such table|doesn't exist|does not exist|undefin
 # PostgreSQL SQLSTATE for undefined table, MySQL/MariaDB errno for the same.
 _PG_UNDEFINED_TABLE = "42P01"
 _MYSQL_NO_SUCH_TABLE = 1146
+# "Gave up waiting for a lock": PostgreSQL lock_not_available (lock_timeout),
+# MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT (row and metadata locks), SQLite SQLITE_BUSY.
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+_MYSQL_LOCK_WAIT_TIMEOUT = 1205
+_ONE_GB = 1024**3 - 1
+_MYSQL_CAPACITY = {
+    "TINYBLOB": 255,
+    "TINYTEXT": 255,
+    "BLOB": 65_535,
+    "TEXT": 65_535,
+    "MEDIUMBLOB": 16_777_215,
+    "MEDIUMTEXT": 16_777_215,
+    "LONGBLOB": 4_294_967_295,
+    "LONGTEXT": 4_294_967_295,
+}
+_MYSQL_ESCAPED = (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a")
+_SQLITE_BUSY = re.compile(r"database is locked|database table is locked", re.I)
 
 
 @dataclass(frozen=True)
@@ -243,7 +261,72 @@ class Dialect:
                 raise
             conn.exec_driver_sql("COMMIT")
 
+    # ---- connections --------------------------------------------------
+    def lock_timeout_statements(self, seconds: float) -> list[str]:
+        """Statements that bound, for one session, how long a statement waits for a lock.
+
+        Run on every new connection, so a table or row locked by someone else
+        (a long migration, a stuck transaction) makes a write fail after
+        ``seconds`` instead of hanging the worker; the backend's retry policy
+        then takes over. ``0`` keeps the server's default.
+        """
+        if seconds <= 0:
+            return []
+        ms = max(1, round(seconds * 1000))
+        if self.name == "postgresql":
+            return [f"SET lock_timeout = {ms}"]
+        if self.name == "mysql":
+            # InnoDB row locks, and metadata locks (LOCK TABLES, DDL); whole seconds only.
+            whole = max(1, math.ceil(seconds))
+            return [
+                f"SET SESSION innodb_lock_wait_timeout = {whole}",
+                f"SET SESSION lock_wait_timeout = {whole}",
+            ]
+        return [f"PRAGMA busy_timeout = {ms}"]
+
+    # ---- value sizes ----------------------------------------------------
+    def column_capacity(self, column_type: Any) -> int | None:
+        """Bytes a reflected binary/text column holds, or ``None`` for "more than we'd send".
+
+        MySQL/MariaDB ``BLOB``/``TEXT`` (what Celery's ``db+`` creates there)
+        hold 64 KB; in strict mode a longer value is an error, otherwise it is
+        cut silently. PostgreSQL ``bytea``/``text`` and SQLite hold up to 1 GB.
+        """
+        if self.name != "mysql":
+            return _ONE_GB
+        return _MYSQL_CAPACITY.get(type(column_type).__name__.upper())
+
+    def packet_limit(self, conn: Connection) -> int | None:
+        """Bytes one statement may take on the wire (MySQL's ``max_allowed_packet``)."""
+        if self.name != "mysql":
+            return None
+        value = conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar()
+        return None if value is None else int(value)
+
+    def wire_size(self, value: bytes | str) -> int:
+        """Bytes ``value`` takes inside a statement.
+
+        PyMySQL sends parameters inline, escaping quotes, backslashes, NUL,
+        newlines and ^Z with a backslash; PostgreSQL and SQLite bind them as is.
+        """
+        data = value.encode() if isinstance(value, str) else value
+        if self.name != "mysql":
+            return len(data)
+        return len(data) + sum(data.count(c) for c in _MYSQL_ESCAPED)
+
     # ---- errors -------------------------------------------------------
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        """True when ``exc`` says a statement gave up waiting for another session's lock."""
+        orig = getattr(exc, "orig", None)
+        if orig is None:
+            return False
+        if self.name == "postgresql":
+            return getattr(orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE
+        if self.name == "mysql":
+            args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+            return bool(args) and args[0] == _MYSQL_LOCK_WAIT_TIMEOUT
+        return bool(_SQLITE_BUSY.search(str(orig)))
+
     def is_missing_table(self, exc: BaseException) -> bool:
         """True when ``exc`` says a table does not exist (and nothing else went wrong)."""
         orig = getattr(exc, "orig", None)
@@ -307,6 +390,9 @@ def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
         time.sleep(delay)
         delay = min(delay * 2, 0.25)
     conn.commit()
+    # The session's own lock_timeout (sqlresults_lock_timeout) is put back afterwards.
+    previous = conn.exec_driver_sql("SHOW lock_timeout").scalar()
+    conn.commit()
     try:
         # DDL waiting longer than this for a table lock gives up instead of
         # queueing every writer behind it.
@@ -319,7 +405,7 @@ def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
         try:
             conn.rollback()
             conn.execution_options(isolation_level="AUTOCOMMIT")
-            conn.exec_driver_sql("RESET lock_timeout")
+            conn.execute(sa.text("SELECT set_config('lock_timeout', :v, false)"), {"v": previous})
             conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
             conn.commit()
         except DBAPIError:

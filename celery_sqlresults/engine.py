@@ -9,6 +9,7 @@ would send a goodbye on sockets the parent still uses.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .dialects import dialect_for
 from .settings import Settings
 
 __all__ = ["dispose_all", "get_engine"]
@@ -58,12 +60,12 @@ def _create(settings: Settings) -> Engine:
     options.setdefault("isolation_level", "AUTOCOMMIT")
     if options["isolation_level"] == "AUTOCOMMIT":
         options.setdefault("pool_reset_on_return", None)
-    if settings.url.get_backend_name() == "sqlite":
-        # Wait for the write lock instead of failing with "database is locked".
-        connect_args = dict(options.pop("connect_args", {}) or {})
-        connect_args.setdefault("timeout", 30)
-        options["connect_args"] = connect_args
     engine = sa.create_engine(settings.url, **options)
+    statements = dialect_for(settings.url.get_backend_name()).lock_timeout_statements(
+        settings.lock_timeout
+    )
+    if statements:
+        sa.event.listen(engine, "connect", functools.partial(_session_setup, statements))
     if settings.url.get_backend_name() == "sqlite" and settings.url.database not in (
         None,
         "",
@@ -73,6 +75,17 @@ def _create(settings: Settings) -> Engine:
     if settings.engine_callback is not None:
         settings.engine_callback(engine)
     return engine
+
+
+def _session_setup(statements: list[str], dbapi_conn: Any, _record: Any) -> None:
+    """Bound lock waits on a new connection (``sqlresults_lock_timeout``)."""
+    cur = dbapi_conn.cursor()
+    try:
+        for statement in statements:
+            cur.execute(statement)
+    finally:
+        cur.close()
+    dbapi_conn.commit()  # psycopg opened a transaction for the SET; end it
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -8,7 +8,15 @@ involved and says what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["DatabaseUnavailable", "SQLResultsError", "SchemaMissing"]
+from kombu.exceptions import EncodeError
+
+__all__ = [
+    "DatabaseUnavailable",
+    "LockTimeout",
+    "ResultTooLarge",
+    "SQLResultsError",
+    "SchemaMissing",
+]
 
 
 class SQLResultsError(Exception):
@@ -21,3 +29,23 @@ class DatabaseUnavailable(SQLResultsError):
 
 class SchemaMissing(SQLResultsError):
     """Result tables are missing and this process may not (or could not) create them."""
+
+
+class LockTimeout(SQLResultsError):
+    """Another session held a lock longer than ``sqlresults_lock_timeout``, on every retry."""
+
+
+class ResultTooLarge(SQLResultsError, EncodeError):
+    """A value is larger than its column (or the server's packet limit) can hold.
+
+    An :class:`~kombu.exceptions.EncodeError`, so a worker records the task
+    as FAILURE with this message, exactly as for a value the serializer
+    cannot encode, and carries on. ``columns`` names the columns at fault.
+    """
+
+    def __init__(self, message: str, columns: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.columns = columns
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[str, ...]]]:
+        return (type(self), (str(self), self.columns))

@@ -229,6 +229,6 @@ def locked(store: Store) -> Iterator[Connection]:
     """A connection holding the database's schema lock (see ``Dialect.schema_lock``)."""
     with (
         store.engine.connect() as conn,
-        store.dialect.schema_lock(conn, store.settings.lock_timeout),
+        store.dialect.schema_lock(conn, store.settings.schema_lock_timeout),
     ):
         yield conn

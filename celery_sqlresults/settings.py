@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "database_create_tables_on_startup": True,
     "sqlresults_startup_timeout": 60.0,
     "sqlresults_schema_lock_timeout": 60.0,
+    "sqlresults_lock_timeout": 30.0,
+    "sqlresults_retry_timeout": 60.0,
     "sqlresults_notify": True,
 }
 
@@ -59,7 +61,11 @@ class Settings:
     table_schemas: dict[str, str | None] = field(default_factory=dict)
     create_tables_on_startup: bool = True
     startup_timeout: float = 60.0
-    lock_timeout: float = 60.0
+    schema_lock_timeout: float = 60.0
+    #: Seconds a statement waits for a lock another session holds (0: the server's default).
+    lock_timeout: float = 30.0
+    #: Seconds transient errors of one operation are retried for (0: no time bound).
+    retry_timeout: float = 60.0
     notify: bool = True
 
     @property
@@ -84,7 +90,9 @@ class Settings:
             ),
             create_tables_on_startup=_create_switch(conf),
             startup_timeout=_seconds(conf, "sqlresults_startup_timeout"),
-            lock_timeout=_seconds(conf, "sqlresults_schema_lock_timeout"),
+            schema_lock_timeout=_seconds(conf, "sqlresults_schema_lock_timeout"),
+            lock_timeout=_seconds(conf, "sqlresults_lock_timeout"),
+            retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
         )
 

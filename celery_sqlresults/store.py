@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from . import fastpath
 from .dialects import Dialect, dialect_for
 from .engine import get_engine
-from .exceptions import SchemaMissing
+from .exceptions import ResultTooLarge, SchemaMissing
 from .schema import DATE_COLUMNS, EXTENDED_COLUMNS, Tables, build_tables
 from .settings import Settings
 
@@ -40,6 +40,10 @@ BATCH_SIZE = 1000
 CLEANUP_BATCH = 5000
 
 _READY = sorted(states.READY_STATES)
+#: Task columns whose values can be large (checked against what the column holds).
+_SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
+#: Bytes of a task upsert besides its values (SQL text, other columns), for the packet check.
+_STATEMENT_OVERHEAD = 4096
 T = TypeVar("T")
 
 
@@ -53,6 +57,10 @@ class _Layout:
     group_seq: bool
     has_chord: bool
     has_chord_part: bool
+    #: Bytes each binary/text column of the task table holds, where that is a real limit.
+    task_capacity: dict[str, int] = field(default_factory=dict)
+    #: Bytes one statement may take (MySQL's ``max_allowed_packet``), if limited.
+    packet_limit: int | None = None
     statements: dict[Any, sa.Executable] = field(default_factory=dict)
 
 
@@ -85,9 +93,57 @@ class Store:
 
         def run(conn: Connection, layout: _Layout) -> None:
             row = {k: v for k, v in values.items() if k in layout.task_columns}
+            try:
+                self._check_sizes(layout, row)
+            except ResultTooLarge:
+                # The layout is cached per process: the columns may have grown since
+                # (`celery results upgrade`). Look again once before refusing.
+                self.forget_layout()
+                fresh = self.layout(conn)
+                if fresh is None:
+                    raise
+                layout = fresh
+                self._check_sizes(layout, row)
             fastpath.execute(conn, self._task_upsert(layout, tuple(row), notify), row)
 
         self._write(run)
+
+    def _check_sizes(self, layout: _Layout, row: Mapping[str, Any]) -> None:
+        """Refuse a row the database would reject or, worse, cut (MySQL without strict mode).
+
+        Raised before sending: a statement over ``max_allowed_packet`` makes
+        MySQL drop the connection, which would look like an outage and be retried.
+        """
+        sizes = {
+            k: self.dialect.wire_size(v) for k, v in row.items() if isinstance(v, (bytes, str))
+        }
+        too_big = {
+            k: (n, layout.task_capacity[k])
+            for k, n in sizes.items()
+            if k in layout.task_capacity and n > layout.task_capacity[k]
+        }
+        t = self.tables.task.fullname
+        problems = [
+            f"{k} is {n} bytes, column {t}.{k} holds {cap}" for k, (n, cap) in too_big.items()
+        ]
+        total = sum(sizes.values()) + _STATEMENT_OVERHEAD
+        if layout.packet_limit is not None and total > layout.packet_limit:
+            biggest = max(sizes, key=lambda k: sizes[k])
+            too_big.setdefault(biggest, (sizes[biggest], layout.packet_limit))
+            problems.append(
+                f"the row is ~{total} bytes, the server's max_allowed_packet is "
+                f"{layout.packet_limit}"
+            )
+        if problems:
+            raise ResultTooLarge(
+                f"task {row.get('task_id')}: cannot store state {row.get('status')} at "
+                f"{self.settings.masked_url}: {'; '.join(problems)}. Return a smaller value "
+                "(e.g. store it elsewhere and return its key), or let the database hold it: "
+                "MySQL/MariaDB BLOB columns (tables made by Celery's db+) hold 64 KB, run "
+                "`celery -A proj results upgrade` to make them LONGBLOB; raise "
+                "max_allowed_packet on the server.",
+                tuple(too_big),
+            )
 
     def save_group(self, group_id: str, result: bytes, date_done: datetime) -> None:
         def run(conn: Connection, layout: _Layout) -> None:
@@ -287,7 +343,15 @@ class Store:
         except NoSuchTableError:
             return None
         chord, part = self.tables.chord, self.tables.chord_part
+        capacity = {
+            name: cap
+            for name, col in task.items()
+            if name in _SIZED_COLUMNS
+            and (cap := self.dialect.column_capacity(col["type"])) is not None
+        }
         return _Layout(
+            task_capacity=capacity,
+            packet_limit=self.dialect.packet_limit(conn),
             task_columns=frozenset(task) & frozenset(self.tables.task.c.keys()),
             group_columns=frozenset(group) & frozenset(self.tables.group.c.keys()),
             task_seq=self.dialect.id_from_sequence(dict(task["id"])),

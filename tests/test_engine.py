@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -77,3 +79,26 @@ def test_killed_connection_is_replaced_without_losing_the_write(
     backend.store_result("after", 2, states.SUCCESS)  # retried on a fresh connection
     assert invalidated, "the dead connection should have been noticed and replaced"
     assert backend.get_task_meta("after")["result"] == 2
+
+
+@pytest.mark.parametrize("db_kind", ["mysql"])
+def test_connection_closed_by_wait_timeout_is_replaced(make_app: Callable[..., Celery]) -> None:
+    """MariaDB closes connections idle past ``wait_timeout``; the next call reconnects."""
+
+    def short_idle(engine: sa.Engine) -> None:
+        def set_idle(dbapi_conn: Any, _: Any) -> None:
+            with dbapi_conn.cursor() as cur:  # this session only: the server is shared
+                cur.execute("SET SESSION wait_timeout = 1")
+
+        sa.event.listen(engine, "connect", set_idle)
+
+    backend = make_app(database_engine_callback=short_idle).backend
+    backend.store_result("before", 1, states.SUCCESS)
+    invalidated: list[object] = []
+    sa.event.listen(backend.store.engine, "invalidate", lambda *a: invalidated.append(a))
+    time.sleep(2.5)  # the server closes the idle pooled connection
+    backend.store_result("after", 2, states.SUCCESS)
+    assert invalidated, "the closed connection should have been noticed and replaced"
+    time.sleep(2.5)
+    assert backend.get_task_meta("after", cache=False)["result"] == 2  # a read, too
+    assert len(invalidated) == 2

@@ -16,6 +16,7 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
         worker_prefetch_multiplier=4,
         sqlresults_startup_timeout=float(os.environ.get("SQLRESULTS_TEST_STARTUP_TIMEOUT", "60")),
         database_create_tables_on_startup=os.environ.get("SQLRESULTS_TEST_CREATE", "1") == "1",
+        sqlresults_retry_timeout=float(os.environ.get("SQLRESULTS_TEST_RETRY_TIMEOUT", "60")),
     )
 
     @app.task(name="t.add", shared=False)
@@ -25,6 +26,14 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
     @app.task(name="t.fail", shared=False)
     def fail(msg: str) -> None:
         raise ValueError(msg)
+
+    @app.task(name="t.big", shared=False)
+    def big(n: int) -> str:
+        return "x" * n
+
+    @app.task(name="t.unencodable", shared=False)
+    def unencodable() -> object:
+        return object()  # JSON cannot encode it
 
     @app.task(name="t.tsum", shared=False)
     def tsum(values: list[int]) -> int:
