@@ -43,7 +43,7 @@ from celery_sqlresults.web import create_app
 
 from . import config
 from .databases import admin_engine, server_versions
-from .report import machine
+from .report import header
 
 with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still works
     warnings.simplefilter("ignore")
@@ -343,16 +343,13 @@ def render(
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} at its end"
     lines = [
-        f"# Monitoring queries on {rows:,} stored results (PostgreSQL)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {date}",
-        "",
-        "Machine:",
-        "",
-        *machine(server_versions(["postgresql"]), load),
-        "",
+        *header(
+            f"Monitoring queries on {rows:,} stored results (PostgreSQL)",
+            command,
+            date,
+            server_versions(["postgresql"]),
+            load,
+        ),
         "## Method",
         "",
         f"A fresh database `{DATABASE}` with the package's schema (`create_tables`), filled by "

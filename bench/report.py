@@ -317,6 +317,24 @@ expect ±10-20 % noise when it is otherwise idle, more on the latency figures, a
 to 2x on any figure if something else runs meanwhile (see the load average above)."""
 
 
+def header(
+    title: str, command: str, date: str, servers: Mapping[str, str], load: str
+) -> list[str]:
+    """A report's first lines: what ran, when, and on what machine."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {date}",
+        "",
+        "Machine:",
+        "",
+        *machine(servers, load),
+        "",
+    ]
+
+
 def render(
     results: Results,
     kinds: list[str],
@@ -327,16 +345,7 @@ def render(
     load: str,
 ) -> str:
     parts = [
-        "# Benchmarks: sql+ vs Celery's db+ vs Redis",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {date}",
-        "",
-        "Machine:",
-        "",
-        *machine(servers, load),
-        "",
+        *header("Benchmarks: sql+ vs Celery's db+ vs Redis", command, date, servers, load),
         method(sizes),
         "",
     ]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -54,33 +55,28 @@ def version(db_url: str, schema: str | None = None) -> list[str]:
         eng.dispose()
 
 
-def indexed(db_url: str, table: str = "celery_taskmeta", schema: str | None = None) -> set[str]:
-    """First columns of the table's indexes."""
+def inspected(db_url: str, read: Callable[[sa.Inspector], Any]) -> Any:
+    """``read`` applied to an inspector on a fresh connection (nothing cached)."""
     eng = raw_engine(db_url)
     try:
         with eng.connect() as conn:
-            found = sa.inspect(conn).get_indexes(table, schema=schema)
-        return {ix["column_names"][0] for ix in found if ix["column_names"]}
+            return read(sa.inspect(conn))
     finally:
         eng.dispose()
+
+
+def indexed(db_url: str, table: str = "celery_taskmeta", schema: str | None = None) -> set[str]:
+    """First columns of the table's indexes."""
+    found = inspected(db_url, lambda insp: insp.get_indexes(table, schema=schema))
+    return {ix["column_names"][0] for ix in found if ix["column_names"]}
 
 
 def index_names(db_url: str, table: str = "celery_taskmeta") -> set[str]:
-    eng = raw_engine(db_url)
-    try:
-        with eng.connect() as conn:
-            return {str(ix["name"]) for ix in sa.inspect(conn).get_indexes(table)}
-    finally:
-        eng.dispose()
+    return {str(ix["name"]) for ix in inspected(db_url, lambda insp: insp.get_indexes(table))}
 
 
 def columns(db_url: str, table: str = "celery_taskmeta") -> set[str]:
-    eng = raw_engine(db_url)
-    try:
-        with eng.connect() as conn:
-            return {c["name"] for c in sa.inspect(conn).get_columns(table)}
-    finally:
-        eng.dispose()
+    return {c["name"] for c in inspected(db_url, lambda insp: insp.get_columns(table))}
 
 
 def column_type(db_url: str, column: str, table: str = "celery_taskmeta") -> str:

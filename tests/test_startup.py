@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
 from celery_sqlresults.startup import ensure_schema
 
-from .conftest import raw_engine, start_together, table_names
+from .conftest import TEST_DB, raw_engine, start_together, table_names
 
 TABLES = {
     "celery_taskmeta",
@@ -151,7 +151,8 @@ def test_create_tables_helper_and_session_manager(
 
 
 # ---- least privilege -------------------------------------------------------
-LIMITED = "sqlr_limited"
+# Roles are server-wide: one per test database, so parallel runs don't share it.
+LIMITED = f"sqlr_lim_{TEST_DB}"[:32]
 
 
 def _limited_url(db_url: str, db_kind: str) -> str:
