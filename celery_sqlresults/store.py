@@ -114,6 +114,8 @@ class Store:
         Raised before sending: a statement over ``max_allowed_packet`` makes
         MySQL drop the connection, which would look like an outage and be retried.
         """
+        if not layout.task_capacity and layout.packet_limit is None:
+            return  # PostgreSQL, SQLite: nothing a result could overflow
         sizes = {
             k: self.dialect.wire_size(v) for k, v in row.items() if isinstance(v, (bytes, str))
         }
