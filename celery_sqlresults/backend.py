@@ -231,13 +231,15 @@ class SQLResultsBackend(BaseBackend):
         try:
             self.store.store_task(row, notify=notify)
         except ResultTooLarge as exc:
-            if state not in states.EXCEPTION_STATES:
+            if "result" in exc.columns and state not in states.EXCEPTION_STATES:
                 raise  # an EncodeError: the worker records a FAILURE saying why
-            # A failure must still be recorded: store why its values could not be.
+            # Keep the state and what fits: only the columns at fault give way. A
+            # failure whose own exception is too big is stored as this error instead.
             logger.error("celery-sqlresults: %s", exc)
             for column in exc.columns:
                 row[column] = None
-            row["result"] = ensure_bytes(self.encode(self.prepare_exception(exc)))
+            if "result" in exc.columns:
+                row["result"] = ensure_bytes(self.encode(self.prepare_exception(exc)))
             if "traceback" in exc.columns and traceback:
                 half = _TRACEBACK_KEPT // 2  # the frames, and the end of the error line
                 row["traceback"] = f"{traceback[:half]}\n… (cut to fit) …\n{traceback[-half:]}"

@@ -40,7 +40,6 @@ _MYSQL_NO_SUCH_TABLE = 1146
 # MySQL/MariaDB ER_LOCK_WAIT_TIMEOUT (row and metadata locks), SQLite SQLITE_BUSY.
 _PG_LOCK_NOT_AVAILABLE = "55P03"
 _MYSQL_LOCK_WAIT_TIMEOUT = 1205
-_ONE_GB = 1024**3 - 1
 _MYSQL_CAPACITY = {
     "TINYBLOB": 255,
     "TINYTEXT": 255,
@@ -290,10 +289,11 @@ class Dialect:
 
         MySQL/MariaDB ``BLOB``/``TEXT`` (what Celery's ``db+`` creates there)
         hold 64 KB; in strict mode a longer value is an error, otherwise it is
-        cut silently. PostgreSQL ``bytea``/``text`` and SQLite hold up to 1 GB.
+        cut silently. PostgreSQL ``bytea``/``text`` and SQLite hold up to 1 GB,
+        more than a result message can carry: not checked.
         """
         if self.name != "mysql":
-            return _ONE_GB
+            return None
         return _MYSQL_CAPACITY.get(type(column_type).__name__.upper())
 
     def packet_limit(self, conn: Connection) -> int | None:

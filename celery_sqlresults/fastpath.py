@@ -5,10 +5,10 @@ what this module skips is its per-call execution machinery, which on
 PostgreSQL costs more than the round trip itself (measured on psycopg 3: a
 primary-key read 0.17 ms through ``Connection.execute`` against 0.07 ms on
 the cursor, prepared) and is most of the cost of a SQLite read. The
-connection still comes from SQLAlchemy's pool, errors still arrive as
-SQLAlchemy's ``DBAPIError`` subclasses, and a disconnect still invalidates
-the pooled connection, so retries and the missing-table handling work
-unchanged.
+connection still comes from SQLAlchemy's pool, and errors go through
+SQLAlchemy's own handler (wrapped as ``DBAPIError`` subclasses, ``handle_error``
+listeners run, a disconnect invalidates the connection and the pool), so
+retries and the missing-table handling work unchanged.
 
 SQLAlchemy's bind and result processors still convert values (SQLite keeps
 dates as text). Used only where it is exactly equivalent: psycopg 3, PyMySQL
@@ -20,6 +20,7 @@ else runs through ``Connection.execute``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class _Compiled:
 
 
 _compiled: dict[int, _Compiled] = {}
+_KEEP = 256  # compiled statements remembered (a layout has a handful)
 _compiled_lock = threading.Lock()
 
 
@@ -81,7 +83,9 @@ def execute(conn: Connection, stmt: sa.Executable, params: Mapping[str, Any]) ->
 def _usable(conn: Connection) -> bool:
     engine: Engine = conn.engine
     autocommit = _AUTOCOMMIT.get(engine.dialect.driver)
-    if autocommit is None:
+    if autocommit is None or not hasattr(conn, "_handle_dbapi_exception"):
+        return False
+    if conn.get_execution_options().get("schema_translate_map"):
         return False
     dispatch = engine.dispatch
     if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
@@ -108,38 +112,38 @@ def _compile(conn: Connection, stmt: sa.Executable) -> _Compiled:
         prepare=dialect.driver == "psycopg",
     )
     with _compiled_lock:
+        if len(_compiled) >= _KEEP:  # statements of forgotten layouts: start afresh
+            _compiled.clear()
         _compiled[id(stmt)] = made
     return made
 
 
 def _run(conn: Connection, compiled: _Compiled, params: Mapping[str, Any], fetch: bool) -> Any:
-    """Execute on the pooled connection's cursor, translating errors the way SQLAlchemy does."""
-    dbapi_conn = conn.connection.dbapi_connection
-    assert dbapi_conn is not None
+    """Execute on the pooled connection's cursor; errors go through SQLAlchemy's own handler.
+
+    ``Connection._handle_dbapi_exception`` is what ``execute()`` calls: it
+    wraps the error, runs ``handle_error`` listeners, invalidates the
+    connection (and the pool's older ones) on a disconnect, and on an exit
+    exception (``KeyboardInterrupt``…) too.
+    """
     values = {**compiled.defaults, **params}
     for name, proc in compiled.binds.items():
         if values.get(name) is not None:
             values[name] = proc(values[name])
     args: Any = values if compiled.positions is None else [values[n] for n in compiled.positions]
-    cursor: Any = dbapi_conn.cursor()
+    cursor: Any = None
     try:
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()  # psycopg's execute() takes prepare=
         if compiled.prepare:
             cursor.execute(compiled.sql, args, prepare=True)
         else:
             cursor.execute(compiled.sql, args)
         return cursor.fetchone() if fetch else None
-    except conn.dialect.loaded_dbapi.Error as exc:
-        lost = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)
-        if lost:
-            conn.invalidate(exc)
-        raise sa.exc.DBAPIError.instance(
-            compiled.sql,
-            None,
-            exc,
-            conn.dialect.loaded_dbapi.Error,
-            hide_parameters=True,
-            dialect=conn.dialect,
-            connection_invalidated=lost,
-        ) from exc
+    except BaseException as exc:
+        conn._handle_dbapi_exception(exc, compiled.sql, args, cursor, None)
     finally:
-        cursor.close()
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()

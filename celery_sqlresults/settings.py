@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
 #: call; we rely on retrying disconnect errors instead.
 ENGINE_DEFAULTS: dict[str, Any] = {"pool_recycle": 3600}
 
+_MAX_SECONDS = 7 * 24 * 3600.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
 _EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
@@ -219,6 +220,10 @@ def _seconds(conf: Any, key: str) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if seconds < 0:
-        raise ImproperlyConfigured(f"{key} must be a number of seconds >= 0, got {value!r}.")
+    # A finite bound the databases accept (PostgreSQL's timeouts are int32 milliseconds).
+    if not 0 <= seconds <= _MAX_SECONDS:
+        raise ImproperlyConfigured(
+            f"{key} must be a number of seconds from 0 to {_MAX_SECONDS:.0f} (a week), "
+            f"got {value!r}."
+        )
     return seconds

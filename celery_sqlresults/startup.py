@@ -77,6 +77,23 @@ def create_schema(store: Store, trust_version: bool = False) -> list[str]:
             if migrate.locked_status(store, conn).at_head:
                 _repair(store, conn)
             created = [t.fullname for t in missing if t not in store.missing_tables(conn)]
+    except TimeoutError as exc:
+        # Another process holds the lock for longer than we wait: an upgrade in
+        # progress (an index built CONCURRENTLY on a big table takes minutes).
+        # Celery's tables, if they exist, serve meanwhile (tables of ours that the
+        # upgrade has yet to add degrade: chords count without de-duplication).
+        store.forget_layout()
+        with store.engine.connect() as conn:
+            missing = store.missing_tables(conn)
+        if store.tables.task in missing or store.tables.group in missing:
+            raise
+        logger.warning(
+            "celery-sqlresults: %s at %s; another process is changing the result schema, "
+            "carrying on with the tables as they are",
+            exc,
+            store.settings.masked_url,
+        )
+        return []
     except DBAPIError as exc:
         store.forget_layout()
         with store.engine.connect() as conn:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +43,8 @@ CLEANUP_BATCH = 5000
 _READY = sorted(states.READY_STATES)
 #: Task columns whose values can be large (checked against what the column holds).
 _SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
+#: Seconds before a refused oversized value makes the layout be reflected again.
+_RECHECK_AFTER = 10.0
 #: Bytes of a task upsert besides its values (SQL text, other columns), for the packet check.
 _STATEMENT_OVERHEAD = 4096
 T = TypeVar("T")
@@ -62,6 +65,7 @@ class _Layout:
     #: Bytes one statement may take (MySQL's ``max_allowed_packet``), if limited.
     packet_limit: int | None = None
     statements: dict[Any, sa.Executable] = field(default_factory=dict)
+    reflected_at: float = field(default_factory=time.monotonic)
 
 
 class Store:
@@ -97,7 +101,10 @@ class Store:
                 self._check_sizes(layout, row)
             except ResultTooLarge:
                 # The layout is cached per process: the columns may have grown since
-                # (`celery results upgrade`). Look again once before refusing.
+                # (`celery results upgrade`). Look again before refusing, at most every
+                # _RECHECK_AFTER seconds (reflection is several catalog queries).
+                if time.monotonic() - layout.reflected_at < _RECHECK_AFTER:
+                    raise
                 self.forget_layout()
                 fresh = self.layout(conn)
                 if fresh is None:
@@ -116,14 +123,15 @@ class Store:
         """
         if not layout.task_capacity and layout.packet_limit is None:
             return  # PostgreSQL, SQLite: nothing a result could overflow
-        sizes = {
-            k: self.dialect.wire_size(v) for k, v in row.items() if isinstance(v, (bytes, str))
-        }
+        values = {k: v for k, v in row.items() if isinstance(v, (bytes, str))}
+        stored = {k: len(v.encode() if isinstance(v, str) else v) for k, v in values.items()}
         too_big = {
             k: (n, layout.task_capacity[k])
-            for k, n in sizes.items()
+            for k, n in stored.items()
             if k in layout.task_capacity and n > layout.task_capacity[k]
         }
+        # The packet carries the values escaped (PyMySQL sends them inline).
+        sizes = {k: self.dialect.wire_size(v) for k, v in values.items()}
         t = self.tables.task.fullname
         problems = [
             f"{k} is {n} bytes, column {t}.{k} holds {cap}" for k, (n, cap) in too_big.items()
@@ -218,6 +226,9 @@ class Store:
                 stmt = layout.statements[key] = self.dialect.replace(
                     self.tables.chord, "group_id", tuple(values), id_seq=False
                 )
+            if layout.has_chord_part:  # a re-applied chord reuses its header's task ids
+                p = self.tables.chord_part
+                conn.execute(sa.delete(p).where(p.c.group_id == group_id))
             conn.execute(stmt, values)
 
         self._write(run)

@@ -142,6 +142,11 @@ def test_a_part_reported_twice_counts_once(make_app: Callable[..., Celery], db_u
     assert store.chord_part_done("g1", "b", now) is None
     assert store.chord_part_done("g1", "c", now) == (3, 3)
     assert store.chord_part_done("other", "a", now) is None  # no counter row
+    store.chord_start("g0", now)
+    assert store.chord_part_done("g0", "a", now) == (1, None)
+    store.chord_start("g0", now)  # re-applied (a frozen chord): the same ids count afresh
+    assert store.chord_part_done("g0", "a", now) == (1, None)
+    store.chord_delete("g0")
     store.chord_delete("g1")
     assert store.chord_part_done("g1", "c", now) is None  # completed: a late repeat is ignored
     store.cleanup(now + timedelta(seconds=1))  # the repeat's orphan row expires

@@ -169,6 +169,12 @@ def test_too_large_for_a_db_plus_blob_column_fails_the_task_clearly(
     assert {"result", "traceback", "args"} <= set(str(err.value).replace(",", " ").split())
     assert failed.state == states.FAILURE and "… (cut to fit) …" in failed.traceback
     assert failed.traceback.startswith("Traceback") and "ValueError" in failed.traceback
+    # a success whose result fits keeps SUCCESS; only its too-large args give way
+    values = list(range(20_000))  # about 110 KB of JSON args, a small result
+    summed = app.tasks["t.tsum"].delay(values)
+    assert summed.get(timeout=30) == sum(values)
+    meta = app.backend.get_task_meta(summed.id, cache=False)
+    assert meta["status"] == states.SUCCESS and meta["args"] is None
     assert app.tasks["t.add"].delay(1, 2).get(timeout=30) == 3  # the worker carries on
     assert worker.proc is not None and worker.proc.poll() is None
 

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from celery import Celery
 from click.testing import CliRunner, Result
 
-from celery_sqlresults import migrate, startup
+from celery_sqlresults import dialects, migrate, startup
+from celery_sqlresults import store as store_module
 from celery_sqlresults.cli import results
 from celery_sqlresults.exceptions import ResultTooLarge
 from celery_sqlresults.query import ResultQuery
@@ -312,31 +313,39 @@ def test_tables_before_0003_still_work(make_app: Callable[..., Celery], db_url: 
 
 # ---- 0004: LONGBLOB for tables adopted from db+ on MySQL ---------------------------
 @pytest.mark.parametrize("db_kind", ["mysql"])
+@pytest.mark.parametrize("scheme", ["mysql", "mariadb"])  # SQLAlchemy's two dialect names
 def test_adopted_mysql_blobs_wait_for_the_upgrade_command(
-    make_app: Callable[..., Celery], db_url: str, caplog: pytest.LogCaptureFixture
+    make_app: Callable[..., Celery],
+    db_url: str,
+    scheme: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    db_plus_app(db_url).backend.store_result("old", "kept", "SUCCESS")
+    url = db_url.replace("mysql+", f"{scheme}+", 1)
+    db_plus_app(url).backend.store_result("old", "kept", "SUCCESS")
     assert column_type(db_url, "result") == "blob"
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
-        backend = make_app().backend
+        backend = make_app(url).backend
     assert version(db_url) == ["0003"]  # 0004 is refused, so 0005 waits behind it
     assert "revision 0004" in caplog.text and "results upgrade" in caplog.text
     big = "x" * 100_000  # over BLOB's 64 KB
     with pytest.raises(ResultTooLarge, match=r"results upgrade"):
         backend.store_result("big", big, "SUCCESS")
-    check = run("check", "--url", db_url)
+    check = run("check", "--url", url)
     assert check.exit_code == 1 and "run `celery results upgrade`" in check.stdout
 
-    up = run("upgrade", "--url", db_url)
+    up = run("upgrade", "--url", url)
     assert up.exit_code == 0, up.output
     assert version(db_url) == [HEAD]
+    # A running process re-reads the columns _RECHECK_AFTER seconds after it last did.
+    monkeypatch.setattr(store_module, "_RECHECK_AFTER", 0.0)
     assert column_type(db_url, "result") == "longblob"
     assert column_type(db_url, "kwargs") == "longblob"
     assert column_type(db_url, "result", "celery_tasksetmeta") == "longblob"
     backend.store_result("big", big, "SUCCESS")
     assert backend.get_task_meta("big", cache=False)["result"] == big
     assert backend.get_task_meta("old", cache=False)["result"] == "kept"
-    assert run("check", "--url", db_url).exit_code == 0
+    assert run("check", "--url", url).exit_code == 0
 
 
 # ---- the command line ------------------------------------------------------------
@@ -558,3 +567,32 @@ def test_runtime_user_who_may_not_read_the_version_table(
     startup.ensure_schema(backend.store, wait=0)  # what a starting worker runs: no error
     backend.store_result("t", 1, "SUCCESS")
     assert backend.get_task_meta("t")["result"] == 1
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_start_up_waits_for_a_long_upgrade_then_uses_the_tables(
+    make_app: Callable[..., Celery],
+    db_url: str,
+    db_kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process holds the schema lock (say, building an index on a big table)."""
+    assert run("upgrade", "0001", "--url", db_url).exit_code == 0
+    eng = raw_engine(db_url)
+    with eng.connect() as holder:
+        holder = holder.execution_options(isolation_level="AUTOCOMMIT")
+        if db_kind == "postgresql":
+            holder.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": dialects._PG_LOCK_KEY})
+        else:
+            holder.execute(sa.text("SELECT GET_LOCK(:n, 1)"), {"n": dialects._LOCK_NAME})
+        startup._ready.clear()
+        with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
+            backend = make_app(sqlresults_schema_lock_timeout=1).backend
+        assert "another process is changing the result schema" in caplog.text
+        backend.store_result("t", 1, "SUCCESS")  # the tables at 0001 serve meanwhile
+        assert backend.get_task_meta("t")["result"] == 1
+        assert version(db_url) == ["0001"]
+    eng.dispose()
+    startup._ready.clear()
+    make_app().backend  # noqa: B018 - the lock is free: the next start upgrades
+    assert version(db_url) == [HEAD]

@@ -116,9 +116,14 @@ def test_create_switch(conf: dict[str, bool], expected: bool) -> None:
     assert Settings.from_app(app_with(**conf), "sqlite://").create_tables_on_startup is expected
 
 
-def test_bad_timeout_value() -> None:
-    with pytest.raises(ImproperlyConfigured, match="sqlresults_startup_timeout"):
-        Settings.from_app(app_with(sqlresults_startup_timeout="soon"), "sqlite://")
+@pytest.mark.parametrize("value", ["soon", -1, float("nan"), float("inf"), 10**9])
+@pytest.mark.parametrize(
+    "key", ["sqlresults_startup_timeout", "sqlresults_lock_timeout", "sqlresults_retry_timeout"]
+)
+def test_bad_timeout_value(key: str, value: object) -> None:
+    """Finite and at most a week: PostgreSQL takes its timeouts as int32 milliseconds."""
+    with pytest.raises(ImproperlyConfigured, match=f"{key} must be a number of seconds"):
+        Settings.from_app(app_with(**{key: value}), "sqlite://")
 
 
 def test_engine_options_default_and_override() -> None:
