@@ -25,6 +25,7 @@ DB_TITLES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "sqlite": "SQLite"}
 ENV_BACKEND = "BENCH_BACKEND"
 ENV_BROKER = "BENCH_BROKER"
 ENV_QUEUE = "BENCH_QUEUE"
+ENV_RELAXED = "BENCH_RELAXED_COMMIT"  # "1": the worker runs with sqlresults_durable_commit off
 
 
 @dataclass(frozen=True)

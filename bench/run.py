@@ -70,9 +70,13 @@ def client_figures(url: str, sizes: Sizes, capped: bool) -> dict[str, float]:
     }
 
 
-def child_figures(url: str, sizes: Sizes, log_dir: Path) -> dict[str, float]:
-    """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker."""
-    with running_worker(url, 1, log_dir) as queue:
+def child_figures(url: str, sizes: Sizes, log_dir: Path, relaxed: bool = False) -> dict[str, float]:
+    """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker.
+
+    ``relaxed``: the worker runs with ``sqlresults_durable_commit = False``.
+    """
+    env = {config.ENV_RELAXED: "1" if relaxed else "0"}
+    with running_worker(url, 1, log_dir, env=env) as queue:
         measure = make_app(url, queue=queue).tasks["bench.measure"]
         reply = measure.delay(sizes.ops, sizes.warmup, sizes.rounds).get(timeout=ops.BULK_TIMEOUT)
     return {"store_child": median(reply["store"]), "get_child": median(reply["get"])}
@@ -139,6 +143,10 @@ def _brief(figs: dict[str, float]) -> str:
 
 
 # ---- the run -----------------------------------------------------------------
+#: Databases where ``sqlresults_durable_commit = False`` exists (not MySQL/MariaDB).
+RELAXABLE = ("postgresql", "sqlite")
+
+
 def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for backend, url in (("sql", target.sql_url), ("db", target.db_url)):
@@ -146,6 +154,10 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
         figs = startup_figures(backend, url, sizes.startup_repeats)
         log(f"{target.kind} {config.LABELS[backend]}: {_brief(figs)}")
         figs.update(backend_figures(target.backend_url(backend), sizes, log_dir, backend == "db"))
+        if backend == "sql" and target.kind in RELAXABLE:
+            relaxed = child_figures(target.backend_url(backend), sizes, log_dir, relaxed=True)
+            figs["store_child_relaxed"] = relaxed["store_child"]
+            log(f"  prefork child, durable commit off: {_brief(relaxed)}")
         out[backend] = figs
     return out
 

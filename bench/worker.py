@@ -27,6 +27,7 @@ def running_worker(
     queue: str | None = None,
     broker: str = config.BROKER,
     procs: list[subprocess.Popen[bytes]] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Start a prefork worker for ``backend_url``; yield its queue; stop it afterwards.
 
@@ -41,6 +42,7 @@ def running_worker(
         config.ENV_BROKER: broker,
         config.ENV_QUEUE: queue,
         "PYTHONPATH": str(config.ROOT),
+        **(env or {}),
     }
     cmd = [
         sys.executable, "-m", "celery", "-A", "bench.app", "worker",

@@ -283,6 +283,24 @@ class Dialect:
             ]
         return [f"PRAGMA busy_timeout = {ms}"]
 
+    def commit_statements(self, durable: bool) -> list[str]:
+        """Statements that relax, for one session, how a commit reaches the disk.
+
+        ``durable=False`` (``sqlresults_durable_commit``): PostgreSQL confirms a
+        commit before its WAL is flushed (``synchronous_commit = off``: a crash
+        of the *database server* may lose the last fraction of a second of
+        results, never corrupts); SQLite in WAL mode syncs at checkpoints only
+        (``synchronous = NORMAL``: a power loss may lose the last commits).
+        MySQL/MariaDB cannot do this per session (settings refuse it there).
+        """
+        if durable:
+            return []
+        if self.name == "postgresql":
+            return ["SET synchronous_commit = off"]
+        if self.name == "sqlite":
+            return ["PRAGMA synchronous = NORMAL"]
+        return []
+
     # ---- value sizes ----------------------------------------------------
     def column_capacity(self, column_type: Any) -> int | None:
         """Bytes a reflected binary/text column holds, or ``None`` for "more than we'd send".

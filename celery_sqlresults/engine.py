@@ -30,7 +30,9 @@ _engines: dict[str, tuple[int, Engine]] = {}
 def _key(settings: Settings) -> str:
     options = json.dumps(settings.engine_options, sort_keys=True, default=repr)
     callback = repr(settings.engine_callback)  # a different callback wants its own engine
-    return f"{settings.url.render_as_string(hide_password=False)}|{options}|{callback}"
+    # ... and so do different session settings (run on each new connection)
+    session = f"{settings.lock_timeout}|{settings.durable_commit}"
+    return f"{settings.url.render_as_string(hide_password=False)}|{options}|{callback}|{session}"
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -61,8 +63,9 @@ def _create(settings: Settings) -> Engine:
     if options["isolation_level"] == "AUTOCOMMIT":
         options.setdefault("pool_reset_on_return", None)
     engine = sa.create_engine(settings.url, **options)
-    statements = dialect_for(settings.url.get_backend_name()).lock_timeout_statements(
-        settings.lock_timeout
+    dialect = dialect_for(settings.url.get_backend_name())
+    statements = dialect.lock_timeout_statements(settings.lock_timeout) + dialect.commit_statements(
+        settings.durable_commit
     )
     if statements:
         sa.event.listen(engine, "connect", functools.partial(_session_setup, statements))

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_lock_timeout": 30.0,
     "sqlresults_retry_timeout": 60.0,
     "sqlresults_notify": True,
+    "sqlresults_durable_commit": True,
 }
 
 #: Engine options used when the user has not set ``database_engine_options``.
@@ -68,6 +69,7 @@ class Settings:
     #: Seconds transient errors of one operation are retried for (0: no time bound).
     retry_timeout: float = 60.0
     notify: bool = True
+    durable_commit: bool = True
 
     @property
     def masked_url(self) -> str:
@@ -95,7 +97,23 @@ class Settings:
             lock_timeout=_seconds(conf, "sqlresults_lock_timeout"),
             retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
+            durable_commit=_durable_commit(conf, url or conf.get("database_url")),
         )
+
+
+def _durable_commit(conf: Any, raw_url: str | None) -> bool:
+    durable = _get(conf, "sqlresults_durable_commit")
+    if not isinstance(durable, bool):
+        raise ImproperlyConfigured(
+            f"sqlresults_durable_commit must be True or False, got {durable!r}."
+        )
+    if not durable and raw_url and make_url(raw_url).get_backend_name() in ("mysql", "mariadb"):
+        raise ImproperlyConfigured(
+            "sqlresults_durable_commit = False is not available on MySQL/MariaDB (a session "
+            "cannot relax durability there): set innodb_flush_log_at_trx_commit = 2 on the "
+            "server instead, or remove the setting."
+        )
+    return durable
 
 
 def _get(conf: Any, key: str) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from celery import Celery, states
+from celery.exceptions import ImproperlyConfigured
 
 from celery_sqlresults.engine import get_engine
 
@@ -102,3 +103,36 @@ def test_connection_closed_by_wait_timeout_is_replaced(make_app: Callable[..., C
     time.sleep(2.5)
     assert backend.get_task_meta("after", cache=False)["result"] == 2  # a read, too
     assert len(invalidated) == 2
+
+
+# ---- sqlresults_durable_commit ------------------------------------------------------------
+_COMMIT_SETTING = {
+    "postgresql": ("SHOW synchronous_commit", "on", "off"),
+    "sqlite": ("PRAGMA synchronous", 2, 1),  # FULL, NORMAL
+}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "sqlite"])
+def test_durable_commit_can_be_relaxed_per_session(
+    make_app: Callable[..., Celery], db_kind: str
+) -> None:
+    query, durable, relaxed = _COMMIT_SETTING[db_kind]
+
+    def session_value(app: Celery) -> object:
+        backend = app.backend
+        backend.store_result("t", 1, "SUCCESS")  # the write works either way
+        assert backend.get_task_meta("t", cache=False)["result"] == 1
+        return backend.store.run(lambda conn, _: conn.exec_driver_sql(query).scalar(), None)
+
+    assert session_value(make_app()) == durable
+    fast = make_app(sqlresults_durable_commit=False)
+    assert session_value(fast) == relaxed
+    assert session_value(make_app()) == durable  # its own engine: settings never leak
+
+
+@pytest.mark.parametrize("db_kind", ["mysql"])
+def test_durable_commit_off_is_refused_on_mysql(make_app: Callable[..., Celery]) -> None:
+    with pytest.raises(ImproperlyConfigured, match="innodb_flush_log_at_trx_commit"):
+        make_app(sqlresults_durable_commit=False).backend  # noqa: B018
+    with pytest.raises(ImproperlyConfigured, match="True or False"):
+        make_app(sqlresults_durable_commit="no").backend  # noqa: B018
