@@ -301,8 +301,9 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    stored ids once and the time is scaled by {s.read}/{s.dbplus_client_ops}** (its
    join reads id by id, so its time is linear in ids).
 4. `add.delay(1, 1).get()` with a `--concurrency=2` prefork worker: p50/p90 of
-   {s.roundtrips} calls after {s.warmup} warm-up calls. **db+: {s.dbplus_roundtrips}
-   calls** (its `.get()` sleeps 0.5 s whenever its first check finds the task unfinished).
+   {s.rounds} rounds of {s.roundtrips} calls, each after {s.warmup} warm-up calls, pooled.
+   **db+: 1 round of {s.dbplus_roundtrips} calls** (its `.get()` sleeps 0.5 s whenever its
+   first check finds the task unfinished).
 5. `group(add.s(i, i) for i in range({s.group})).apply_async().get()` wall time,
    same worker; {s.rounds} rounds (db+: 1).
 6. `chord(add.s(i, i) for i in range({s.chord}))(tsum.s()).get()` wall time, same
