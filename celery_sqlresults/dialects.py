@@ -335,27 +335,26 @@ class Dialect:
     # ---- errors -------------------------------------------------------
     def is_lock_timeout(self, exc: BaseException) -> bool:
         """True when ``exc`` says a statement gave up waiting for another session's lock."""
-        orig = getattr(exc, "orig", None)
-        if orig is None:
-            return False
-        if self.name == "postgresql":
-            return getattr(orig, "sqlstate", None) == _PG_LOCK_NOT_AVAILABLE
-        if self.name == "mysql":
-            args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-            return bool(args) and args[0] == _MYSQL_LOCK_WAIT_TIMEOUT
-        return bool(_SQLITE_BUSY.search(str(orig)))
+        return self._error_is(exc, _PG_LOCK_NOT_AVAILABLE, _MYSQL_LOCK_WAIT_TIMEOUT, _SQLITE_BUSY)
 
     def is_missing_table(self, exc: BaseException) -> bool:
         """True when ``exc`` says a table does not exist (and nothing else went wrong)."""
+        return self._error_is(exc, _PG_UNDEFINED_TABLE, _MYSQL_NO_SUCH_TABLE, _MISSING_TABLE)
+
+    def _error_is(
+        self, exc: BaseException, sqlstate: str, errno: int, sqlite_text: re.Pattern[str]
+    ) -> bool:
+        """Whether the driver error under ``exc`` is this PostgreSQL SQLSTATE, this
+        MySQL/MariaDB error number, or (SQLite has neither) a message matching the text."""
         orig = getattr(exc, "orig", None)
         if orig is None:
             return False
         if self.name == "postgresql":
-            return getattr(orig, "sqlstate", None) == _PG_UNDEFINED_TABLE
+            return getattr(orig, "sqlstate", None) == sqlstate
         if self.name == "mysql":
             args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-            return bool(args) and args[0] == _MYSQL_NO_SUCH_TABLE
-        return bool(_MISSING_TABLE.search(str(orig)))
+            return bool(args) and args[0] == errno
+        return bool(sqlite_text.search(str(orig)))
 
     # ---- record on publish ------------------------------------------------
     def insert_if_absent(

@@ -18,7 +18,7 @@ from celery.utils.imports import symbol_by_name
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .dialects import SUPPORTED
+from .dialects import SUPPORTED, dialect_for
 
 __all__ = ["DEFAULTS", "Settings", "mask_url"]
 
@@ -83,8 +83,9 @@ class Settings:
         engine_options: Mapping[str, Any] | None = None,
     ) -> Settings:
         conf = app.conf
+        parsed = _parse_url(url or conf.get("database_url"))
         return cls(
-            url=_parse_url(url or conf.get("database_url")),
+            url=parsed,
             engine_options=_engine_options(conf, engine_options),
             engine_callback=_engine_callback(conf.get("database_engine_callback")),
             table_names=_identifiers(conf.get("database_table_names"), "database_table_names"),
@@ -97,17 +98,17 @@ class Settings:
             lock_timeout=_seconds(conf, "sqlresults_lock_timeout"),
             retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
-            durable_commit=_durable_commit(conf, url or conf.get("database_url")),
+            durable_commit=_durable_commit(conf, parsed),
         )
 
 
-def _durable_commit(conf: Any, raw_url: str | None) -> bool:
+def _durable_commit(conf: Any, url: URL) -> bool:
     durable = _get(conf, "sqlresults_durable_commit")
     if not isinstance(durable, bool):
         raise ImproperlyConfigured(
             f"sqlresults_durable_commit must be True or False, got {durable!r}."
         )
-    if not durable and raw_url and make_url(raw_url).get_backend_name() in ("mysql", "mariadb"):
+    if not durable and dialect_for(url.get_backend_name()).name == "mysql":
         raise ImproperlyConfigured(
             "sqlresults_durable_commit = False is not available on MySQL/MariaDB (a session "
             "cannot relax durability there): set innodb_flush_log_at_trx_commit = 2 on the "

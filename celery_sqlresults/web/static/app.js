@@ -97,15 +97,22 @@
     box.replaceChildren.apply(box, nodes);
   }
 
-  function taskRow(task) {
+  // A table row for one task: its id (a link to its detail) and state badge first.
+  function idStateRow(task) {
     var tr = document.createElement("tr");
     tr.dataset.taskId = task.task_id;
     var id = el("td", null, "id");
     id.appendChild(taskLink(task.task_id));
     var state = el("td");
     state.appendChild(stateBadge(task.state));
+    tr.append(id, state);
+    return tr;
+  }
+
+  function taskRow(task) {
+    var tr = idStateRow(task);
     var result = el("td", asText(task.result).slice(0, 200), "result");
-    tr.append(id, state, el("td", task.name || "–"), el("td", task.worker || "–"),
+    tr.append(el("td", task.name || "–"), el("td", task.worker || "–"),
       el("td", when(task.date_done)), result);
     if (location.hash === "#task/" + encodeURIComponent(task.task_id)) tr.classList.add("selected");
     return tr;
@@ -150,13 +157,8 @@
     $("g-text").textContent = group.progress.done + " / " + group.progress.total + " done" +
       (counts.length ? " (" + counts.join(", ") + ")" : "");
     var rows = group.members.map(function (member) {
-      var tr = document.createElement("tr");
-      tr.dataset.taskId = member.task_id;
-      var id = el("td", null, "id");
-      id.appendChild(taskLink(member.task_id));
-      var state = el("td");
-      state.appendChild(stateBadge(member.state));
-      tr.append(id, state, el("td", member.name || "–"), el("td", when(member.date_done)));
+      var tr = idStateRow(member);
+      tr.append(el("td", member.name || "–"), el("td", when(member.date_done)));
       return tr;
     });
     var body = $("g-members").tBodies[0];
