@@ -176,6 +176,14 @@ def _engine_options(conf: Any, overrides: Mapping[str, Any] | None) -> dict[str,
         raise ImproperlyConfigured(
             "database_engine_options must be a dict of create_engine() options."
         )
+    level = base.get("isolation_level", "AUTOCOMMIT")
+    if str(level).upper() != "AUTOCOMMIT":
+        raise ImproperlyConfigured(
+            f"database_engine_options isolation_level={level!r} is not supported: every "
+            "write of celery-sqlresults is one statement that must commit on its own, so "
+            "its connections run in autocommit (schema changes open their own "
+            "transactions). Remove isolation_level from database_engine_options."
+        )
     return base
 
 

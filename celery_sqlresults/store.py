@@ -95,7 +95,7 @@ class Store:
         ``date_created`` is kept from the first insert (a publish-time row's, say).
         """
 
-        def run(conn: Connection, layout: _Layout) -> None:
+        def write(layout: _Layout) -> bool:
             row = {k: v for k, v in values.items() if k in layout.task_columns}
             try:
                 self._check_sizes(layout, row)
@@ -106,14 +106,15 @@ class Store:
                 if time.monotonic() - layout.reflected_at < _RECHECK_AFTER:
                     raise
                 self.forget_layout()
-                fresh = self.layout(conn)
+                fresh = self.layout()
                 if fresh is None:
                     raise
                 layout = fresh
                 self._check_sizes(layout, row)
-            fastpath.execute(conn, self._task_upsert(layout, tuple(row), notify), row)
+            fastpath.execute(self.engine, self._task_upsert(layout, tuple(row), notify), row)
+            return True
 
-        self._write(run)
+        self._create_if_missing(lambda: self._pooled(write, False))
 
     def _check_sizes(self, layout: _Layout, row: Mapping[str, Any]) -> None:
         """Refuse a row the database would reject or, worse, cut (MySQL without strict mode).
@@ -266,11 +267,14 @@ class Store:
     def get_task(self, task_id: str, extended: bool = True) -> Mapping[str, Any] | None:
         """One task's row; ``extended=False`` skips the ``result_extended`` columns."""
 
-        def run(conn: Connection, layout: _Layout) -> Mapping[str, Any] | None:
+        def read(layout: _Layout) -> Mapping[str, Any] | None:
             stmt = self._task_select(layout, "one", extended)
-            return fastpath.fetch_one(conn, stmt, {"task_id": task_id})
+            row = fastpath.fetch_one(self.engine, stmt, {"task_id": task_id})
+            if row is not None:
+                row["task_id"] = task_id  # not selected: known, and each column costs
+            return row
 
-        return self.run(run, None)
+        return self._pooled(read, None)
 
     def get_ready(self, task_ids: Sequence[str], extended: bool = True) -> list[RowMapping]:
         """Rows of the given tasks that are in a ready state, one query per batch of ids."""
@@ -395,6 +399,8 @@ class Store:
             t = self.tables.task
             # The monitoring timestamps are not part of Celery's meta: left to ResultQuery.
             skip = {"id", *DATE_COLUMNS, *(() if extended else EXTENDED_COLUMNS)}
+            if kind == "one":  # PyMySQL parses each column's metadata per query: ~7 µs
+                skip.add("task_id")
             cols = [c for c in t.c if c.name in layout.task_columns and c.name not in skip]
             if kind == "one":
                 stmt = sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
@@ -410,34 +416,38 @@ class Store:
     def run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
         """Run ``fn``; a missing table means "nothing there", not an error."""
         with self.engine.connect() as conn:
-            layout = self.layout(conn)
-            if layout is None:
-                return default
-            try:
-                return fn(conn, layout)
-            except DBAPIError as exc:
-                if not self.dialect.is_missing_table(exc):
-                    raise
-                self.forget_layout()
-                return default
+            return self._pooled(lambda layout: fn(conn, layout), default, conn)
+
+    def _pooled(self, fn: Callable[[_Layout], T], default: T, conn: Connection | None = None) -> T:
+        """:meth:`run` for ``fn`` that takes its own pooled connection (the fast path)."""
+        layout = self.layout(conn)
+        if layout is None:
+            return default
+        try:
+            return fn(layout)
+        except DBAPIError as exc:
+            if not self.dialect.is_missing_table(exc):
+                raise
+            self.forget_layout()
+            return default
 
     def _write(self, fn: Callable[[Connection, _Layout], None]) -> None:
-        """Run ``fn``; if the tables are missing, create them first (lazy mode's creation).
-
-        :meth:`run` answers ``False`` both when the tables are known to be
-        missing and when ``fn`` found one missing.
-        """
+        """Run ``fn``; if the tables are missing, create them first (lazy mode's creation)."""
 
         def attempt(conn: Connection, layout: _Layout) -> bool:
             fn(conn, layout)
             return True
 
-        if self.run(attempt, False):
+        self._create_if_missing(lambda: self.run(attempt, False))
+
+    def _create_if_missing(self, attempt: Callable[[], bool]) -> None:
+        """Run ``attempt``; if it found the tables missing (``False``), create them and retry."""
+        if attempt():
             return
         from .startup import create_schema  # startup builds on this module
 
         create_schema(self)
-        if not self.run(attempt, False):
+        if not attempt():
             raise SchemaMissing(
                 f"result tables still missing after creating them at {self.settings.masked_url}"
             )

@@ -240,6 +240,23 @@ def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: 
     assert pickle_ok.backend.get_task_meta("p")["result"] == {"x": 1}
 
 
+def test_decoding_keeps_celerys_rules(make_app: Callable[..., Celery], db_url: str) -> None:
+    """The direct decoder honours accept_content, and compressed payloads still decode."""
+    from celery.backends.base import compress_payload
+    from kombu.exceptions import ContentDisallowed
+
+    backend = make_app().backend
+    backend.store_result("j", {"v": 1}, states.SUCCESS)
+    picky = make_app(result_serializer="json", result_accept_content=["pickle"]).backend
+    with pytest.raises(ContentDisallowed):
+        picky.get_task_meta("j", cache=False)
+    overwrite_result(db_url, "j", compress_payload(b'{"v": 2}', "gzip"))
+    assert backend.get_task_meta("j", cache=False)["result"] == {"v": 2}
+    overwrite_result(db_url, "j", b"{not json")
+    with pytest.raises(Exception, match=r"[Ee]xpecting|[Dd]ecode"):  # the serializer's own error
+        backend.get_task_meta("j", cache=False)
+
+
 def test_backend_pickles_for_prefork(make_app: Callable[..., Celery]) -> None:
     app = make_app()
     backend = app.backend

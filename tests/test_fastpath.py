@@ -65,3 +65,55 @@ def test_errors_are_sqlalchemys(make_app: Callable[..., Celery], db_url: str) ->
     assert backend.get_task_meta("t", cache=False)["status"] == states.PENDING
     backend.store_result("u", 2, states.SUCCESS)  # a write recreates the table
     assert backend.get_task_meta("u", cache=False)["result"] == 2
+
+
+def _kept_cursor(engine: sa.Engine) -> object:
+    """The cursor the fast path keeps with the pool's (only) connection, if any."""
+    pooled = engine.raw_connection()
+    try:
+        kept = pooled.info.get(fastpath._CURSOR)
+        return None if kept is None else kept[1]
+    finally:
+        pooled.close()
+
+
+def test_cursor_kept_unless_values_are_large(make_app: Callable[..., Celery], db_url: str) -> None:
+    """One cursor per pooled connection is reused; a call with large values closes its own."""
+    app = make_app(database_engine_options={"pool_size": 1, "max_overflow": 0})
+    backend = app.backend
+    backend.store_result("small", 1, states.SUCCESS)
+    engine = backend.store.engine
+    first = _kept_cursor(engine)
+    assert first is not None
+    assert backend.get_task_meta("small", cache=False)["result"] == 1
+    assert _kept_cursor(engine) is first  # the same cursor served the read
+    big = "x" * (fastpath._KEEP_BYTES + 1)
+    backend.store_result("big", big, states.SUCCESS)
+    assert _kept_cursor(engine) is None  # it held the 64 KB parameters: closed
+    assert backend.get_task_meta("small", cache=False)["result"] == 1
+    assert _kept_cursor(engine) is not None
+    assert backend.get_task_meta("big", cache=False)["result"] == big
+    assert _kept_cursor(engine) is None  # and the 64 KB row
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_autocommit_turned_off_still_commits(make_app: Callable[..., Celery], db_url: str) -> None:
+    """A listener that leaves connections in a transaction gets SQLAlchemy's path, committed."""
+
+    def transactional(engine: sa.Engine) -> None:
+        def checkout(dbapi_conn: object, record: object, proxy: object) -> None:
+            dbapi_conn.autocommit = False  # type: ignore[attr-defined]
+
+        sa.event.listen(engine, "checkout", checkout)
+
+    backend = make_app(database_engine_callback=transactional).backend
+    backend.store_result("t", {"v": 1}, states.SUCCESS)
+    assert backend.get_task_meta("t", cache=False)["result"] == {"v": 1}
+    with raw_engine(db_url).connect() as conn:  # another session sees it: committed
+        status = conn.execute(sa.text("SELECT status FROM celery_taskmeta WHERE task_id = 't'"))
+        assert status.scalar() == states.SUCCESS
+    pooled = backend.store.engine.raw_connection()
+    try:  # and no transaction is left open on the pooled connection
+        assert pooled.dbapi_connection.info.transaction_status.name == "IDLE"
+    finally:
+        pooled.close()

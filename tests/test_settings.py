@@ -133,6 +133,16 @@ def test_engine_options_default_and_override() -> None:
     assert user.engine_options == {"pool_pre_ping": True}
 
 
+@pytest.mark.parametrize("level", ["READ COMMITTED", "SERIALIZABLE"])
+def test_engine_options_refuse_transactions(level: str) -> None:
+    """Writes are single statements that commit on their own: a transaction would lose them."""
+    app = app_with(database_engine_options={"isolation_level": level})
+    with pytest.raises(ImproperlyConfigured, match=f"isolation_level='{level}' is not supported"):
+        Settings.from_app(app, "sqlite://")
+    ok = app_with(database_engine_options={"isolation_level": "AUTOCOMMIT", "pool_size": 3})
+    assert Settings.from_app(ok, "sqlite://").engine_options["pool_size"] == 3
+
+
 def test_masked_url_hides_password() -> None:
     s = Settings.from_app(app_with(), "postgresql+psycopg://user:hunter2@db.example/x")
     assert "hunter2" not in s.masked_url
