@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 
 from . import config
-from .ops import store_get_rates
+from .ops import driver_rates, store_get_rates
 
 
 def make_app(
@@ -48,8 +48,13 @@ def _register_tasks(app: Celery) -> None:
     @app.task(name="bench.measure", bind=True, shared=False)
     def measure(self: Any, n: int, warmup: int = 10, rounds: int = 1) -> dict[str, Any]:
         """Rates of ``n`` store_result and get_task_meta calls on this process's backend."""
-        runs = [store_get_rates(self.app.backend, n, warmup) for _ in range(rounds)]
-        return {"store": [r.store for r in runs], "get": [r.get for r in runs], "pid": os.getpid()}
+        backend = self.app.backend
+        runs = [store_get_rates(backend, n, warmup) for _ in range(rounds)]
+        out = {"store": [r.store for r in runs], "get": [r.get for r in runs], "pid": os.getpid()}
+        if hasattr(backend, "store"):  # sql+: and the same statements on the bare driver
+            bare = [driver_rates(backend, n, warmup) for _ in range(rounds)]
+            out.update(driver_store=[r.store for r in bare], driver_get=[r.get for r in bare])
+        return out
 
 
 app = make_app(

@@ -93,7 +93,7 @@ def stored(engine: sa.Engine) -> int:
         return int(
             conn.exec_driver_sql(
                 "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'"
-            ).scalar()
+            ).scalar_one()
         )
 
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             not_ready = int(
                 conn.exec_driver_sql(
                     "SELECT count(*) FROM celery_taskmeta WHERE status <> 'SUCCESS'"
-                ).scalar()
+                ).scalar_one()
             )
         logs = "".join(p.read_text(errors="replace") for p in tmp.glob("*.log"))
         report.update(

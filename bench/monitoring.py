@@ -17,6 +17,7 @@ filter query that scans the whole task table is flagged.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import shlex
@@ -296,7 +297,7 @@ def cases(app: Celery, groups: dict[int, str], rows: int) -> list[Case]:
             out.append(
                 Case(
                     f"group of {size}",
-                    lambda g=group_id: _group(query, g),
+                    functools.partial(_group, query, group_id),
                     f"/api/groups/{group_id}",
                     False,
                 )

@@ -139,3 +139,73 @@ def publish_rate(add: Any, n: int, warmup: int = 10) -> float:
     if purged != n + warmup:
         raise RuntimeError(f"purged {purged} messages from {queue}, published {n + warmup}")
     return n / elapsed
+
+
+def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
+    """The ceiling of figure 2: sql+'s own upsert and read, on the bare driver.
+
+    The statements ``store_result``/``get_task_meta`` run (SQLAlchemy-compiled,
+    prepared on psycopg, with the NOTIFY on PostgreSQL), executed in a loop on one
+    raw DBAPI connection with prebuilt parameters: no Celery, no SQLAlchemy, no
+    pool. What is left is the database and its driver; a backend can approach
+    this rate, not pass it.
+    """
+    from datetime import datetime, timezone
+
+    from celery_sqlresults import fastpath
+
+    store_ = backend.store
+    store(backend, uuid())  # the tables and the layout exist
+    layout = store_.layout()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    def row(task_id: str) -> dict[str, Any]:
+        values = {
+            "task_id": task_id, "status": states.SUCCESS, "result": b"2", "traceback": None,
+            "date_done": now, "children": None, "date_created": now, "name": "bench.add",
+            "args": b"[1, 1]", "kwargs": b"{}", "worker": "bench@localhost", "retries": 0,
+            "queue": "bench", "stamps": None,
+        }  # fmt: skip
+        return {k: v for k, v in values.items() if k in layout.task_columns}
+
+    engine = store_.engine
+    columns = tuple(row("x"))
+    notify = backend._waiter.notifies
+    write = fastpath._compile(engine, store_._task_upsert(layout, columns, notify))
+    read = fastpath._compile(engine, store_._task_select(layout, "one", backend.extended_result))
+
+    def args(compiled: Any, values: dict[str, Any]) -> Any:
+        merged = {**compiled.defaults, **values}
+        for name, proc in compiled.binds.items():
+            if merged.get(name) is not None:
+                merged[name] = proc(merged[name])
+        return merged if compiled.positions is None else [merged[k] for k in compiled.positions]
+
+    ids = [uuid() for _ in range(n + warmup)]
+    writes = [args(write, row(task_id)) for task_id in ids]
+    reads = [args(read, {"task_id": task_id}) for task_id in ids]
+    extra = {"prepare": True} if write.prepare else {}
+    pooled = engine.raw_connection()
+    try:
+        cursor = pooled.dbapi_connection.cursor()
+        for values in writes[:warmup]:
+            cursor.execute(write.sql, values, **extra)
+        start = time.perf_counter()
+        for values in writes[warmup:]:
+            cursor.execute(write.sql, values, **extra)
+        stored = time.perf_counter()
+        for values in reads[:warmup]:
+            cursor.execute(read.sql, values, **extra)
+            cursor.fetchall()
+        begun = time.perf_counter()
+        rows = 0
+        for values in reads[warmup:]:
+            cursor.execute(read.sql, values, **extra)
+            rows += len(cursor.fetchall())
+        done = time.perf_counter()
+        cursor.close()
+    finally:
+        pooled.close()
+    if rows != n:
+        raise RuntimeError(f"the bare driver read {rows} rows of {n} it wrote")
+    return Rates(n / (stored - start), n / (done - begun), ids[warmup:])

@@ -79,7 +79,11 @@ def child_figures(url: str, sizes: Sizes, log_dir: Path, relaxed: bool = False) 
     with running_worker(url, 1, log_dir, env=env) as queue:
         measure = make_app(url, queue=queue).tasks["bench.measure"]
         reply = measure.delay(sizes.ops, sizes.warmup, sizes.rounds).get(timeout=ops.BULK_TIMEOUT)
-    return {"store_child": median(reply["store"]), "get_child": median(reply["get"])}
+    out = {"store_child": median(reply["store"]), "get_child": median(reply["get"])}
+    if "driver_store" in reply and not relaxed:
+        out["store_driver_child"] = median(reply["driver_store"])
+        out["get_driver_child"] = median(reply["driver_get"])
+    return out
 
 
 def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
