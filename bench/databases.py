@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,25 @@ class Target:
         if backend == "db":
             return "db+" + self.db_url
         return config.REDIS_RESULTS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--databases`` and ``--out``, as every benchmark command takes them."""
+    parser.add_argument(
+        "--databases",
+        default=",".join(config.DATABASES),
+        help="comma-separated subset of: " + ",".join(config.DATABASES),
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+
+
+def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The databases ``--databases`` names, in order; a usage error for unknown ones."""
+    kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(config.DATABASES))
+    if unknown or not kinds:
+        parser.error(f"--databases: unknown {unknown}; choose from {config.DATABASES}")
+    return kinds
 
 
 def admin_engine(url: str) -> sa.Engine:

@@ -23,7 +23,7 @@ from celery_sqlresults import publish as sqlresults_publish
 from . import config, ops
 from .app import make_app
 from .config import Sizes
-from .databases import Target, flush_redis, prepare, server_versions
+from .databases import Target, add_arguments, chosen, flush_redis, prepare, server_versions
 from .report import Results, render, table, targets_section
 from .startup import startup_figures
 from .worker import running_worker
@@ -38,18 +38,9 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    parser.add_argument(
-        "--databases",
-        default=",".join(config.DATABASES),
-        help="comma-separated subset of: " + ",".join(config.DATABASES),
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    kinds = [k.strip() for k in args.databases.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(config.DATABASES))
-    if unknown or not kinds:
-        parser.error(f"--databases: unknown {unknown}; choose from {config.DATABASES}")
-    args.kinds = kinds
+    args.kinds = chosen(parser, args)
     return args
 
 

@@ -13,7 +13,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,14 +209,35 @@ class Dialect:
             return not id_column.get("autoincrement", False)
         return id_column.get("default") is None and not id_column.get("identity")
 
-    def delete_batch(self, table: sa.Table, where: sa.ColumnElement[bool], limit: int) -> sa.Delete:
-        """DELETE at most ``limit`` rows matching ``where`` (short transactions, short locks)."""
+    def expiry(
+        self, table: sa.Table, timestamp: sa.Column[Any], cutoff: Any, limit: int
+    ) -> Callable[[Connection], tuple[int, bool]]:
+        """A function deleting the next batch of about ``limit`` rows older than ``cutoff``.
+
+        It answers ``(rows deleted, whether that was the last batch)``. Each
+        batch is its own short statement (autocommit), so locks are held for
+        one batch at a time, and every DELETE checks the age itself: a row
+        written meanwhile (a task re-run under its id) stays.
+        """
+        old = timestamp < cutoff
         if self.name == "mysql":
-            return sa.delete(table).where(where).with_dialect_options(mysql_limit=limit)
+            return _walk_expired(table, timestamp, old, limit)
         key = list(table.primary_key.columns)
-        keys = sa.select(*key).where(where).limit(limit)
         target = key[0] if len(key) == 1 else sa.tuple_(*key)  # row values for a composite key
-        return sa.delete(table).where(target.in_(keys))
+        stmt = sa.delete(table).where(target.in_(sa.select(*key).where(old).limit(limit)), old)
+        pause = self.name == "sqlite"
+
+        def delete(conn: Connection) -> tuple[int, bool]:
+            started = time.monotonic()
+            n = int(conn.execute(stmt).rowcount)
+            if pause and n == limit:
+                # SQLite has one write lock for the whole database, and a writer
+                # waiting for it sleeps between tries: without a pause the next
+                # batch would take the lock again before that writer wakes.
+                time.sleep(time.monotonic() - started)
+            return n, n < limit
+
+        return delete
 
     # ---- schema -------------------------------------------------------
     @contextlib.contextmanager
@@ -427,3 +448,28 @@ def _pg_session_lock(conn: Connection, timeout: float) -> Iterator[None]:
             conn.commit()
         except DBAPIError:
             conn.invalidate()  # closing the session releases the lock
+
+
+def _walk_expired(
+    table: sa.Table, timestamp: sa.Column[Any], old: sa.ColumnElement[bool], limit: int
+) -> Callable[[Connection], tuple[int, bool]]:
+    """MySQL/MariaDB batches: ranges of the timestamp index, each starting where the last ended.
+
+    InnoDB keeps deleted index entries until its purge catches up, so asking
+    for "the oldest N" again and again would wade through every earlier
+    batch's entries (quadratic: minutes on a million rows). Instead find where
+    the next ``limit`` rows end (an index-only read) and delete that range.
+    """
+    since: list[Any] = []
+
+    def walk(conn: Connection) -> tuple[int, bool]:
+        after = (timestamp >= since[0],) if since else ()
+        pick = sa.select(timestamp).where(old, *after).order_by(timestamp)
+        last = conn.execute(pick.offset(limit - 1).limit(1)).scalar()
+        if last is None:  # fewer than `limit` left: the rest in one go
+            return int(conn.execute(sa.delete(table).where(old, *after)).rowcount), True
+        since[:] = [last]
+        batch = sa.delete(table).where(old, *after, timestamp <= last)
+        return int(conn.execute(batch).rowcount), False
+
+    return walk

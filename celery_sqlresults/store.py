@@ -48,6 +48,7 @@ _RECHECK_AFTER = 10.0
 #: Bytes of a task upsert besides its values (SQL text, other columns), for the packet check.
 _STATEMENT_OVERHEAD = 4096
 T = TypeVar("T")
+_Expiry = Callable[[Connection], tuple[int, bool]]
 
 
 @dataclass
@@ -190,25 +191,24 @@ class Store:
         """
         counts: dict[str, int] = {}
         for key, (table, timestamp) in self.tables.expiring.items():
-            old = timestamp < cutoff
             if dry_run:
-                count = sa.select(sa.func.count()).select_from(table).where(old)
+                count = sa.select(sa.func.count()).select_from(table).where(timestamp < cutoff)
 
                 def counted(conn: Connection, _: _Layout, q: sa.Select[Any] = count) -> int:
                     return int(conn.execute(q).scalar() or 0)
 
                 counts[key] = self.run(counted, 0)
                 continue
-            delete = self.dialect.delete_batch(table, old, batch)
+            expire = self.dialect.expiry(table, timestamp, cutoff, batch)
 
-            def run(conn: Connection, _: _Layout, stmt: sa.Delete = delete) -> int:
-                return int(conn.execute(stmt).rowcount)
+            def run(conn: Connection, _: _Layout, step: _Expiry = expire) -> tuple[int, bool]:
+                return step(conn)
 
             counts[key] = 0
             while True:
-                n = self.run(run, 0)
-                counts[key] += n
-                if n < batch:
+                deleted, last = self.run(run, (0, True))
+                counts[key] += deleted
+                if last:
                     break
         counts.pop("chord_part", None)  # bookkeeping of the chord counters, not reported
         return counts

@@ -240,6 +240,37 @@ def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: 
     assert pickle_ok.backend.get_task_meta("p")["result"] == {"x": 1}
 
 
+@pytest.mark.parametrize("db_kind", ["mysql"])
+def test_cleanup_keeps_a_row_rewritten_mid_batch(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """MySQL picks a batch, then deletes it: a row re-stored in between is not deleted."""
+    backend = make_app().backend
+    for i in range(5):
+        backend.store_result(f"old{i}", i, states.FAILURE if i == 2 else states.SUCCESS)
+    long_ago = datetime(2000, 1, 1)
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(sa.text("UPDATE celery_taskmeta SET date_done = :d"), {"d": long_ago})
+    rewritten: list[str] = []
+
+    def after(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().startswith("SELECT") and "date_done" in statement and not rewritten:
+            rewritten.append("old2")  # the task is re-run under its id and succeeds, right now
+            other = make_app().backend
+            other.store_result("old2", "again", states.SUCCESS)
+
+    sa.event.listen(backend.store.engine, "after_cursor_execute", after)
+    try:
+        counts = backend.store.cleanup(datetime(2001, 1, 1), batch=10)
+    finally:
+        sa.event.remove(backend.store.engine, "after_cursor_execute", after)
+    assert rewritten and counts["task"] == 4
+    assert backend.get_task_meta("old2", cache=False)["result"] == "again"
+    assert backend.get_task_meta("old1", cache=False)["status"] == states.PENDING
+    eng.dispose()
+
+
 def test_decoding_keeps_celerys_rules(make_app: Callable[..., Celery], db_url: str) -> None:
     """The direct decoder honours accept_content, and compressed payloads still decode."""
     from celery.backends.base import compress_payload
