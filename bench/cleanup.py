@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -35,6 +35,7 @@ from celery import Celery, states
 from celery.utils import uuid
 
 from celery_sqlresults import engine as engine_mod
+from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.store import CLEANUP_BATCH
 
 from . import config
@@ -76,8 +77,8 @@ _BYTES = {
 }
 
 
-def fill_sql(kind: str, id_value: str | None) -> str:
-    """One INSERT … SELECT of ``:total`` rows (``:rows`` expired, then the recent ones)."""
+def fill_sql(kind: str, id_value: str | None, total: int) -> str:
+    """One INSERT … SELECT of ``total`` rows (``:rows`` expired, then the recent ones)."""
     i = _I[kind]
     blob = _BYTES[kind]
     # As a running system writes them: the newer the row (higher id), the later it
@@ -103,34 +104,28 @@ def fill_sql(kind: str, id_value: str | None) -> str:
         values.insert(0, id_value)
     return (
         f"INSERT INTO celery_taskmeta ({', '.join(columns)}) "
-        f"SELECT {', '.join(values)} FROM {_SOURCES[kind]}"
+        f"SELECT {', '.join(values)} FROM {_SOURCES[kind].format(total=total)}"
     )
 
 
 def _id_value(engine: sa.Engine) -> str | None:
     """``nextval`` of Celery's sequence where the id comes from it, else ``None``."""
     kind = engine.dialect.name
-    if kind == "sqlite":
-        return None
     with engine.connect() as conn:
         column = next(
             c for c in sa.inspect(conn).get_columns("celery_taskmeta") if c["name"] == "id"
         )
-    if kind == "mysql":
-        return None if column.get("autoincrement") else "NEXTVAL(task_id_sequence)"
-    return (
-        None if column.get("default") or column.get("identity") else "nextval('task_id_sequence')"
-    )
+    if not dialect_for(kind).id_from_sequence(dict(column)):
+        return None
+    return "NEXTVAL(task_id_sequence)" if kind == "mysql" else "nextval('task_id_sequence')"
 
 
 def fill(url: str, rows: int, now: datetime) -> float:
     """Put ``rows`` expired and ``KEEP`` recent results in the task table; seconds taken."""
     engine = admin_engine(url)
     kind = engine.dialect.name
-    sql = fill_sql(kind, _id_value(engine))
     total = rows + KEEP
-    if kind == "mysql":
-        sql = sql.replace("{total}", str(total))
+    sql = fill_sql(kind, _id_value(engine), total)
     params = {"rows": rows, "total": total, "now": _when(engine, now), "step": 2592000 / rows}
     start = time.perf_counter()
     try:
@@ -160,7 +155,6 @@ class Figures:
     left_expired: int = -1
     left_recent: int = -1
     fill_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_app(backend_url: str, **conf: Any) -> Celery:

@@ -174,16 +174,9 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     write = fastpath._compile(engine, store_._task_upsert(layout, columns, notify))
     read = fastpath._compile(engine, store_._task_select(layout, "one", backend.extended_result))
 
-    def args(compiled: Any, values: dict[str, Any]) -> Any:
-        merged = {**compiled.defaults, **values}
-        for name, proc in compiled.binds.items():
-            if merged.get(name) is not None:
-                merged[name] = proc(merged[name])
-        return merged if compiled.positions is None else [merged[k] for k in compiled.positions]
-
     ids = [uuid() for _ in range(n + warmup)]
-    writes = [args(write, row(task_id)) for task_id in ids]
-    reads = [args(read, {"task_id": task_id}) for task_id in ids]
+    writes = [write.args(row(task_id)) for task_id in ids]
+    reads = [read.args({"task_id": task_id}) for task_id in ids]
     extra = {"prepare": True} if write.prepare else {}
     pooled = engine.raw_connection()
     try:

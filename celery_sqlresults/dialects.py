@@ -460,15 +460,16 @@ def _walk_expired(
     batch's entries (quadratic: minutes on a million rows). Instead find where
     the next ``limit`` rows end (an index-only read) and delete that range.
     """
-    since: list[Any] = []
+    since: Any = None  # where the previous batch ended (an old row's timestamp, never NULL)
 
     def walk(conn: Connection) -> tuple[int, bool]:
-        after = (timestamp >= since[0],) if since else ()
+        nonlocal since
+        after = () if since is None else (timestamp >= since,)
         pick = sa.select(timestamp).where(old, *after).order_by(timestamp)
         last = conn.execute(pick.offset(limit - 1).limit(1)).scalar()
         if last is None:  # fewer than `limit` left: the rest in one go
             return int(conn.execute(sa.delete(table).where(old, *after)).rowcount), True
-        since[:] = [last]
+        since = last
         batch = sa.delete(table).where(old, *after, timestamp <= last)
         return int(conn.execute(batch).rowcount), False
 

@@ -70,6 +70,14 @@ class _Compiled:
     results: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, result processor)
     prepare: bool  # psycopg: server-side prepared statement
 
+    def args(self, params: Mapping[str, Any]) -> Any:
+        """The driver's parameters for ``params``: literals added, bind processors run."""
+        values = {**self.defaults, **params}
+        for name, proc in self.binds.items():
+            if values.get(name) is not None:
+                values[name] = proc(values[name])
+        return values if self.positions is None else [values[n] for n in self.positions]
+
 
 _compiled: dict[int, _Compiled] = {}
 _KEEP = 256  # compiled statements remembered (a layout has a handful)
@@ -86,8 +94,9 @@ def fetch_one(engine: Engine, stmt: sa.Executable, params: Mapping[str, Any]) ->
     rows = _run(engine, compiled, params, fetch=True)
     if not rows:
         return None
-    row = list(rows[0]) if compiled.results else rows[0]
+    row = rows[0]
     if compiled.results:
+        row = list(row)
         for i, proc in compiled.results:
             if row[i] is not None:
                 row[i] = proc(row[i])
@@ -150,11 +159,7 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
     exception (``KeyboardInterrupt``…) too. A read fetches every row (one, by
     primary key), so no driver keeps a statement open between calls.
     """
-    values = {**compiled.defaults, **params}
-    for name, proc in compiled.binds.items():
-        if values.get(name) is not None:
-            values[name] = proc(values[name])
-    args: Any = values if compiled.positions is None else [values[n] for n in compiled.positions]
+    args = compiled.args(params)
     pooled = _checkout(engine)
     cursor: Any = None
     try:
