@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
+#: MariaDB through mysqlclient, SQLAlchemy's default MySQL driver (C); both SQL backends use
+#: it. ``BENCH_MYSQL_URL=mysql+pymysql://root@127.0.0.1:3306/test`` measures PyMySQL instead.
+MYSQL_ADMIN = os.environ.get("BENCH_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/test")
+_DRIVER_NAMES = {"mysqldb": "mysqlclient", "pymysql": "PyMySQL"}
+_MYSQL_DRIVER = make_url(MYSQL_ADMIN).get_driver_name()
 REDIS_RESULTS = "redis://127.0.0.1:6379/14"
 BROKER = "redis://127.0.0.1:6379/13"
 
@@ -19,7 +26,12 @@ DB_DBPLUS = "bench_db"
 DATABASES = ("postgresql", "mysql", "sqlite")
 BACKENDS = ("sql", "db", "redis")
 LABELS = {"sql": "sql+", "db": "db+", "redis": "Redis"}
-DB_TITLES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "sqlite": "SQLite"}
+SERVER_TITLES = {"postgresql": "PostgreSQL", "mysql": "MariaDB", "sqlite": "SQLite"}
+DB_TITLES = {
+    "postgresql": "PostgreSQL",
+    "mysql": f"MariaDB ({_DRIVER_NAMES.get(_MYSQL_DRIVER, _MYSQL_DRIVER)})",
+    "sqlite": "SQLite",
+}
 
 #: Environment variables the bench app (and its workers) read.
 ENV_BACKEND = "BENCH_BACKEND"

@@ -121,7 +121,7 @@ def server_versions(kinds: list[str]) -> dict[str, str]:
         engine = admin_engine(url)
         try:
             with engine.connect() as conn:
-                out[config.DB_TITLES[kind]] = str(conn.exec_driver_sql(query).scalar())
+                out[config.SERVER_TITLES[kind]] = str(conn.exec_driver_sql(query).scalar())
         finally:
             engine.dispose()
     client = redis.Redis.from_url(config.REDIS_RESULTS, socket_connect_timeout=5)

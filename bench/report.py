@@ -233,7 +233,7 @@ def publish_overhead(results: Results, kinds: list[str]) -> list[str]:
 
 
 def machine(servers: Mapping[str, str], load: str) -> list[str]:
-    packages = ["celery", "kombu", "SQLAlchemy", "psycopg", "PyMySQL", "redis"]
+    packages = ["celery", "kombu", "SQLAlchemy", "psycopg", "mysqlclient", "PyMySQL", "redis"]
     versions = ", ".join(f"{p} {_version(p)}" for p in packages)
     server_text = ", ".join(f"{name} {version}" for name, version in servers.items())
     return [

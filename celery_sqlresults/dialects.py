@@ -52,6 +52,9 @@ _MYSQL_CAPACITY = {
 }
 _MYSQL_ESCAPED = (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a")
 _SQLITE_BUSY = re.compile(r"database is locked|database table is locked", re.I)
+#: Bytes of row a PostgreSQL notification carries at most: the payload limit
+#: is 8000, and the ``<length>:<task_id>`` prefix takes up to 625 (155 characters).
+NOTICE_BODY_LIMIT = 7300
 
 
 @dataclass(frozen=True)
@@ -186,16 +189,37 @@ class Dialect:
             ).first()
         return None if row is None else (int(row[0]), row[1])
 
-    def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
-        """The upsert plus a ``pg_notify`` of the written task id, still one statement.
+    def notifying(
+        self, upsert: sa.Insert, table: sa.Table, channel: str, carry: Sequence[sa.Column[Any]]
+    ) -> sa.Executable:
+        """The upsert plus a ``pg_notify`` of the written row, still one statement.
 
         Only PostgreSQL has notifications; elsewhere the upsert is returned as is.
         The notification is sent at commit, and only when the row was written.
+        Its payload is ``<length of task_id>:<task_id>`` followed by the ``carry``
+        columns as a JSON object (binary ones in base64), so a waiter can skip
+        re-reading the row; a row too large for a notification (PostgreSQL
+        allows 8000 bytes), or no ``carry``, sends the id alone, and its waiter
+        reads the table.
         """
         if self.name != "postgresql":
             return upsert
-        written = upsert.returning(table.c.task_id).cte("written")
-        return sa.select(sa.func.pg_notify(channel, written.c.task_id))
+        written = upsert.returning(table.c.task_id, *carry).cte("written")
+        task_id = written.c.task_id
+        prefix = sa.cast(sa.func.length(task_id), sa.Text).concat(":").concat(task_id)
+        if not carry:
+            return sa.select(sa.func.pg_notify(channel, prefix))
+        fields: list[Any] = []
+        for column in carry:
+            value: Any = written.c[column.name]
+            if isinstance(column.type, sa.LargeBinary):
+                value = sa.func.encode(value, "base64")
+            fields += [sa.cast(sa.literal(column.name), sa.Text), value]
+        body = sa.cast(sa.func.json_build_object(*fields), sa.Text)
+        payload = sa.case(
+            (sa.func.octet_length(body) <= NOTICE_BODY_LIMIT, prefix.concat(body)), else_=prefix
+        )
+        return sa.select(sa.func.pg_notify(channel, payload))
 
     def id_from_sequence(self, id_column: dict[str, Any]) -> bool:
         """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).

@@ -11,8 +11,8 @@ SQLAlchemy's own handler (wrapped as ``DBAPIError`` subclasses,
 the pool), so retries and the missing-table handling work unchanged.
 
 SQLAlchemy's bind and result processors still convert values (SQLite keeps
-dates as text). Used only where it is exactly equivalent: psycopg 3, PyMySQL
-or the standard ``sqlite3``; no statement logging (``echo``), no
+dates as text). Used only where it is exactly equivalent: psycopg 3, PyMySQL,
+mysqlclient or the standard ``sqlite3``; no statement logging (``echo``), no
 ``schema_translate_map`` and no execution or connection listeners on the
 engine (instrumentation such as tracing sees every statement through the
 normal path). Everything else runs through ``Connection.execute``. Our
@@ -38,6 +38,7 @@ __all__ = ["execute", "fetch_one"]
 _AUTOCOMMIT: dict[str, Callable[[Any], bool]] = {
     "psycopg": lambda c: bool(c.autocommit),
     "pymysql": lambda c: bool(c.get_autocommit()),
+    "mysqldb": lambda c: bool(c.get_autocommit()),  # mysqlclient
     "pysqlite": lambda c: c.isolation_level is None,
 }
 #: Engine events that must see every statement or connection: their presence means execute().

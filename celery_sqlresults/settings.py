@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_lock_timeout": 30.0,
     "sqlresults_retry_timeout": 60.0,
     "sqlresults_notify": True,
+    "sqlresults_notify_rows": True,
     "sqlresults_durable_commit": True,
 }
 
@@ -42,6 +43,8 @@ _MAX_SECONDS = 7 * 24 * 3600.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
 _EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+#: Our extras by SQLAlchemy driver name.
+_DRIVER_EXTRAS = {"psycopg": "postgresql", "pymysql": "mysql", "mysqldb": "mysqlclient"}
 
 
 def mask_url(url: str | URL) -> str:
@@ -69,6 +72,8 @@ class Settings:
     #: Seconds transient errors of one operation are retried for (0: no time bound).
     retry_timeout: float = 60.0
     notify: bool = True
+    #: PostgreSQL notifications carry the written row (else the task id alone).
+    notify_rows: bool = True
     durable_commit: bool = True
 
     @property
@@ -98,16 +103,20 @@ class Settings:
             lock_timeout=_seconds(conf, "sqlresults_lock_timeout"),
             retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
+            notify_rows=_flag(conf, "sqlresults_notify_rows"),
             durable_commit=_durable_commit(conf, parsed),
         )
 
 
+def _flag(conf: Any, key: str) -> bool:
+    value = _get(conf, key)
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"{key} must be True or False, got {value!r}.")
+    return value
+
+
 def _durable_commit(conf: Any, url: URL) -> bool:
-    durable = _get(conf, "sqlresults_durable_commit")
-    if not isinstance(durable, bool):
-        raise ImproperlyConfigured(
-            f"sqlresults_durable_commit must be True or False, got {durable!r}."
-        )
+    durable = _flag(conf, "sqlresults_durable_commit")
     if not durable and dialect_for(url.get_backend_name()).name == "mysql":
         raise ImproperlyConfigured(
             "sqlresults_durable_commit = False is not available on MySQL/MariaDB (a session "
@@ -151,17 +160,18 @@ def _parse_url(raw: str | None) -> URL:
             f"{mask_url(url)!r}. Use e.g. postgresql+psycopg, mysql+pymysql or sqlite."
         ) from None
     except ImportError as exc:
-        extra = _EXTRAS.get(family)
-        hint = (
-            f"pip install 'celery-sqlresults[{extra}]'" if extra else "install the driver's package"
-        )
+        driver = url.get_dialect().driver
+        if driver in _DRIVER_EXTRAS:  # a driver we install: name the extra
+            hint = f"pip install 'celery-sqlresults[{_DRIVER_EXTRAS[driver]}]'."
+        elif family in _EXTRAS:
+            hint = (
+                f"pip install 'celery-sqlresults[{_EXTRAS[family]}]' and use "
+                "'postgresql+psycopg://', 'mysql+pymysql://' or 'mysql+mysqldb://' in the URL."
+            )
+        else:
+            hint = "install the driver's package."
         raise ImproperlyConfigured(
             f"The database driver for {url.drivername!r} is not installed ({exc}): {hint}"
-            + (
-                " and use 'postgresql+psycopg://' or 'mysql+pymysql://' in the URL."
-                if extra
-                else "."
-            )
         ) from None
     return url
 

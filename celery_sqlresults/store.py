@@ -12,7 +12,9 @@ schema first (that is how lazy mode creates it), then writes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import threading
 import time
@@ -289,6 +291,32 @@ class Store:
 
         return self.run(run, []) if task_ids else []
 
+    def row_from_notice(
+        self, task_id: str, body: str, extended: bool = True
+    ) -> dict[str, Any] | None:
+        """The row :meth:`get_ready` would return, from a notification's JSON ``body``.
+
+        ``None`` if the body is not one (a writer of an older version): read the table.
+        """
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict) or "status" not in fields:
+            return None
+        row: dict[str, Any] = {"task_id": task_id}
+        for column in self.tables.task.c:
+            name = column.name
+            if name not in fields or (not extended and name in EXTENDED_COLUMNS):
+                continue
+            value = fields[name]
+            if value is not None and isinstance(column.type, sa.LargeBinary):
+                value = base64.b64decode(value)
+            elif value is not None and isinstance(column.type, sa.DateTime):
+                value = datetime.fromisoformat(value)
+            row[name] = value
+        return row
+
     def task_exists(self, task_id: str) -> bool:
         t = self.tables.task
         stmt = sa.select(sa.literal(1)).where(t.c.task_id == task_id)
@@ -384,25 +412,32 @@ class Store:
         key = ("task_upsert", columns, notify)
         stmt = layout.statements.get(key)
         if stmt is None:
-            stmt = self.dialect.upsert(
-                self.tables.task, columns, layout.task_seq, insert_only=("date_created",)
-            )
-            if notify:
-                stmt = self.dialect.notifying(stmt, self.tables.task, self.channel)
+            t = self.tables.task
+            stmt = self.dialect.upsert(t, columns, layout.task_seq, insert_only=("date_created",))
+            if notify:  # the notification carries what a waiter would read back
+                carry = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
+                if not self.settings.notify_rows:
+                    carry = []
+                stmt = self.dialect.notifying(stmt, t, self.channel, carry)
             layout.statements[key] = stmt
         return stmt
+
+    def _meta_columns(self, layout: _Layout, extended: bool) -> list[sa.Column[Any]]:
+        """The task columns Celery's meta is made of (those the table has)."""
+        # The monitoring timestamps are not part of Celery's meta: left to ResultQuery.
+        skip = {"id", *DATE_COLUMNS, *(() if extended else EXTENDED_COLUMNS)}
+        kept = layout.task_columns - skip
+        return [c for c in self.tables.task.c if c.name in kept]
 
     def _task_select(self, layout: _Layout, kind: str, extended: bool) -> sa.Executable:
         key = ("task_select", kind, extended)
         stmt = layout.statements.get(key)
         if stmt is None:
             t = self.tables.task
-            # The monitoring timestamps are not part of Celery's meta: left to ResultQuery.
-            skip = {"id", *DATE_COLUMNS, *(() if extended else EXTENDED_COLUMNS)}
-            if kind == "one":  # PyMySQL parses each column's metadata per query: ~7 µs
-                skip.add("task_id")
-            cols = [c for c in t.c if c.name in layout.task_columns and c.name not in skip]
+            cols = self._meta_columns(layout, extended)
             if kind == "one":
+                # PyMySQL parses each column's metadata per query (~7 µs): the id is known.
+                cols = [c for c in cols if c.name != "task_id"]
                 stmt = sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
             else:
                 stmt = sa.select(*cols).where(

@@ -1,14 +1,16 @@
 """Waiting for results: PostgreSQL ``LISTEN/NOTIFY``, else adaptive polling.
 
 ``AsyncResult.get()`` and joins call ``wait(remaining)`` between checks. It
-returns the ids notified meanwhile, so a join re-reads just those, or
-``None``: re-check everything (polling, a timeout, a listener reconnect).
+returns the ids notified meanwhile, each with the row its notification
+carried (JSON text, or ``None``: read it), so a join reads at most those;
+or ``None``: re-check everything (polling, a timeout, a listener reconnect).
 
 * Polling starts at 1 ms and grows by half each round up to the caller's
   ``interval`` (Celery's 0.5 s default), so a fast task is seen within a few
   milliseconds and a slow one costs a query per ``interval``.
 * On PostgreSQL (psycopg 3) each ready-state write notifies the table's
-  channel with the task id, in the same statement. One listening connection
+  channel with the task id and, when it fits, the row as written, in the
+  same statement (see ``Dialect.notifying``). One listening connection
   per process, on a daemon thread, wakes exactly the waiters of that id.
   Waiters subscribe *before* they check the table, so a notification cannot
   slip between "check" and "listen". If the listener's connection drops, it
@@ -36,7 +38,9 @@ __all__ = ["Listener", "Poller", "waiter_for"]
 
 logger = logging.getLogger("celery_sqlresults")
 
-Wait = Callable[[float | None], "set[str] | None"]
+#: Task ids notified, each with the row its notification carried (JSON) or ``None``.
+Notified = dict[str, "str | None"]
+Wait = Callable[[float | None], "Notified | None"]
 
 _FIRST_POLL = 0.001
 _GROWTH = 1.5
@@ -52,7 +56,7 @@ class Poller:
         delay = _FIRST_POLL
         cap = max(interval, _FIRST_POLL)
 
-        def wait(remaining: float | None) -> set[str] | None:
+        def wait(remaining: float | None) -> Notified | None:
             nonlocal delay
             time.sleep(delay if remaining is None else min(delay, remaining))
             delay = min(delay * _GROWTH, cap)
@@ -67,24 +71,24 @@ class _Watch:
     def __init__(self) -> None:
         self.event = threading.Event()
         self._lock = threading.Lock()
-        self._ids: set[str] = set()
+        self._ids: Notified = {}
         self._everything = False
 
-    def notify(self, task_id: str | None) -> None:
-        """``task_id`` was stored; ``None``: anything may have been (listener reconnected)."""
+    def notify(self, task_id: str | None, row: str | None = None) -> None:
+        """``task_id`` was stored (``row``: as carried); ``None``: anything may have been."""
         with self._lock:
             if task_id is None:
                 self._everything = True
             else:
-                self._ids.add(task_id)
+                self._ids[task_id] = row
         self.event.set()
 
-    def take(self) -> set[str] | None:
+    def take(self) -> Notified | None:
         """The ids notified so far (then forgotten), or ``None`` to re-check everything."""
         with self._lock:
             self.event.clear()
             ids, everything = self._ids, self._everything
-            self._ids, self._everything = set(), False
+            self._ids, self._everything = {}, False
         return None if everything or not ids else ids
 
 
@@ -116,7 +120,7 @@ class Listener:
                 self._watchers.setdefault(task_id, set()).add(watch)
         delay = _FIRST_POLL
 
-        def wait(remaining: float | None) -> set[str] | None:
+        def wait(remaining: float | None) -> Notified | None:
             nonlocal delay
             limit = interval if remaining is None else min(interval, remaining)
             if self._listening.is_set():
@@ -180,10 +184,11 @@ class Listener:
                 self._wake_all()  # anything stored while we were not listening
                 while True:
                     for note in conn.notifies(timeout=5.0):
+                        task_id, row = _split(note.payload)
                         with self._lock:
-                            watches = list(self._watchers.get(note.payload, ()))
+                            watches = list(self._watchers.get(task_id, ()))
                         for watch in watches:
-                            watch.notify(note.payload)
+                            watch.notify(task_id, row)
                     conn.execute("SELECT 1")  # notice a dead connection while idle
             except Exception as exc:
                 self._listening.clear()
@@ -200,6 +205,19 @@ class Listener:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
+
+
+def _split(payload: str) -> tuple[str, str | None]:
+    """``<n>:<task_id><row>`` into the id and the row's JSON (``None`` if not carried).
+
+    Cheap on purpose: every process listening parses every notification, and
+    only its waiters' rows are ever decoded (by the waiter, from the JSON).
+    """
+    length, sep, rest = payload.partition(":")
+    if not (sep and length.isdigit()) or int(length) > len(rest):
+        return payload, None  # not ours: a bare id, as NOTIFY sent by hand would be
+    n = int(length)
+    return rest[:n], rest[n:] or None
 
 
 def waiter_for(store: Store, settings: Settings) -> Poller | Listener:

@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/services.sh
 # Headless Chromium + chromedriver for tests/test_web_browser.py (Debian packages, no downloads).
 command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+# libmariadb's headers, to build mysqlclient (MariaDB tests also run on that driver).
+pkg-config --exists libmariadb || (apt-get update && apt-get install -y libmariadb-dev pkg-config)
+EXTRAS="dev,mysqlclient"
 source scripts/venv.sh
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check celery_sqlresults

@@ -37,6 +37,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parent.parent
 
 DATABASES = ["sqlite", "postgresql", "mysql"]
+#: Other drivers for a database above; a test module runs on them if it lists them in
+#: ``ALSO_ON`` (``mysqlclient``: MariaDB through MySQLdb instead of PyMySQL).
+DRIVERS = {"mysqlclient": "mysql+mysqldb"}
 
 
 def _unavailable(what: str, exc: BaseException) -> None:
@@ -83,7 +86,14 @@ def reset_database(kind: str, tmp_path: Path) -> str:
             conn.exec_driver_sql(f"CREATE DATABASE {TEST_DB}")
     except sa.exc.OperationalError as exc:
         _unavailable("MariaDB/MySQL", exc)
-    return make_url(MYSQL_ADMIN).set(database=TEST_DB).render_as_string(hide_password=False)
+    url = make_url(MYSQL_ADMIN).set(database=TEST_DB)
+    if kind in DRIVERS:
+        url = url.set(drivername=DRIVERS[kind])
+        try:
+            url.get_dialect().import_dbapi()
+        except ImportError as exc:
+            _unavailable(f"The {kind} driver", exc)
+    return url.render_as_string(hide_password=False)
 
 
 @pytest.fixture(autouse=True)
@@ -95,9 +105,25 @@ def _fresh_process_state() -> Iterator[None]:
     startup._ready.clear()
 
 
-@pytest.fixture(params=DATABASES)
+@pytest.fixture(params=DATABASES + list(DRIVERS))
 def db_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs on the extra drivers only for the modules that ask (``ALSO_ON``)."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        kind = callspec.params.get("db_kind") if callspec is not None else None
+        module = getattr(item, "module", None)
+        if kind in DRIVERS and kind not in getattr(module, "ALSO_ON", ()):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture

@@ -5,16 +5,21 @@ from __future__ import annotations
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery, states
+from celery.backends import base as celery_base
 from celery.result import AsyncResult, GroupResult, ResultSet
 
 from .conftest import overwrite_result, raw_engine
 from .conftest import task_request as request
+
+#: The protocol on MariaDB through mysqlclient (MySQLdb) too: the fast path knows both drivers.
+ALSO_ON = ["mysqlclient"]
 
 
 def test_every_state_round_trips(make_app: Callable[..., Celery]) -> None:
@@ -62,6 +67,44 @@ def test_result_extended_fields(make_app: Callable[..., Celery]) -> None:
         2,
         "q1",
     )
+
+
+@pytest.mark.parametrize("extended", [True, False])
+def test_stored_meta_is_celerys_meta(make_app: Callable[..., Celery], extended: bool) -> None:
+    """The backend builds its rows itself; what it reads back is what Celery's own meta says."""
+    app = make_app(result_extended=extended)
+    backend = app.backend
+    stamped = request("proj.stamped")
+    stamped.stamps = {"on_stamp": ["a", 1], "monitor": "x", "not_listed": 3}
+    stamped.stamped_headers = ["on_stamp", "monitor"]
+    with_child = request()
+    with_child.children = [app.AsyncResult("child-9")]
+    no_queue = request()
+    no_queue.delivery_info = None
+    cases = [
+        ("plain", request(), states.SUCCESS, 5, None),
+        ("stamped", stamped, states.SUCCESS, [1, "two"], None),
+        ("child", with_child, states.SUCCESS, None, None),
+        ("no-queue", no_queue, states.STARTED, {"p": 1}, None),
+        ("failed", request(), states.FAILURE, backend.prepare_exception(KeyError("k")), "TB"),
+        ("no-request", None, states.SUCCESS, 7, None),
+    ]
+    for task_id, req, state, result, tb in cases:
+        backend.store_result(task_id, result, state, traceback=tb, request=req)
+        ours = backend.get_task_meta(task_id, cache=False)
+        celerys = backend._get_result_meta(result, state, tb, req, format_date=False)
+        # Celery's meta as a serializer round trip gives it back (tuples become lists).
+        celerys = backend.meta_from_decoded(backend.decode(backend.encode(celerys)))
+        for key in ("group_id", "parent_id"):  # Celery's meta only: db+ has no column either
+            celerys.pop(key, None)
+        celerys["children"] = celerys["children"] or None  # no children: NULL, as in db+
+        assert (celerys.pop("date_done") is None) == (ours.pop("date_done") is None), task_id
+        if state == states.FAILURE:
+            assert type(ours.pop("result")) is type(celerys.pop("result")) is KeyError
+        ours.pop("task_id")
+        # With no request the extended columns are NULL: read back as None, as db+ does.
+        ours = {k: v for k, v in ours.items() if k in celerys or v is not None}
+        assert ours == celerys, task_id
 
 
 def test_success_is_never_overwritten_by_a_late_state(make_app: Callable[..., Celery]) -> None:
@@ -238,6 +281,38 @@ def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: 
         json_app.backend.get_task_meta("p")
     pickle_ok = make_app(result_serializer="json", result_accept_content=["json", "pickle"])
     assert pickle_ok.backend.get_task_meta("p")["result"] == {"x": 1}
+
+
+@pytest.mark.skipif(not hasattr(celery_base, "COMPRESSED_PAYLOAD_MAGIC"), reason="Celery < 5.7")
+def test_result_compression(make_app: Callable[..., Celery], db_url: str) -> None:
+    """``result_compression`` shrinks what is stored; plain and compressed rows read alike."""
+    big = {"rows": ["the same words again"] * 2000}
+    plain = make_app(result_extended=True).backend
+    plain.store_result("plain", big, states.SUCCESS, request=request())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Celery warns when a backend cannot compress
+        app = make_app(result_compression="zlib", result_extended=True)
+        backend = app.backend
+    backend.store_result("zipped", big, states.SUCCESS, request=request("proj.big", (big,)))
+    backend.mark_as_failure("failed", KeyError("k" * 5000), traceback="TB")
+    GroupResult("g", [app.AsyncResult("zipped")], app=app).save(backend)
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        stored = dict(conn.execute(sa.text("SELECT task_id, result FROM celery_taskmeta")).all())
+        args = conn.execute(
+            sa.text("SELECT args FROM celery_taskmeta WHERE task_id = 'zipped'")
+        ).scalar_one()
+    eng.dispose()
+    magic = celery_base.COMPRESSED_PAYLOAD_MAGIC
+    assert bytes(stored["zipped"]).startswith(magic) and bytes(args).startswith(magic)
+    assert len(stored["zipped"]) * 20 < len(stored["plain"])
+    for task_id in ("plain", "zipped"):  # either way, from the compressing app
+        assert backend.get_task_meta(task_id, cache=False)["result"] == big
+    assert plain.get_task_meta("zipped", cache=False)["result"] == big  # and from one without
+    assert app.AsyncResult("zipped").args == [big]
+    assert isinstance(backend.get_task_meta("failed")["result"], KeyError)
+    assert [r.id for r in app.GroupResult.restore("g")] == ["zipped"]
+    assert dict(backend.get_many(["plain", "zipped"]))["zipped"]["result"] == big
 
 
 @pytest.mark.parametrize("db_kind", ["mysql"])

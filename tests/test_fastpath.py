@@ -14,6 +14,9 @@ from celery_sqlresults.query import ResultQuery
 
 from .conftest import raw_engine, task_request
 
+#: The protocol on MariaDB through mysqlclient (MySQLdb) too: the fast path knows both drivers.
+ALSO_ON = ["mysqlclient"]
+
 
 def test_hot_path_runs_on_the_cursor(make_app: Callable[..., Celery], db_url: str) -> None:
     app = make_app(result_extended=True)

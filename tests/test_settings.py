@@ -40,11 +40,11 @@ def test_missing_url_names_the_settings() -> None:
 
 
 def test_driver_not_installed_names_the_extra() -> None:
-    # mysqlclient (MySQLdb) is deliberately not a dependency of ours.
-    with pytest.raises(ImproperlyConfigured, match=r"celery-sqlresults\[mysql\]") as err:
-        Settings.from_app(app_with(), "mysql+mysqldb://u:secret@h/db")
+    # pg8000 is not a dependency of ours: the extra and the drivers it brings are named.
+    with pytest.raises(ImproperlyConfigured, match=r"celery-sqlresults\[postgresql\]") as err:
+        Settings.from_app(app_with(), "postgresql+pg8000://u:secret@h/db")
     assert "secret" not in str(err.value)
-    assert "mysql+pymysql" in str(err.value)
+    assert "postgresql+psycopg" in str(err.value)
 
 
 def test_unknown_dialect() -> None:
@@ -124,6 +124,14 @@ def test_bad_timeout_value(key: str, value: object) -> None:
     """Finite and at most a week: PostgreSQL takes its timeouts as int32 milliseconds."""
     with pytest.raises(ImproperlyConfigured, match=f"{key} must be a number of seconds"):
         Settings.from_app(app_with(**{key: value}), "sqlite://")
+
+
+@pytest.mark.parametrize("key", ["sqlresults_notify_rows", "sqlresults_durable_commit"])
+def test_switches_must_be_booleans(key: str) -> None:
+    """ "false" as a string would be truthy: refused, naming the setting."""
+    with pytest.raises(ImproperlyConfigured, match=f"{key} must be True or False, got 'false'"):
+        Settings.from_app(app_with(**{key: "false"}), "sqlite://")
+    assert getattr(Settings.from_app(app_with(**{key: False}), "sqlite://"), key[11:]) is False
 
 
 def test_engine_options_default_and_override() -> None:

@@ -6,14 +6,15 @@ import threading
 import time
 from collections.abc import Callable
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import ResultSet
 
-from celery_sqlresults.wait import Listener, Poller
+from celery_sqlresults.wait import Listener, Poller, _split
 
-from .conftest import raw_engine
+from .conftest import raw_engine, task_request
 
 
 def store_later(app: Celery, task_id: str, value: object, delay: float = 0.3) -> threading.Thread:
@@ -77,8 +78,86 @@ def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery]) -> 
     results = ResultSet([app.AsyncResult(t) for t in ids]).join_native(timeout=30, interval=60)
     assert results == list(range(30))
     assert queried[0] == 30  # the first check reads every pending id
-    # re-checking all pending ids on every wake-up would read ~30 + 29 + … + 1 = 465
-    assert sum(queried) <= 30 + 2 * 30
+    # Re-checking all pending ids on every wake-up would read ~30 + 29 + … + 1 = 465,
+    # re-reading each notified id 30 more; the notifications carry the rows: none.
+    assert sum(queried[1:]) <= 3, queried
+
+
+def _task_reads(app: Celery) -> list[str]:
+    """Every statement reading the task table from now on (listeners force the normal path)."""
+    reads: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "celery_taskmeta" in statement:
+            reads.append(statement)
+
+    sa.event.listen(app.backend.store.engine, "before_cursor_execute", seen)
+    return reads
+
+
+def _listening(app: Celery) -> Listener:
+    listener = app.backend._waiter
+    listener._start()
+    assert listener._listening.wait(30)
+    return listener
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: str) -> None:
+    """A get() woken by NOTIFY reads the table once (its first check), and the row the
+    notification carried gives the same meta as reading it."""
+    app = make_app(result_extended=True)
+    backend = app.backend
+    _listening(app)
+    reads = _task_reads(app)
+    store_later(app, "carried", {"v": [1, 2]}, delay=0.3)
+    assert app.AsyncResult("carried").get(timeout=15, interval=60) == {"v": [1, 2]}
+    assert len(reads) == 1  # the first check, before the result existed
+    # What a notification carries, decoded, is what a read returns, for every kind of row.
+    req = task_request("proj.stamped")
+    req.stamps, req.stamped_headers = {"s": [1, "x"]}, ["s"]
+    req.children = [app.AsyncResult("kid")]
+    listen = psycopg.connect(
+        sa.make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    )
+    try:
+        listen.execute(f'LISTEN "{backend.store.channel}"')
+        backend.store_result("s1", {"k": "v"}, states.SUCCESS, request=req)
+        backend.store_result("f1", KeyError("gone"), states.FAILURE, traceback="TB", request=req)
+        payloads = [n.payload for n in listen.notifies(timeout=5, stop_after=2)]
+    finally:
+        listen.close()
+    assert len(payloads) == 2
+    for extended in (True, False):
+        reader = make_app(result_extended=extended).backend
+        for payload in payloads:
+            task_id, body = _split(payload)
+            assert body is not None
+            row = reader.store.row_from_notice(task_id, body, extended)
+            assert row is not None
+            carried = reader._meta_from_row(row)
+            read = reader.get_task_meta(task_id, cache=False)
+            if read["status"] == states.FAILURE:
+                assert repr(carried.pop("result")) == repr(read.pop("result"))
+            assert carried == read
+            assert ("name" in carried) is extended
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+@pytest.mark.parametrize("rows", [True, False])
+def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows: bool) -> None:
+    """PostgreSQL refuses notifications over 8000 bytes: a big row sends its id alone
+    (as every row does with ``sqlresults_notify_rows = False``), and the waiter reads it."""
+    app = make_app(sqlresults_notify_rows=rows)
+    _listening(app)
+    reads = _task_reads(app)
+    value = "x" * 20_000 if rows else "small"
+    store_later(app, "big", value, delay=0.3)
+    assert app.AsyncResult("big").get(timeout=15, interval=60) == value
+    assert len(reads) == 2  # the first check, and the read after the notification
+    assert _split("3:big") == ("big", None)
+    assert _split("not ours") == ("not ours", None)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
