@@ -17,11 +17,16 @@ from .ops import driver_rates, store_get_rates
 
 
 def make_app(
-    backend: str, broker: str = config.BROKER, queue: str = "bench", record_on_publish: bool = False
+    backend: str,
+    broker: str = config.BROKER,
+    queue: str = "bench",
+    record_on_publish: bool = False,
+    notify_rows: bool = False,
 ) -> Celery:
     """An app storing results in ``backend`` (a full Celery URL: ``sql+…``, ``db+…``, ``redis://…``).
 
-    ``record_on_publish`` turns on ``sqlresults_record_on_publish`` (sql+ only).
+    ``record_on_publish`` and ``notify_rows`` turn on ``sqlresults_record_on_publish``
+    and ``sqlresults_notify_rows`` (sql+ only).
     """
     app = Celery("bench", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
@@ -29,6 +34,7 @@ def make_app(
         result_extended=True,
         broker_connection_retry_on_startup=True,
         sqlresults_record_on_publish=record_on_publish,
+        sqlresults_notify_rows=notify_rows,
     )
     if os.environ.get(config.ENV_RELAXED) == "1":  # only the workers of that one figure
         app.conf.sqlresults_durable_commit = False
@@ -61,4 +67,5 @@ app = make_app(
     os.environ.get(config.ENV_BACKEND, config.REDIS_RESULTS),
     os.environ.get(config.ENV_BROKER, config.BROKER),
     os.environ.get(config.ENV_QUEUE, "bench"),
+    notify_rows=os.environ.get(config.ENV_NOTIFY_ROWS) == "1",
 )

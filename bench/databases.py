@@ -46,6 +46,16 @@ def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[st
     unknown = sorted(set(kinds) - set(config.DATABASES))
     if unknown or not kinds:
         parser.error(f"--databases: unknown {unknown}; choose from {config.DATABASES}")
+    if "mysql" in kinds:
+        try:
+            make_url(config.MYSQL_ADMIN).get_dialect().import_dbapi()
+        except ImportError as exc:
+            parser.error(
+                f"MariaDB is measured through {config.MYSQL_ADMIN.split(':')[0]}, which is not "
+                f"installed ({exc}): run `bash scripts/test.sh` once, or pip install -e "
+                "'.[dev,mysqlclient]' (needs libmariadb-dev), or set "
+                "BENCH_MYSQL_URL=mysql+pymysql://root@127.0.0.1:3306/test"
+            )
     return kinds
 
 

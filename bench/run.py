@@ -77,11 +77,17 @@ def child_figures(url: str, sizes: Sizes, log_dir: Path, relaxed: bool = False) 
     return out
 
 
-def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
-    """Figures 4-6 with a ``--concurrency=2`` prefork worker."""
+def worker_figures(
+    url: str, sizes: Sizes, log_dir: Path, capped: bool, rows: bool = False
+) -> dict[str, float]:
+    """Figures 4-6 with a ``--concurrency=2`` prefork worker.
+
+    ``rows``: the worker and the client run with ``sqlresults_notify_rows = True``.
+    """
     rounds = 1 if capped else sizes.rounds
-    with running_worker(url, 2, log_dir) as queue:
-        app = make_app(url, queue=queue)
+    env = {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
+    with running_worker(url, 2, log_dir, env=env) as queue:
+        app = make_app(url, queue=queue, notify_rows=rows)
         add, tsum = app.tasks["bench.add"], app.tasks["bench.tsum"]
         n = sizes.dbplus_roundtrips if capped else sizes.roundtrips
         # Every round's calls pooled: one noisy stretch moves a single round's p50.
@@ -141,6 +147,8 @@ def _brief(figs: dict[str, float]) -> str:
 # ---- the run -----------------------------------------------------------------
 #: Databases where ``sqlresults_durable_commit = False`` exists (not MySQL/MariaDB).
 RELAXABLE = ("postgresql", "sqlite")
+#: Databases where waiters are woken by notifications (``sqlresults_notify_rows`` applies).
+NOTIFYING = ("postgresql",)
 
 
 def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
@@ -154,6 +162,10 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
             relaxed = child_figures(target.backend_url(backend), sizes, log_dir, relaxed=True)
             figs["store_child_relaxed"] = relaxed["store_child"]
             log(f"  prefork child, durable commit off: {_brief(relaxed)}")
+        if backend == "sql" and target.kind in NOTIFYING:
+            rows = worker_figures(target.backend_url(backend), sizes, log_dir, False, rows=True)
+            figs.update({f"{key}_rows": value for key, value in rows.items()})
+            log(f"  worker, notifications carrying rows: {_brief(rows)}")
         out[backend] = figs
     return out
 

@@ -77,6 +77,7 @@ class SQLResultsBackend(BaseBackend):
         if not conf.value_set_for("result_backend_max_retries"):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
+        self._trust_notified_rows = self.settings.notify_rows and _PICKLE not in (self.accept or ())
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
         if self.settings.create_tables_on_startup:
@@ -405,6 +406,7 @@ class SQLResultsBackend(BaseBackend):
                     if meta["status"] == states.SUCCESS:
                         self._cache[task_id] = meta  # as get_task_meta() would
                 else:
+                    wait.forget()  # this read sees anything notified so far
                     meta = self.get_task_meta(task_id)
                 if meta["status"] in states.READY_STATES:
                     return meta
@@ -442,6 +444,7 @@ class SQLResultsBackend(BaseBackend):
                     rows = [r for t in ids if (r := self._carried(t, notified)) is not None]
                     ids = ids - {r["task_id"] for r in rows}
                 if ids:
+                    wait.forget(ids)  # this read sees anything notified so far about them
                     rows += self._ensure_retryable(
                         self.store.get_ready, list(ids), self.extended_result
                     )
@@ -465,7 +468,14 @@ class SQLResultsBackend(BaseBackend):
                 notified = wait(_remaining(deadline))
 
     def _carried(self, task_id: str, notified: Notified | None) -> Mapping[str, Any] | None:
-        """The ready row a notification about ``task_id`` brought along, if it did."""
+        """The ready row a notification about ``task_id`` brought along, if it is taken.
+
+        Only with ``sqlresults_notify_rows`` on here too, and never for an app
+        that accepts pickle: a notification is not a table, any session of the
+        database can send one.
+        """
+        if not self._trust_notified_rows:
+            return None
         body = notified.get(task_id) if notified else None
         row = self.store.row_from_notice(task_id, body, self.extended_result) if body else None
         return row if row is not None and row["status"] in states.READY_STATES else None

@@ -52,9 +52,10 @@ _MYSQL_CAPACITY = {
 }
 _MYSQL_ESCAPED = (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a")
 _SQLITE_BUSY = re.compile(r"database is locked|database table is locked", re.I)
-#: Bytes of row a PostgreSQL notification carries at most: the payload limit
-#: is 8000, and the ``<length>:<task_id>`` prefix takes up to 625 (155 characters).
-NOTICE_BODY_LIMIT = 7300
+#: Bytes of values a PostgreSQL notification carries at most (as JSON, with binary
+#: values in base64, about 1.4 times as many); larger rows send the task id alone.
+NOTICE_VALUES_LIMIT = 5000
+_NOTICE_LIMIT = 8000  # PostgreSQL refuses a payload of this many bytes or more
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,29 @@ class Dialect:
         if not carry:
             return sa.select(sa.func.pg_notify(channel, prefix))
         fields: list[Any] = []
+        sized: list[Any] = []  # bytes of the variable-length values, before JSON
         for column in carry:
             value: Any = written.c[column.name]
+            if isinstance(column.type, (sa.LargeBinary, sa.String)):
+                sized.append(sa.func.coalesce(sa.func.octet_length(value), 0))
             if isinstance(column.type, sa.LargeBinary):
                 value = sa.func.encode(value, "base64")
+            elif isinstance(column.type, sa.DateTime):  # always 6 digits: any Python parses it
+                value = sa.func.to_char(value, 'YYYY-MM-DD"T"HH24:MI:SS.US')
             fields += [sa.cast(sa.literal(column.name), sa.Text), value]
-        body = sa.cast(sa.func.json_build_object(*fields), sa.Text)
-        payload = sa.case(
-            (sa.func.octet_length(body) <= NOTICE_BODY_LIMIT, prefix.concat(body)), else_=prefix
+        # Built only for rows that can fit, once (LATERAL), and sent only if it does.
+        body = sa.case(
+            (
+                sum(sized, sa.literal(0)) <= NOTICE_VALUES_LIMIT,
+                sa.cast(sa.func.json_build_object(*fields), sa.Text),
+            )
         )
-        return sa.select(sa.func.pg_notify(channel, payload))
+        carried = sa.select(body.label("body")).correlate(written).lateral("carried")
+        fits = sa.func.octet_length(prefix) + sa.func.octet_length(carried.c.body) < _NOTICE_LIMIT
+        payload = sa.case((fits, prefix.concat(carried.c.body)), else_=prefix)
+        return sa.select(sa.func.pg_notify(channel, payload)).select_from(
+            written.join(carried, sa.true())
+        )
 
     def id_from_sequence(self, id_column: dict[str, Any]) -> bool:
         """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).

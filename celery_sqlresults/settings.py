@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_lock_timeout": 30.0,
     "sqlresults_retry_timeout": 60.0,
     "sqlresults_notify": True,
-    "sqlresults_notify_rows": True,
+    "sqlresults_notify_rows": False,
     "sqlresults_durable_commit": True,
 }
 
@@ -73,7 +73,7 @@ class Settings:
     retry_timeout: float = 60.0
     notify: bool = True
     #: PostgreSQL notifications carry the written row (else the task id alone).
-    notify_rows: bool = True
+    notify_rows: bool = False
     durable_commit: bool = True
 
     @property

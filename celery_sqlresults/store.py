@@ -43,6 +43,8 @@ BATCH_SIZE = 1000
 CLEANUP_BATCH = 5000
 
 _READY = sorted(states.READY_STATES)
+#: Columns a notification's row must have to stand for a read (Celery's own meta).
+_NOTICE_NEEDS = frozenset({"status", "result", "traceback", "date_done"})
 #: Task columns whose values can be large (checked against what the column holds).
 _SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
 #: Seconds before a refused oversized value makes the layout be reflected again.
@@ -300,21 +302,21 @@ class Store:
         """
         try:
             fields = json.loads(body)
-        except ValueError:
+            if not isinstance(fields, dict) or not _NOTICE_NEEDS <= fields.keys():
+                return None
+            row: dict[str, Any] = {"task_id": task_id}
+            for column in self.tables.task.c:
+                name = column.name
+                if name not in fields or (not extended and name in EXTENDED_COLUMNS):
+                    continue
+                value = fields[name]
+                if value is not None and isinstance(column.type, sa.LargeBinary):
+                    value = base64.b64decode(value)
+                elif value is not None and isinstance(column.type, sa.DateTime):
+                    value = datetime.fromisoformat(value)
+                row[name] = value
+        except (ValueError, TypeError):  # not what our writers send: read the table instead
             return None
-        if not isinstance(fields, dict) or "status" not in fields:
-            return None
-        row: dict[str, Any] = {"task_id": task_id}
-        for column in self.tables.task.c:
-            name = column.name
-            if name not in fields or (not extended and name in EXTENDED_COLUMNS):
-                continue
-            value = fields[name]
-            if value is not None and isinstance(column.type, sa.LargeBinary):
-                value = base64.b64decode(value)
-            elif value is not None and isinstance(column.type, sa.DateTime):
-                value = datetime.fromisoformat(value)
-            row[name] = value
         return row
 
     def task_exists(self, task_id: str) -> bool:

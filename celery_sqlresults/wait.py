@@ -9,9 +9,10 @@ or ``None``: re-check everything (polling, a timeout, a listener reconnect).
   ``interval`` (Celery's 0.5 s default), so a fast task is seen within a few
   milliseconds and a slow one costs a query per ``interval``.
 * On PostgreSQL (psycopg 3) each ready-state write notifies the table's
-  channel with the task id and, when it fits, the row as written, in the
-  same statement (see ``Dialect.notifying``). One listening connection
-  per process, on a daemon thread, wakes exactly the waiters of that id.
+  channel with the task id (and, with ``sqlresults_notify_rows``, the row as
+  written, when it fits), in the same statement (see ``Dialect.notifying``).
+  One listening connection per process, on a daemon thread, wakes exactly
+  the waiters of that id.
   Waiters subscribe *before* they check the table, so a notification cannot
   slip between "check" and "listen". If the listener's connection drops, it
   wakes every waiter (they re-check) and reconnects with backoff; meanwhile
@@ -26,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -40,7 +41,18 @@ logger = logging.getLogger("celery_sqlresults")
 
 #: Task ids notified, each with the row its notification carried (JSON) or ``None``.
 Notified = dict[str, "str | None"]
-Wait = Callable[[float | None], "Notified | None"]
+
+
+class Wait(Protocol):
+    """What ``watch()`` yields to a waiter."""
+
+    def __call__(self, remaining: float | None) -> Notified | None:
+        """Block until notified or the interval passes (``None``: re-check everything)."""
+
+    def forget(self, task_ids: Iterable[str] | None = None) -> None:
+        """Drop what was notified about ``task_ids`` (all if ``None``): a read is about
+        to look at them, and a row carried earlier could be older than what it sees."""
+
 
 _FIRST_POLL = 0.001
 _GROWTH = 1.5
@@ -53,16 +65,23 @@ class Poller:
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
-        delay = _FIRST_POLL
-        cap = max(interval, _FIRST_POLL)
+        yield _Polling(max(interval, _FIRST_POLL))
 
-        def wait(remaining: float | None) -> Notified | None:
-            nonlocal delay
-            time.sleep(delay if remaining is None else min(delay, remaining))
-            delay = min(delay * _GROWTH, cap)
-            return None
 
-        yield wait
+class _Polling:
+    """Sleeps from 1 ms, growing by half each time up to the interval."""
+
+    def __init__(self, cap: float) -> None:
+        self._delay = _FIRST_POLL
+        self._cap = cap
+
+    def __call__(self, remaining: float | None) -> Notified | None:
+        time.sleep(self._delay if remaining is None else min(self._delay, remaining))
+        self._delay = min(self._delay * _GROWTH, self._cap)
+        return None
+
+    def forget(self, task_ids: Iterable[str] | None = None) -> None:
+        pass
 
 
 class _Watch:
@@ -82,6 +101,16 @@ class _Watch:
             else:
                 self._ids[task_id] = row
         self.event.set()
+
+    def forget(self, task_ids: Iterable[str] | None) -> None:
+        with self._lock:
+            if task_ids is None:
+                self._ids.clear()
+            else:
+                for task_id in task_ids:
+                    self._ids.pop(task_id, None)
+            if not self._ids and not self._everything:
+                self.event.clear()
 
     def take(self) -> Notified | None:
         """The ids notified so far (then forgotten), or ``None`` to re-check everything."""
@@ -118,23 +147,8 @@ class Listener:
         with self._lock:
             for task_id in ids:
                 self._watchers.setdefault(task_id, set()).add(watch)
-        delay = _FIRST_POLL
-
-        def wait(remaining: float | None) -> Notified | None:
-            nonlocal delay
-            limit = interval if remaining is None else min(interval, remaining)
-            if self._listening.is_set():
-                woken = watch.event.wait(limit)
-                notified = watch.take()
-                return notified if woken else None  # a timeout re-checks everything
-            # Not listening (yet, or again): poll, but return the moment LISTEN
-            # is up, so the caller's next check covers anything sent before it.
-            self._listening.wait(min(delay, limit))
-            delay = min(delay * _GROWTH, max(interval, _FIRST_POLL))
-            return None
-
         try:
-            yield wait
+            yield _Listening(self, watch, interval)
         finally:
             with self._lock:
                 for task_id in ids:
@@ -207,6 +221,32 @@ class Listener:
                         conn.close()
 
 
+class _Listening:
+    """A waiter's view of the listener: woken by notifications, else at the interval."""
+
+    def __init__(self, listener: Listener, watch: _Watch, interval: float) -> None:
+        self._listener = listener
+        self._watch = watch
+        self._interval = interval
+        self._delay = _FIRST_POLL  # while the listener is not (yet) listening
+
+    def __call__(self, remaining: float | None) -> Notified | None:
+        limit = self._interval if remaining is None else min(self._interval, remaining)
+        listening = self._listener._listening
+        if listening.is_set():
+            woken = self._watch.event.wait(limit)
+            notified = self._watch.take()
+            return notified if woken else None  # a timeout re-checks everything
+        # Not listening (yet, or again): poll, but return the moment LISTEN
+        # is up, so the caller's next check covers anything sent before it.
+        listening.wait(min(self._delay, limit))
+        self._delay = min(self._delay * _GROWTH, max(self._interval, _FIRST_POLL))
+        return None
+
+    def forget(self, task_ids: Iterable[str] | None = None) -> None:
+        self._watch.forget(task_ids)
+
+
 def _split(payload: str) -> tuple[str, str | None]:
     """``<n>:<task_id><row>`` into the id and the row's JSON (``None`` if not carried).
 
@@ -214,7 +254,7 @@ def _split(payload: str) -> tuple[str, str | None]:
     only its waiters' rows are ever decoded (by the waiter, from the JSON).
     """
     length, sep, rest = payload.partition(":")
-    if not (sep and length.isdigit()) or int(length) > len(rest):
+    if not (sep and length.isascii() and length.isdigit()) or int(length) > len(rest):
         return payload, None  # not ours: a bare id, as NOTIFY sent by hand would be
     n = int(length)
     return rest[:n], rest[n:] or None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -11,8 +14,9 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import ResultSet
+from kombu.utils.encoding import ensure_bytes
 
-from celery_sqlresults.wait import Listener, Poller, _split
+from celery_sqlresults.wait import Listener, Poller, _split, _Watch
 
 from .conftest import raw_engine, task_request
 
@@ -48,9 +52,11 @@ def test_notify_wakes_a_waiter_that_would_not_poll_in_time(make_app: Callable[..
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
-def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery]) -> None:
-    """A join woken by NOTIFY reads the ids that were stored, not every id still pending."""
-    app = make_app()
+@pytest.mark.parametrize("rows", [False, True])
+def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery], rows: bool) -> None:
+    """A join woken by NOTIFY reads the ids that were stored, not every id still pending;
+    with ``sqlresults_notify_rows`` it reads none: the notifications carry the rows."""
+    app = make_app(sqlresults_notify_rows=rows)
     backend = app.backend
     ids = [f"j{i}" for i in range(30)]
     queried: list[int] = []
@@ -78,9 +84,9 @@ def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery]) -> 
     results = ResultSet([app.AsyncResult(t) for t in ids]).join_native(timeout=30, interval=60)
     assert results == list(range(30))
     assert queried[0] == 30  # the first check reads every pending id
-    # Re-checking all pending ids on every wake-up would read ~30 + 29 + … + 1 = 465,
-    # re-reading each notified id 30 more; the notifications carry the rows: none.
-    assert sum(queried[1:]) <= 3, queried
+    # Re-checking all pending ids on every wake-up would read ~30 + 29 + … + 1 = 465;
+    # re-reading just the notified ids, 30 more; with the rows carried, none.
+    assert sum(queried[1:]) <= (3 if rows else 30 + 30), queried
 
 
 def _task_reads(app: Celery) -> list[str]:
@@ -106,7 +112,7 @@ def _listening(app: Celery) -> Listener:
 def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: str) -> None:
     """A get() woken by NOTIFY reads the table once (its first check), and the row the
     notification carried gives the same meta as reading it."""
-    app = make_app(result_extended=True)
+    app = make_app(result_extended=True, sqlresults_notify_rows=True)
     backend = app.backend
     _listening(app)
     reads = _task_reads(app)
@@ -129,6 +135,8 @@ def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: st
     finally:
         listen.close()
     assert len(payloads) == 2
+    # Dates go as six-digit fractions, which Python 3.10's fromisoformat also parses.
+    assert all(re.search(r'"date_done" : "[0-9-]{10}T[0-9:]{8}\.[0-9]{6}"', p) for p in payloads)
     for extended in (True, False):
         reader = make_app(result_extended=extended).backend
         for payload in payloads:
@@ -152,12 +160,77 @@ def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows:
     app = make_app(sqlresults_notify_rows=rows)
     _listening(app)
     reads = _task_reads(app)
-    value = "x" * 20_000 if rows else "small"
+    value = "x" * 6_000 if rows else "small"  # over the 5000 bytes carried
     store_later(app, "big", value, delay=0.3)
     assert app.AsyncResult("big").get(timeout=15, interval=60) == value
     assert len(reads) == 2  # the first check, and the read after the notification
     assert _split("3:big") == ("big", None)
     assert _split("not ours") == ("not ours", None)
+    assert _split("²:x") == ("²:x", None)  # a digit to isdigit(), not to int()
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_forged_notifications(
+    make_app: Callable[..., Celery], db_url: str, serializer: str
+) -> None:
+    """Any session of the database may NOTIFY: with rows off (the default) or an app that
+    accepts pickle, a notification's row is never taken; the waiter reads the table."""
+    conf = {"result_serializer": serializer, "result_accept_content": [serializer]}
+    apps = [make_app(**conf), make_app(sqlresults_notify_rows=True, **conf)]
+    forged = ensure_bytes(apps[0].backend.encode("forged"))
+    fake = {"status": states.SUCCESS, "result": base64.b64encode(forged).decode()}
+    body = json.dumps({**fake, "traceback": None, "date_done": "2026-01-01T00:00:00.000000"})
+    admin = raw_engine(db_url)
+    for n, app in enumerate(apps):
+        taken = serializer == "json" and n == 1  # the trust sqlresults_notify_rows asks for
+        task_id = f"forged-{serializer}-{n}"
+        _listening(app)
+        storing = store_later(app, task_id, "real", delay=1.0)
+
+        def forge(task_id: str = task_id, channel: str = app.backend.store.channel) -> None:
+            time.sleep(0.3)
+            with admin.connect() as conn:
+                conn.execute(
+                    sa.text("SELECT pg_notify(:c, :p)"),
+                    {"c": channel, "p": f"{len(task_id)}:{task_id}{body}"},
+                )
+                conn.commit()
+
+        threading.Thread(target=forge).start()
+        got = app.AsyncResult(task_id).get(timeout=15, interval=60)
+        storing.join()
+        assert got == ("forged" if taken else "real"), (serializer, n)
+    admin.dispose()
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_a_row_that_is_not_ours_is_read_instead(make_app: Callable[..., Celery]) -> None:
+    """Notifications whose row is partial or malformed are not taken (no error either)."""
+    store = make_app().backend.store
+    good = {"status": "SUCCESS", "result": "Mg==", "traceback": None, "date_done": None}
+    assert store.row_from_notice("t", json.dumps(good)) == {"task_id": "t", **good, "result": b"2"}
+    for bad in (
+        {"status": "SUCCESS"},  # a read returns more than this
+        {**good, "result": "not base64!"},
+        {**good, "date_done": "yesterday"},
+        {**good, "date_done": 5},
+        ["SUCCESS"],
+    ):
+        assert store.row_from_notice("t", json.dumps(bad)) is None, bad
+    assert store.row_from_notice("t", "{not json") is None
+
+
+def test_forget_drops_what_a_read_will_see() -> None:
+    """A row notified before a read may be older than what the read sees: forgotten."""
+    watch = _Watch()
+    watch.notify("a", "{row a}")
+    watch.notify("b", "{row b}")
+    watch.forget(["a"])
+    assert watch.event.is_set() and watch.take() == {"b": "{row b}"}
+    watch.notify("a", "{row a}")
+    watch.forget(None)
+    assert not watch.event.is_set() and watch.take() is None
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
