@@ -82,7 +82,8 @@ def worker_figures(
 ) -> dict[str, float]:
     """Figures 4-6 with a ``--concurrency=2`` prefork worker.
 
-    ``rows``: the worker and the client run with ``sqlresults_notify_rows = True``.
+    ``rows``: the worker and the client run with ``sqlresults_notify_rows = True``;
+    figures 4 and 5 only.
     """
     rounds = 1 if capped else sizes.rounds
     env = {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
@@ -92,13 +93,15 @@ def worker_figures(
         n = sizes.dbplus_roundtrips if capped else sizes.roundtrips
         # Every round's calls pooled: one noisy stretch moves a single round's p50.
         samples = [ms for _ in range(rounds) for ms in ops.roundtrips_ms(add, n, sizes.warmup)]
-        return {
+        out = {
             "rt_p50": ops.percentile(samples, 50),
             "rt_p90": ops.percentile(samples, 90),
             "group": median(ops.group_seconds(add, sizes.group) for _ in range(rounds)),
-            "chord": median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds)),
-            "big_chord": ops.chord_seconds(add, tsum, sizes.big_chord),
         }
+        if not rows:
+            out["chord"] = median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds))
+            out["big_chord"] = ops.chord_seconds(add, tsum, sizes.big_chord)
+        return out
 
 
 def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:
@@ -164,7 +167,7 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
             log(f"  prefork child, durable commit off: {_brief(relaxed)}")
         if backend == "sql" and target.kind in NOTIFYING:
             rows = worker_figures(target.backend_url(backend), sizes, log_dir, False, rows=True)
-            figs.update({f"{key}_rows": value for key, value in rows.items()})
+            figs.update({"rt_p50_rows": rows["rt_p50"], "group_rows": rows["group"]})
             log(f"  worker, notifications carrying rows: {_brief(rows)}")
         out[backend] = figs
     return out

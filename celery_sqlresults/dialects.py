@@ -218,7 +218,9 @@ class Dialect:
                 sized.append(sa.func.coalesce(sa.func.octet_length(value), 0))
             if isinstance(column.type, sa.LargeBinary):
                 value = sa.func.encode(value, "base64")
-            elif isinstance(column.type, sa.DateTime):  # always 6 digits: any Python parses it
+            elif isinstance(column.type, sa.DateTime):
+                # Six fraction digits, which Python 3.10 needs; our columns (and Celery's)
+                # hold UTC without a zone, which is how the reader takes the text.
                 value = sa.func.to_char(value, 'YYYY-MM-DD"T"HH24:MI:SS.US')
             fields += [sa.cast(sa.literal(column.name), sa.Text), value]
         # Built only for rows that can fit, once (LATERAL), and sent only if it does.

@@ -304,6 +304,8 @@ class Store:
             fields = json.loads(body)
             if not isinstance(fields, dict) or not _NOTICE_NEEDS <= fields.keys():
                 return None
+            if not isinstance(fields["status"], str):
+                return None
             row: dict[str, Any] = {"task_id": task_id}
             for column in self.tables.task.c:
                 name = column.name
