@@ -54,6 +54,8 @@ class SQLResultsBackend(BaseBackend):
     #: ``result_compression`` (Celery >= 5.7): the columns are binary, and reading
     #: goes by the payload's own marker, so compressed and plain rows mix freely.
     supports_result_compression = True
+    #: ``result_failure_expires`` (Celery >= 5.7): cleanup() expires failures by their own age.
+    supports_failure_expires = True
     #: ``ResultSet.iterate`` sleeps this long between ids; our joins batch instead.
     subpolling_interval = 0.005
 
@@ -77,6 +79,7 @@ class SQLResultsBackend(BaseBackend):
         if not conf.value_set_for("result_backend_max_retries"):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
+        self.failure_expires = self.settings.failure_expires
         self._trust_notified_rows = self.settings.notify_rows and _PICKLE not in (self.accept or ())
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
@@ -278,14 +281,17 @@ class SQLResultsBackend(BaseBackend):
         self.store.forget(bytes_to_str(task_id))
 
     def cleanup(self) -> None:
-        """Delete results older than ``result_expires`` (beat's ``celery.backend_cleanup``)."""
-        expires = self.expires
-        if not expires:
+        """Delete results older than ``result_expires`` (beat's ``celery.backend_cleanup``).
+
+        With ``result_failure_expires`` (Celery >= 5.7), FAILURE results go by
+        that age instead, even when ``result_expires`` is off.
+        """
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        cutoff = None if not self.expires else now - _as_timedelta(self.expires)
+        failed = None if self.failure_expires is None else now - self.failure_expires
+        if cutoff is None and failed is None:
             return
-        if not isinstance(expires, timedelta):
-            expires = timedelta(seconds=float(expires))
-        cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - expires
-        deleted = self._ensure_retryable(self.store.cleanup, cutoff)
+        deleted = self._ensure_retryable(self.store.cleanup, cutoff, failed_cutoff=failed)
         logger.info("celery-sqlresults: cleanup removed expired rows %s", deleted)
 
     # ---- groups -------------------------------------------------------
@@ -562,6 +568,10 @@ def _remaining(deadline: float | None) -> float | None:
     if left <= 0:
         raise CeleryTimeoutError("The operation timed out.")
     return left
+
+
+def _as_timedelta(value: timedelta | float) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
 
 
 def _utc_now_naive() -> datetime:

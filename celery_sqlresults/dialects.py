@@ -250,16 +250,22 @@ class Dialect:
         return id_column.get("default") is None and not id_column.get("identity")
 
     def expiry(
-        self, table: sa.Table, timestamp: sa.Column[Any], cutoff: Any, limit: int
+        self,
+        table: sa.Table,
+        timestamp: sa.Column[Any],
+        cutoff: Any,
+        limit: int,
+        only: sa.ColumnElement[bool] | None = None,
     ) -> Callable[[Connection], tuple[int, bool]]:
         """A function deleting the next batch of about ``limit`` rows older than ``cutoff``.
 
         It answers ``(rows deleted, whether that was the last batch)``. Each
         batch is its own short statement (autocommit), so locks are held for
         one batch at a time, and every DELETE checks the age itself: a row
-        written meanwhile (a task re-run under its id) stays.
+        written meanwhile (a task re-run under its id) stays. ``only``
+        narrows which old rows go (failed tasks, say); it is checked the same way.
         """
-        old = timestamp < cutoff
+        old = timestamp < cutoff if only is None else sa.and_(timestamp < cutoff, only)
         if self.name == "mysql":
             return _walk_expired(table, timestamp, old, limit)
         key = list(table.primary_key.columns)

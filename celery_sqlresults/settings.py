@@ -7,9 +7,11 @@ design note asked for.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
@@ -75,6 +77,8 @@ class Settings:
     #: PostgreSQL notifications carry the written row (else the task id alone).
     notify_rows: bool = False
     durable_commit: bool = True
+    #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set.
+    failure_expires: timedelta | None = None
 
     @property
     def masked_url(self) -> str:
@@ -105,6 +109,7 @@ class Settings:
             notify=bool(_get(conf, "sqlresults_notify")),
             notify_rows=_flag(conf, "sqlresults_notify_rows"),
             durable_commit=_durable_commit(conf, parsed),
+            failure_expires=_failure_expires(conf.get("result_failure_expires")),
         )
 
 
@@ -249,6 +254,20 @@ def _create_switch(conf: Any) -> bool:
             "for this backend, so set only one of them (or set both to the same value)."
         )
     return celerys
+
+
+def _failure_expires(value: Any) -> timedelta | None:
+    if value is None or isinstance(value, timedelta):
+        return value
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ImproperlyConfigured(
+            f"result_failure_expires must be seconds (a number >= 0) or a timedelta, got {value!r}."
+        )
+    return timedelta(seconds=seconds)
 
 
 def _seconds(conf: Any, key: str) -> float:

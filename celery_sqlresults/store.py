@@ -185,30 +185,47 @@ class Store:
         self.run(lambda c, _: c.execute(sa.delete(g).where(g.c.taskset_id == group_id)), None)
 
     def cleanup(
-        self, cutoff: datetime, batch: int = CLEANUP_BATCH, dry_run: bool = False
+        self,
+        cutoff: datetime | None,
+        batch: int = CLEANUP_BATCH,
+        dry_run: bool = False,
+        failed_cutoff: datetime | None = None,
     ) -> dict[str, int]:
         """Delete rows finished before ``cutoff``, ``batch`` per statement (short locks).
 
-        Returns the count per table (``task``, ``group``, ``chord``; the
+        ``failed_cutoff`` (``result_failure_expires``) expires FAILURE results
+        by their own age instead; ``cutoff`` may then be ``None``: only those
+        go. Returns the count per table (``task``, ``group``, ``chord``; the
         counted parts of expired chords go too, unreported); with
         ``dry_run`` the counts of what would go, deleting nothing.
         """
-        counts: dict[str, int] = {}
+        task = self.tables.task
+        failed = task.c.status == states.FAILURE
+        passes: list[tuple[str, sa.Table, sa.Column[Any], datetime, Any]] = []
         for key, (table, timestamp) in self.tables.expiring.items():
+            if key == "task" and failed_cutoff is not None:
+                if cutoff is not None:
+                    kept = sa.or_(task.c.status.is_(None), task.c.status != states.FAILURE)
+                    passes.append((key, table, timestamp, cutoff, kept))
+                passes.append((key, table, timestamp, failed_cutoff, failed))
+            elif cutoff is not None:
+                passes.append((key, table, timestamp, cutoff, None))
+        counts = dict.fromkeys(self.tables.expiring, 0)
+        for key, table, timestamp, before, only in passes:
             if dry_run:
-                count = sa.select(sa.func.count()).select_from(table).where(timestamp < cutoff)
+                old = (timestamp < before) if only is None else sa.and_(timestamp < before, only)
+                count = sa.select(sa.func.count()).select_from(table).where(old)
 
                 def counted(conn: Connection, _: _Layout, q: sa.Select[Any] = count) -> int:
                     return int(conn.execute(q).scalar() or 0)
 
-                counts[key] = self.run(counted, 0)
+                counts[key] += self.run(counted, 0)
                 continue
-            expire = self.dialect.expiry(table, timestamp, cutoff, batch)
+            expire = self.dialect.expiry(table, timestamp, before, batch, only)
 
             def run(conn: Connection, _: _Layout, step: _Expiry = expire) -> tuple[int, bool]:
                 return step(conn)
 
-            counts[key] = 0
             while True:
                 deleted, last = self.run(run, (0, True))
                 counts[key] += deleted

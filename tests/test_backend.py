@@ -269,6 +269,47 @@ def test_cleanup_removes_only_expired_rows(make_app: Callable[..., Celery], db_u
     backend.cleanup()  # the beat task's entry point, with result_expires
 
 
+def test_result_failure_expires(make_app: Callable[..., Celery], db_url: str) -> None:
+    """Celery 5.7's result_failure_expires: failures kept (or dropped) by their own age."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Celery warns when a backend cannot apply it
+        app = make_app(result_expires=timedelta(hours=1), result_failure_expires=3 * 86400)
+    backend = app.backend
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    ages = {  # task id -> (state, hours ago)
+        "ok-old": (states.SUCCESS, 2),
+        "ok-new": (states.SUCCESS, 0),
+        "fail-old": (states.FAILURE, 2),
+        "fail-ancient": (states.FAILURE, 100),
+        "fail-new": (states.FAILURE, 0),
+        "retry-old": (states.RETRY, 2),
+    }
+    for task_id, (state, _) in ages.items():
+        value = KeyError(task_id) if state in states.EXCEPTION_STATES else task_id
+        backend.store_result(task_id, value, state)
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        for task_id, (_, hours) in ages.items():
+            conn.execute(
+                sa.text("UPDATE celery_taskmeta SET date_done = :d WHERE task_id = :t"),
+                {"d": now - timedelta(hours=hours), "t": task_id},
+            )
+    eng.dispose()
+
+    def left() -> set[str]:
+        return {t for t in ages if backend.get_task_meta(t, cache=False)["status"] != "PENDING"}
+
+    dry = backend.store.cleanup(
+        now - timedelta(hours=1), dry_run=True, failed_cutoff=now - timedelta(days=3)
+    )
+    assert dry["task"] == 3  # ok-old, retry-old, fail-ancient
+    backend.cleanup()
+    assert left() == {"ok-new", "fail-old", "fail-new"}
+    shorter = make_app(result_expires=None, result_failure_expires=timedelta(minutes=30)).backend
+    shorter.cleanup()  # only failures expire: result_expires is off
+    assert left() == {"ok-new", "fail-new"}
+
+
 def test_serializer_and_accept_content(make_app: Callable[..., Celery], db_url: str) -> None:
     app = make_app(result_serializer="pickle", result_accept_content=["pickle", "json"])
     app.backend.store_result("p", {1, 2, 3}, states.SUCCESS)  # a set: only pickle can carry it

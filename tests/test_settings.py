@@ -134,6 +134,12 @@ def test_switches_must_be_booleans(key: str) -> None:
     assert getattr(Settings.from_app(app_with(**{key: False}), "sqlite://"), key[11:]) is False
 
 
+@pytest.mark.parametrize("value", ["soon", -1, float("nan")])
+def test_bad_failure_expires(value: object) -> None:
+    with pytest.raises(ImproperlyConfigured, match="result_failure_expires must be seconds"):
+        Settings.from_app(app_with(result_failure_expires=value), "sqlite://")
+
+
 def test_engine_options_default_and_override() -> None:
     default = Settings.from_app(app_with(), "sqlite://").engine_options
     assert "pool_pre_ping" not in default  # Celery's default would add a round trip per call
