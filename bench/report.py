@@ -19,6 +19,8 @@ class Results:
 
     redis: dict[str, float] = field(default_factory=dict)
     per_db: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: Figure 9 (PostgreSQL): label -> figures, measured taking turns.
+    interleaved: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def value(self, kind: str, backend: str, key: str) -> float | None:
         if backend == "redis":
@@ -77,19 +79,7 @@ def figures(sizes: Sizes) -> list[Figure]:
         Figure("read", f"3. read {sizes.read} stored results (ResultSet join)", "ms"),
         Figure("rt_p50", "4. add.delay().get() p50", "ms"),
         Figure("rt_p90", "4. add.delay().get() p90", "ms"),
-        Figure(
-            "rt_p50_rows",
-            "4. add.delay().get() p50, sql+ with sqlresults_notify_rows=True",
-            "ms",
-            others="rt_p50",
-        ),
         Figure("group", f"5. group of {sizes.group}: send + join", "s"),
-        Figure(
-            "group_rows",
-            f"5. group of {sizes.group}, sql+ with sqlresults_notify_rows=True",
-            "s",
-            others="group",
-        ),
         Figure("chord", f"6. chord of {sizes.chord}: call to body result", "s"),
         Figure("big_chord", f"6. chord of {sizes.big_chord}: call to body result", "s"),
         Figure("startup_empty", "7. startup, empty db: construct backend", "ms"),
@@ -367,6 +357,9 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    same db+ and Redis figures). Measured after each database's other figures, the
    backends taking turns within each round (sql+ off, sql+ on, db+, Redis); Redis' column
    is the median over its rounds next to every database.
+9. PostgreSQL only: figures 4 and 5 again for sql+ with `sqlresults_notify_rows` off (the
+   default) and on, and for Redis, with the three workers running side by side and the
+   three taking turns, {2 * s.rounds} rounds (its own table below).
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
 (rate ÷ rate for rates, inverted time ÷ time for times). One run on a small machine:
@@ -390,6 +383,31 @@ def header(title: str, command: str, date: str, servers: Mapping[str, str], load
     ]
 
 
+def interleaved_section(figs: Mapping[str, Mapping[str, float]], sizes: Sizes) -> list[str]:
+    """Figure 9: the three setups taking turns, and each one's ratio to Redis."""
+    redis = figs.get("Redis", {})
+    size = max(sizes.group // 2, 1)
+    lines = [
+        "## PostgreSQL: notifications carrying rows (figure 9, interleaved)",
+        "",
+        "Three workers side by side, taking turns round after round "
+        f"({2 * sizes.rounds} rounds of {max(sizes.roundtrips // 2, 1)} `.get()` calls and "
+        f"one group of {size} each): differences this small drown in the drift "
+        "between figures measured one after another.",
+        "",
+        f"| Setup | .get() p50 | .get() p90 | group of {size} | p50 vs Redis | group vs Redis |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, f in figs.items():
+        p50 = redis.get("rt_p50", 0) / f["rt_p50"] if f.get("rt_p50") else 0
+        group = redis.get("group", 0) / f["group"] if f.get("group") else 0
+        lines.append(
+            f"| {label} | {f['rt_p50']:.2f} ms | {f['rt_p90']:.2f} ms | {f['group']:.2f} s "
+            f"| {p50:.2f}x | {group:.2f}x |"
+        )
+    return lines
+
+
 def render(
     results: Results,
     kinds: list[str],
@@ -406,5 +424,7 @@ def render(
     ]
     for kind in kinds:
         parts += [f"## {config.DB_TITLES[kind]}", "", table(results, kind, sizes), ""]
+    if results.interleaved:
+        parts += [*interleaved_section(results.interleaved, sizes), ""]
     parts += [targets_section(results, kinds, sizes), ""]
     return "\n".join(parts)

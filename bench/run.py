@@ -7,6 +7,7 @@ local servers only; see ``docs/benchmarks.md`` for the method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -77,31 +78,57 @@ def child_figures(url: str, sizes: Sizes, log_dir: Path, relaxed: bool = False) 
     return out
 
 
-def worker_figures(
-    url: str, sizes: Sizes, log_dir: Path, capped: bool, rows: bool = False
-) -> dict[str, float]:
-    """Figures 4-6 with a ``--concurrency=2`` prefork worker.
-
-    ``rows``: the worker and the client run with ``sqlresults_notify_rows = True``;
-    figures 4 and 5 only.
-    """
+def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[str, float]:
+    """Figures 4-6 with a ``--concurrency=2`` prefork worker."""
     rounds = 1 if capped else sizes.rounds
-    env = {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
-    with running_worker(url, 2, log_dir, env=env) as queue:
-        app = make_app(url, queue=queue, notify_rows=rows)
+    with running_worker(url, 2, log_dir) as queue:
+        app = make_app(url, queue=queue)
         add, tsum = app.tasks["bench.add"], app.tasks["bench.tsum"]
         n = sizes.dbplus_roundtrips if capped else sizes.roundtrips
         # Every round's calls pooled: one noisy stretch moves a single round's p50.
         samples = [ms for _ in range(rounds) for ms in ops.roundtrips_ms(add, n, sizes.warmup)]
-        out = {
+        return {
             "rt_p50": ops.percentile(samples, 50),
             "rt_p90": ops.percentile(samples, 90),
             "group": median(ops.group_seconds(add, sizes.group) for _ in range(rounds)),
+            "chord": median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds)),
+            "big_chord": ops.chord_seconds(add, tsum, sizes.big_chord),
         }
-        if not rows:
-            out["chord"] = median(ops.chord_seconds(add, tsum, sizes.chord) for _ in range(rounds))
-            out["big_chord"] = ops.chord_seconds(add, tsum, sizes.big_chord)
-        return out
+
+
+def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
+    """Figure 9: ``.get()`` and a group, sql+ with ``sqlresults_notify_rows`` off and on, and Redis.
+
+    Their differences are smaller than this machine's drift from one figure to
+    the next, so the three run side by side (a worker each) and take turns,
+    round after round; each figure pools every round's samples.
+    """
+    setups = {
+        "sql+, notify rows off (default)": (sql_url, False),
+        "sql+, sqlresults_notify_rows=True": (sql_url, True),
+        "Redis": (config.REDIS_RESULTS, False),
+    }
+    n, size = max(sizes.roundtrips // 2, 1), max(sizes.group // 2, 1)
+    samples: dict[str, list[float]] = {label: [] for label in setups}
+    groups: dict[str, list[float]] = {label: [] for label in setups}
+    with contextlib.ExitStack() as stack:
+        adds = {}
+        for label, (url, rows) in setups.items():
+            env = {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
+            queue = stack.enter_context(running_worker(url, 2, log_dir, env=env))
+            adds[label] = make_app(url, queue=queue, notify_rows=rows).tasks["bench.add"]
+        for _ in range(2 * sizes.rounds):
+            for label, add in adds.items():
+                samples[label] += ops.roundtrips_ms(add, n, sizes.warmup)
+                groups[label].append(ops.group_seconds(add, size))
+    return {
+        label: {
+            "rt_p50": ops.percentile(samples[label], 50),
+            "rt_p90": ops.percentile(samples[label], 90),
+            "group": median(groups[label]),
+        }
+        for label in setups
+    }
 
 
 def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:
@@ -165,10 +192,6 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
             relaxed = child_figures(target.backend_url(backend), sizes, log_dir, relaxed=True)
             figs["store_child_relaxed"] = relaxed["store_child"]
             log(f"  prefork child, durable commit off: {_brief(relaxed)}")
-        if backend == "sql" and target.kind in NOTIFYING:
-            rows = worker_figures(target.backend_url(backend), sizes, log_dir, False, rows=True)
-            figs.update({"rt_p50_rows": rows["rt_p50"], "group_rows": rows["group"]})
-            log(f"  worker, notifications carrying rows: {_brief(rows)}")
         out[backend] = figs
     return out
 
@@ -182,6 +205,11 @@ def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
     for kind in kinds:
         target = prepare(kind, tmp)
         results.per_db[kind] = database_figures(target, sizes, tmp)
+        if kind in NOTIFYING:
+            log(f"{kind}: notify rows off/on and Redis, interleaved")
+            results.interleaved = interleaved_figures(target.backend_url("sql"), sizes, tmp)
+            for label, figs in results.interleaved.items():
+                log(f"  {label}: {_brief(figs)}")
         log(f"{kind}: publish rates")
         urls = {"sql": target.backend_url("sql"), "db": target.backend_url("db")}
         urls["redis"] = config.REDIS_RESULTS
