@@ -278,6 +278,9 @@ def test_result_failure_expires(make_app: Callable[..., Celery], db_url: str) ->
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     ages = {  # task id -> (state, hours ago)
         "ok-old": (states.SUCCESS, 2),
+        "ok-older": (states.SUCCESS, 3),
+        "ok-oldest": (states.SUCCESS, 5),
+        "fail-older": (states.FAILURE, 120),
         "ok-new": (states.SUCCESS, 0),
         "fail-old": (states.FAILURE, 2),
         "fail-ancient": (states.FAILURE, 100),
@@ -302,8 +305,11 @@ def test_result_failure_expires(make_app: Callable[..., Celery], db_url: str) ->
     dry = backend.store.cleanup(
         now - timedelta(hours=1), dry_run=True, failed_cutoff=now - timedelta(days=3)
     )
-    assert dry["task"] == 3  # ok-old, retry-old, fail-ancient
-    backend.cleanup()
+    assert dry["task"] == 6  # ok-old(er/est), retry-old, fail-ancient, fail-older
+    # batches of 2: MySQL's index walk and the others' LIMIT, each pass filtered by state
+    backend.store.cleanup(now - timedelta(hours=1), batch=2, failed_cutoff=now - timedelta(days=3))
+    assert left() == {"ok-new", "fail-old", "fail-new"}
+    backend.cleanup()  # the beat task's entry point: nothing more to do
     assert left() == {"ok-new", "fail-old", "fail-new"}
     shorter = make_app(result_expires=None, result_failure_expires=timedelta(minutes=30)).backend
     shorter.cleanup()  # only failures expire: result_expires is off
