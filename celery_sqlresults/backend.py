@@ -12,7 +12,7 @@ import pickle
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from celery import states
 from celery.backends.base import BaseBackend
@@ -284,14 +284,16 @@ class SQLResultsBackend(BaseBackend):
         """Delete results older than ``result_expires`` (beat's ``celery.backend_cleanup``).
 
         With ``result_failure_expires`` (Celery >= 5.7), FAILURE results go by
-        that age instead, even when ``result_expires`` is off.
+        that age instead (0: never), even when ``result_expires`` is off.
         """
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        now = _utc_now_naive()
         cutoff = None if not self.expires else now - _as_timedelta(self.expires)
-        failed = None if self.failure_expires is None else now - self.failure_expires
-        if cutoff is None and failed is None:
+        failures: datetime | Literal["same", "keep"] = "same"
+        if self.failure_expires is not None:
+            failures = now - self.failure_expires if self.failure_expires else "keep"
+        if cutoff is None and not isinstance(failures, datetime):
             return
-        deleted = self._ensure_retryable(self.store.cleanup, cutoff, failed_cutoff=failed)
+        deleted = self._ensure_retryable(self.store.cleanup, cutoff, failures=failures)
         logger.info("celery-sqlresults: cleanup removed expired rows %s", deleted)
 
     # ---- groups -------------------------------------------------------

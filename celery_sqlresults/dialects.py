@@ -266,24 +266,34 @@ class Dialect:
         narrows which old rows go (failed tasks, say); it is checked the same way.
         """
         old = timestamp < cutoff if only is None else sa.and_(timestamp < cutoff, only)
-        if self.name == "mysql":
-            return _walk_expired(table, timestamp, old, limit)
-        key = list(table.primary_key.columns)
-        target = key[0] if len(key) == 1 else sa.tuple_(*key)  # row values for a composite key
-        stmt = sa.delete(table).where(target.in_(sa.select(*key).where(old).limit(limit)), old)
-        pause = self.name == "sqlite"
+        step: Callable[[Connection], tuple[int, bool]]
+        if self.name == "mysql" or only is not None:
+            # MySQL: see _walk_expired. Filtered passes everywhere: "the oldest N that
+            # match" would wade through the old rows kept (failures kept longer) each time.
+            step = _walk_expired(table, timestamp, old, limit)
+        else:
+            key = list(table.primary_key.columns)
+            target = key[0] if len(key) == 1 else sa.tuple_(*key)  # row values, composite key
+            stmt = sa.delete(table).where(target.in_(sa.select(*key).where(old).limit(limit)), old)
 
-        def delete(conn: Connection) -> tuple[int, bool]:
+            def step(conn: Connection) -> tuple[int, bool]:
+                n = int(conn.execute(stmt).rowcount)
+                return n, n < limit
+
+        if self.name != "sqlite":
+            return step
+
+        def paced(conn: Connection) -> tuple[int, bool]:
             started = time.monotonic()
-            n = int(conn.execute(stmt).rowcount)
-            if pause and n == limit:
+            n, last = step(conn)
+            if not last:
                 # SQLite has one write lock for the whole database, and a writer
                 # waiting for it sleeps between tries: without a pause the next
                 # batch would take the lock again before that writer wakes.
                 time.sleep(time.monotonic() - started)
-            return n, n < limit
+            return n, last
 
-        return delete
+        return paced
 
     # ---- schema -------------------------------------------------------
     @contextlib.contextmanager

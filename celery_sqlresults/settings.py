@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
 ENGINE_DEFAULTS: dict[str, Any] = {"pool_recycle": 3600}
 
 _MAX_SECONDS = 7 * 24 * 3600.0
+_MAX_EXPIRES = 100 * 365 * 86400.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
 _EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
@@ -77,7 +78,8 @@ class Settings:
     #: PostgreSQL notifications carry the written row (else the task id alone).
     notify_rows: bool = False
     durable_commit: bool = True
-    #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set.
+    #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
+    #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
     failure_expires: timedelta | None = None
 
     @property
@@ -257,15 +259,20 @@ def _create_switch(conf: Any) -> bool:
 
 
 def _failure_expires(value: Any) -> timedelta | None:
-    if value is None or isinstance(value, timedelta):
-        return value
-    try:
+    """Celery's ``result_failure_expires``: ``None`` = like other results, 0 = never (as Redis)."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
-    except (TypeError, ValueError):
+    else:
         seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
+    if not 0 <= seconds <= _MAX_EXPIRES:
         raise ImproperlyConfigured(
-            f"result_failure_expires must be seconds (a number >= 0) or a timedelta, got {value!r}."
+            "result_failure_expires must be a number of seconds or a timedelta, from 0 (failures "
+            f"never expire, as in Celery) to {_MAX_EXPIRES / 86400 / 365:.0f} years, "
+            f"got {value!r}."
         )
     return timedelta(seconds=seconds)
 

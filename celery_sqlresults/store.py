@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from celery import states
@@ -189,25 +189,27 @@ class Store:
         cutoff: datetime | None,
         batch: int = CLEANUP_BATCH,
         dry_run: bool = False,
-        failed_cutoff: datetime | None = None,
+        failures: datetime | Literal["same", "keep"] = "same",
     ) -> dict[str, int]:
         """Delete rows finished before ``cutoff``, ``batch`` per statement (short locks).
 
-        ``failed_cutoff`` (``result_failure_expires``) expires FAILURE results
-        by their own age instead; ``cutoff`` may then be ``None``: only those
-        go. Returns the count per table (``task``, ``group``, ``chord``; the
-        counted parts of expired chords go too, unreported); with
-        ``dry_run`` the counts of what would go, deleting nothing.
+        ``failures`` (``result_failure_expires``): FAILURE results go with the
+        rest (``"same"``), stay (``"keep"``), or go when finished before the
+        given time instead; ``cutoff`` may be ``None``: only those go. Returns
+        the count per table (``task``, ``group``, ``chord``; the counted parts
+        of expired chords go too, unreported); with ``dry_run`` the counts of
+        what would go, deleting nothing.
         """
         task = self.tables.task
         failed = task.c.status == states.FAILURE
         passes: list[tuple[str, sa.Table, sa.Column[Any], datetime, Any]] = []
         for key, (table, timestamp) in self.tables.expiring.items():
-            if key == "task" and failed_cutoff is not None:
+            if key == "task" and failures != "same":
                 if cutoff is not None:
                     kept = sa.or_(task.c.status.is_(None), task.c.status != states.FAILURE)
                     passes.append((key, table, timestamp, cutoff, kept))
-                passes.append((key, table, timestamp, failed_cutoff, failed))
+                if isinstance(failures, datetime):
+                    passes.append((key, table, timestamp, failures, failed))
             elif cutoff is not None:
                 passes.append((key, table, timestamp, cutoff, None))
         counts = dict.fromkeys(self.tables.expiring, 0)

@@ -303,13 +303,27 @@ def test_result_failure_expires(make_app: Callable[..., Celery], db_url: str) ->
         return {t for t in ages if backend.get_task_meta(t, cache=False)["status"] != "PENDING"}
 
     dry = backend.store.cleanup(
-        now - timedelta(hours=1), dry_run=True, failed_cutoff=now - timedelta(days=3)
+        now - timedelta(hours=1), dry_run=True, failures=now - timedelta(days=3)
     )
     assert dry["task"] == 6  # ok-old(er/est), retry-old, fail-ancient, fail-older
     # batches of 2: MySQL's index walk and the others' LIMIT, each pass filtered by state
-    backend.store.cleanup(now - timedelta(hours=1), batch=2, failed_cutoff=now - timedelta(days=3))
+    backend.store.cleanup(now - timedelta(hours=1), batch=2, failures=now - timedelta(days=3))
     assert left() == {"ok-new", "fail-old", "fail-new"}
     backend.cleanup()  # the beat task's entry point: nothing more to do
+    assert left() == {"ok-new", "fail-old", "fail-new"}
+    # 0 keeps failures for ever (as Celery's Redis backend reads it): the rest still expires
+    backend.store_result("ok-again", 1, states.SUCCESS)
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE celery_taskmeta SET date_done = :d WHERE task_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"d": now - timedelta(days=400), "ids": ["ok-again", "fail-old"]},
+        )
+    eng.dispose()
+    ages["ok-again"] = (states.SUCCESS, 400 * 24)
+    make_app(result_expires=timedelta(hours=1), result_failure_expires=0).backend.cleanup()
     assert left() == {"ok-new", "fail-old", "fail-new"}
     shorter = make_app(result_expires=None, result_failure_expires=timedelta(minutes=30)).backend
     shorter.cleanup()  # only failures expire: result_expires is off

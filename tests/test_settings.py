@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from celery import Celery
 from celery.app.backends import by_url
@@ -134,10 +136,22 @@ def test_switches_must_be_booleans(key: str) -> None:
     assert getattr(Settings.from_app(app_with(**{key: False}), "sqlite://"), key[11:]) is False
 
 
-@pytest.mark.parametrize("value", ["soon", -1, float("nan")])
+@pytest.mark.parametrize(
+    "value", ["soon", -1, float("nan"), 1e15, True, timedelta(seconds=-1), timedelta(days=10**6)]
+)
 def test_bad_failure_expires(value: object) -> None:
-    with pytest.raises(ImproperlyConfigured, match="result_failure_expires must be seconds"):
+    with pytest.raises(ImproperlyConfigured, match="result_failure_expires must be a number of"):
         Settings.from_app(app_with(result_failure_expires=value), "sqlite://")
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [(None, None), (0, timedelta(0)), (90, timedelta(seconds=90)), (timedelta(days=2),) * 2],
+)
+def test_failure_expires(value: object, kept: timedelta | None) -> None:
+    """None: failures expire like the rest; 0: never (as Celery's Redis backend reads it)."""
+    settings = Settings.from_app(app_with(result_failure_expires=value), "sqlite://")
+    assert settings.failure_expires == kept
 
 
 def test_engine_options_default_and_override() -> None:
