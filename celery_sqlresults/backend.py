@@ -79,7 +79,6 @@ class SQLResultsBackend(BaseBackend):
         if not conf.value_set_for("result_backend_max_retries"):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
-        self.failure_expires = self.settings.failure_expires
         self._trust_notified_rows = self.settings.notify_rows and _PICKLE not in (self.accept or ())
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
@@ -289,8 +288,9 @@ class SQLResultsBackend(BaseBackend):
         now = _utc_now_naive()
         cutoff = None if not self.expires else now - _as_timedelta(self.expires)
         failures: datetime | Literal["same", "keep"] = "same"
-        if self.failure_expires is not None:
-            failures = now - self.failure_expires if self.failure_expires else "keep"
+        keep_failed = self.settings.failure_expires
+        if keep_failed is not None:
+            failures = now - keep_failed if keep_failed else "keep"
         if cutoff is None and not isinstance(failures, datetime):
             return
         deleted = self._ensure_retryable(self.store.cleanup, cutoff, failures=failures)

@@ -253,21 +253,20 @@ class Dialect:
         self,
         table: sa.Table,
         timestamp: sa.Column[Any],
-        cutoff: Any,
+        old: sa.ColumnElement[bool],
         limit: int,
-        only: sa.ColumnElement[bool] | None = None,
+        filtered: bool = False,
     ) -> Callable[[Connection], tuple[int, bool]]:
-        """A function deleting the next batch of about ``limit`` rows older than ``cutoff``.
+        """A function deleting the next batch of about ``limit`` of the ``old`` rows.
 
-        It answers ``(rows deleted, whether that was the last batch)``. Each
-        batch is its own short statement (autocommit), so locks are held for
-        one batch at a time, and every DELETE checks the age itself: a row
-        written meanwhile (a task re-run under its id) stays. ``only``
-        narrows which old rows go (failed tasks, say); it is checked the same way.
+        ``old`` is an age on ``timestamp`` (``filtered``: and more, failed
+        tasks only, say). It answers ``(rows deleted, whether that was the last
+        batch)``. Each batch is its own short statement (autocommit), so locks
+        are held for one batch at a time, and every DELETE checks ``old``
+        itself: a row written meanwhile (a task re-run under its id) stays.
         """
-        old = timestamp < cutoff if only is None else sa.and_(timestamp < cutoff, only)
         step: Callable[[Connection], tuple[int, bool]]
-        if self.name == "mysql" or only is not None:
+        if self.name == "mysql" or filtered:
             # MySQL: see _walk_expired. Filtered passes everywhere: "the oldest N that
             # match" would wade through the old rows kept (failures kept longer) each time.
             step = _walk_expired(table, timestamp, old, limit)

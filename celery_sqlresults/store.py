@@ -200,22 +200,21 @@ class Store:
         of expired chords go too, unreported); with ``dry_run`` the counts of
         what would go, deleting nothing.
         """
-        task = self.tables.task
-        failed = task.c.status == states.FAILURE
-        passes: list[tuple[str, sa.Table, sa.Column[Any], datetime, Any]] = []
+        status = self.tables.task.c.status
+        passes: list[tuple[str, sa.Table, sa.Column[Any], sa.ColumnElement[bool], bool]] = []
         for key, (table, timestamp) in self.tables.expiring.items():
             if key == "task" and failures != "same":
                 if cutoff is not None:
-                    kept = sa.or_(task.c.status.is_(None), task.c.status != states.FAILURE)
-                    passes.append((key, table, timestamp, cutoff, kept))
+                    kept = sa.or_(status.is_(None), status != states.FAILURE)
+                    passes.append((key, table, timestamp, sa.and_(timestamp < cutoff, kept), True))
                 if isinstance(failures, datetime):
-                    passes.append((key, table, timestamp, failures, failed))
+                    failed = sa.and_(timestamp < failures, status == states.FAILURE)
+                    passes.append((key, table, timestamp, failed, True))
             elif cutoff is not None:
-                passes.append((key, table, timestamp, cutoff, None))
+                passes.append((key, table, timestamp, timestamp < cutoff, False))
         counts = dict.fromkeys(self.tables.expiring, 0)
-        for key, table, timestamp, before, only in passes:
+        for key, table, timestamp, old, filtered in passes:
             if dry_run:
-                old = (timestamp < before) if only is None else sa.and_(timestamp < before, only)
                 count = sa.select(sa.func.count()).select_from(table).where(old)
 
                 def counted(conn: Connection, _: _Layout, q: sa.Select[Any] = count) -> int:
@@ -223,7 +222,7 @@ class Store:
 
                 counts[key] += self.run(counted, 0)
                 continue
-            expire = self.dialect.expiry(table, timestamp, before, batch, only)
+            expire = self.dialect.expiry(table, timestamp, old, batch, filtered)
 
             def run(conn: Connection, _: _Layout, step: _Expiry = expire) -> tuple[int, bool]:
                 return step(conn)
@@ -438,9 +437,9 @@ class Store:
             t = self.tables.task
             stmt = self.dialect.upsert(t, columns, layout.task_seq, insert_only=("date_created",))
             if notify:  # the notification carries what a waiter would read back
-                carry = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
-                if not self.settings.notify_rows:
-                    carry = []
+                carry: list[sa.Column[Any]] = []
+                if self.settings.notify_rows:
+                    carry = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
                 stmt = self.dialect.notifying(stmt, t, self.channel, carry)
             layout.statements[key] = stmt
         return stmt
