@@ -21,12 +21,12 @@ def make_app(
     broker: str = config.BROKER,
     queue: str = "bench",
     record_on_publish: bool = False,
-    notify_rows: bool = False,
+    notify_rows: bool | None = None,
 ) -> Celery:
     """An app storing results in ``backend`` (a full Celery URL: ``sql+…``, ``db+…``, ``redis://…``).
 
-    ``record_on_publish`` and ``notify_rows`` turn on ``sqlresults_record_on_publish``
-    and ``sqlresults_notify_rows`` (sql+ only).
+    ``record_on_publish`` turns on ``sqlresults_record_on_publish``; ``notify_rows``
+    sets ``sqlresults_notify_rows`` (``None``: its default, ``"auto"``) (sql+ only).
     """
     app = Celery("bench", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
@@ -34,8 +34,9 @@ def make_app(
         result_extended=True,
         broker_connection_retry_on_startup=True,
         sqlresults_record_on_publish=record_on_publish,
-        sqlresults_notify_rows=notify_rows,
     )
+    if notify_rows is not None:
+        app.conf.sqlresults_notify_rows = notify_rows
     if os.environ.get(config.ENV_RELAXED) == "1":  # only the workers of that one figure
         app.conf.sqlresults_durable_commit = False
     _register_tasks(app)
@@ -67,5 +68,5 @@ app = make_app(
     os.environ.get(config.ENV_BACKEND, config.REDIS_RESULTS),
     os.environ.get(config.ENV_BROKER, config.BROKER),
     os.environ.get(config.ENV_QUEUE, "bench"),
-    notify_rows=os.environ.get(config.ENV_NOTIFY_ROWS) == "1",
+    notify_rows={"1": True, "0": False}.get(os.environ.get(config.ENV_NOTIFY_ROWS, "")),
 )

@@ -38,7 +38,7 @@ ENV_BACKEND = "BENCH_BACKEND"
 ENV_BROKER = "BENCH_BROKER"
 ENV_QUEUE = "BENCH_QUEUE"
 ENV_RELAXED = "BENCH_RELAXED_COMMIT"  # "1": the worker runs with sqlresults_durable_commit off
-ENV_NOTIFY_ROWS = "BENCH_NOTIFY_ROWS"  # "1": the worker runs with sqlresults_notify_rows on
+ENV_NOTIFY_ROWS = "BENCH_NOTIFY_ROWS"  # "1"/"0": the worker's sqlresults_notify_rows (else auto)
 
 
 @dataclass(frozen=True)

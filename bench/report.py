@@ -19,8 +19,10 @@ class Results:
 
     redis: dict[str, float] = field(default_factory=dict)
     per_db: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    #: Figure 9 (PostgreSQL): label -> figures, measured taking turns.
+    #: Figure 9 (PostgreSQL): ``sql`` (default), ``sql_off``, ``redis`` -> figures, taking turns.
     interleaved: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: What ``sqlresults_notify_rows = "auto"`` decided on PostgreSQL (None: not measured).
+    rows_travel: bool | None = None
 
     def value(self, kind: str, backend: str, key: str) -> float | None:
         if backend == "redis":
@@ -116,6 +118,8 @@ class Goal:
     against: str  # "db" or "redis"
     min_ratio: float
     text: str
+    #: Judged on figure 9 (side by side, taking turns) where it was measured.
+    interleaved: bool = False
 
 
 _PG_GOALS = [
@@ -127,7 +131,13 @@ _PG_GOALS = [
     Goal("get_client", "db", 20.0, "get_task_meta in client ≥ 20x db+"),
     Goal("read", "db", 50.0, "reading the stored results ≥ 50x faster than db+"),
     Goal("read", "redis", 0.5, "reading the stored results within 2x of Redis' time"),
-    Goal("rt_p50", "redis", 1 / 1.2, ".get() round trip p50 ≤ 1.2x Redis' time"),
+    Goal(
+        "rt_p50",
+        "redis",
+        1 / 1.2,
+        ".get() round trip p50 ≤ 1.2x Redis' time (figure 9: side by side)",
+        interleaved=True,
+    ),
     Goal("group", "redis", 1 / 1.2, "group send + join ≤ 1.2x Redis' time"),
     Goal("chord", "redis", 1.0, "chord no slower than Redis"),
     Goal("big_chord", "redis", 1.0, "big chord no slower than Redis"),
@@ -167,8 +177,12 @@ def verdicts(results: Results, kinds: list[str], sizes: Sizes) -> list[Verdict]:
     for kind in kinds:
         for goal in GOALS[kind]:
             fig = figs[goal.key]
-            other = results.value(kind, goal.against, fig.key_for(goal.against))
-            value = ratio(fig, results.value(kind, "sql", goal.key), other)
+            if goal.interleaved and results.interleaved:
+                side = results.interleaved
+                value = ratio(fig, side["sql"].get(goal.key), side[goal.against].get(goal.key))
+            else:
+                other = results.value(kind, goal.against, fig.key_for(goal.against))
+                value = ratio(fig, results.value(kind, "sql", goal.key), other)
             out.append(Verdict(kind, goal, value))
     return out
 
@@ -357,9 +371,13 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    same db+ and Redis figures). Measured after each database's other figures, the
    backends taking turns within each round (sql+ off, sql+ on, db+, Redis); Redis' column
    is the median over its rounds next to every database.
-9. PostgreSQL only: figures 4 and 5 again for sql+ with `sqlresults_notify_rows` off (the
-   default) and on, and for Redis, with the three workers running side by side and the
-   three taking turns, {2 * s.rounds} rounds (its own table below).
+9. PostgreSQL only: figures 4 and 5 again for sql+ as configured by default
+   (`sqlresults_notify_rows = "auto"`), for sql+ with rows off (`False`: notifications
+   carry ids, every woken waiter reads its row) and for Redis, with the three workers
+   running side by side and taking turns, {2 * s.rounds} rounds (its own table below).
+   Figure 4 measures the backends minutes apart, and the machine's drift between them
+   was as large as their difference (one run: Redis 2.2 ms in figure 4, 2.9 ms here):
+   the `.get()` p50 target is judged here, where both run under the same conditions.
 
 Ratios: `sql+/db+` and `sql+/Redis` are oriented so that **> 1 means sql+ is better**
 (rate ÷ rate for rates, inverted time ÷ time for times). One run on a small machine:
@@ -383,27 +401,39 @@ def header(title: str, command: str, date: str, servers: Mapping[str, str], load
     ]
 
 
-def interleaved_section(figs: Mapping[str, Mapping[str, float]], sizes: Sizes) -> list[str]:
+#: Figure 9's setups, by key, as the report names them.
+_SIDE_BY_SIDE = {
+    "sql": 'sql+, default (`sqlresults_notify_rows = "auto"`)',
+    "sql_off": "sql+, `sqlresults_notify_rows = False`",
+    "redis": "Redis",
+}
+
+
+def interleaved_section(results: Results, sizes: Sizes) -> list[str]:
     """Figure 9: the three setups taking turns, and each one's ratio to Redis."""
-    redis = figs.get("Redis", {})
+    figs = results.interleaved
+    redis = figs.get("redis", {})
     size = max(sizes.group // 2, 1)
+    decided = {True: "rows carried", False: "ids only", None: "not known"}[results.rows_travel]
     lines = [
-        "## PostgreSQL: notifications carrying rows (figure 9, interleaved)",
+        "## PostgreSQL: side by side (figure 9, interleaved)",
         "",
         "Three workers side by side, taking turns round after round "
         f"({2 * sizes.rounds} rounds of {max(sizes.roundtrips // 2, 1)} `.get()` calls and "
         f"one group of {size} each): differences this small drown in the drift "
-        "between figures measured one after another.",
+        "between figures measured one after another. `auto` decided on this server: "
+        f"**{decided}** (rows travel when every role that may log in to the database "
+        "may also read and write the results).",
         "",
         f"| Setup | .get() p50 | .get() p90 | group of {size} | p50 vs Redis | group vs Redis |",
         "|---|---|---|---|---|---|",
     ]
-    for label, f in figs.items():
+    for key, f in figs.items():
         p50 = redis.get("rt_p50", 0) / f["rt_p50"] if f.get("rt_p50") else 0
         group = redis.get("group", 0) / f["group"] if f.get("group") else 0
         lines.append(
-            f"| {label} | {f['rt_p50']:.2f} ms | {f['rt_p90']:.2f} ms | {f['group']:.2f} s "
-            f"| {p50:.2f}x | {group:.2f}x |"
+            f"| {_SIDE_BY_SIDE.get(key, key)} | {f['rt_p50']:.2f} ms | {f['rt_p90']:.2f} ms "
+            f"| {f['group']:.2f} s | {p50:.2f}x | {group:.2f}x |"
         )
     return lines
 
@@ -425,6 +455,6 @@ def render(
     for kind in kinds:
         parts += [f"## {config.DB_TITLES[kind]}", "", table(results, kind, sizes), ""]
     if results.interleaved:
-        parts += [*interleaved_section(results.interleaved, sizes), ""]
+        parts += [*interleaved_section(results, sizes), ""]
     parts += [targets_section(results, kinds, sizes), ""]
     return "\n".join(parts)

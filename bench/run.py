@@ -97,38 +97,44 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
 
 
 def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
-    """Figure 9: ``.get()`` and a group, sql+ with ``sqlresults_notify_rows`` off and on, and Redis.
+    """Figure 9: ``.get()`` and a group, sql+ by default and with rows off, and Redis.
 
     Their differences are smaller than this machine's drift from one figure to
     the next, so the three run side by side (a worker each) and take turns,
-    round after round; each figure pools every round's samples.
+    round after round; each figure pools every round's samples. Keys: ``sql``
+    (the default, ``sqlresults_notify_rows = "auto"``), ``sql_off`` and ``redis``.
     """
     setups = {
-        "sql+, notify rows off (default)": (sql_url, False),
-        "sql+, sqlresults_notify_rows=True": (sql_url, True),
-        "Redis": (config.REDIS_RESULTS, False),
+        "sql": (sql_url, None),
+        "sql_off": (sql_url, False),
+        "redis": (config.REDIS_RESULTS, None),
     }
     n, size = max(sizes.roundtrips // 2, 1), max(sizes.group // 2, 1)
-    samples: dict[str, list[float]] = {label: [] for label in setups}
-    groups: dict[str, list[float]] = {label: [] for label in setups}
+    samples: dict[str, list[float]] = {key: [] for key in setups}
+    groups: dict[str, list[float]] = {key: [] for key in setups}
     with contextlib.ExitStack() as stack:
         adds = {}
-        for label, (url, rows) in setups.items():
-            env = {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
+        for key, (url, rows) in setups.items():
+            env = {} if rows is None else {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
             queue = stack.enter_context(running_worker(url, 2, log_dir, env=env))
-            adds[label] = make_app(url, queue=queue, notify_rows=rows).tasks["bench.add"]
+            adds[key] = make_app(url, queue=queue, notify_rows=rows).tasks["bench.add"]
         for _ in range(2 * sizes.rounds):
-            for label, add in adds.items():
-                samples[label] += ops.roundtrips_ms(add, n, sizes.warmup)
-                groups[label].append(ops.group_seconds(add, size))
+            for key, add in adds.items():
+                samples[key] += ops.roundtrips_ms(add, n, sizes.warmup)
+                groups[key].append(ops.group_seconds(add, size))
     return {
-        label: {
-            "rt_p50": ops.percentile(samples[label], 50),
-            "rt_p90": ops.percentile(samples[label], 90),
-            "group": median(groups[label]),
+        key: {
+            "rt_p50": ops.percentile(samples[key], 50),
+            "rt_p90": ops.percentile(samples[key], 90),
+            "group": median(groups[key]),
         }
-        for label in setups
+        for key in setups
     }
+
+
+def rows_travel(sql_url: str) -> bool:
+    """What ``sqlresults_notify_rows = "auto"`` decides on this database (for the report)."""
+    return bool(make_app(sql_url).backend.store.rows_travel())
 
 
 def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:
@@ -206,10 +212,11 @@ def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
         target = prepare(kind, tmp)
         results.per_db[kind] = database_figures(target, sizes, tmp)
         if kind in NOTIFYING:
-            log(f"{kind}: notify rows off/on and Redis, interleaved")
+            log(f"{kind}: sql+ default, sql+ rows off and Redis, interleaved")
+            results.rows_travel = rows_travel(target.backend_url("sql"))
             results.interleaved = interleaved_figures(target.backend_url("sql"), sizes, tmp)
-            for label, figs in results.interleaved.items():
-                log(f"  {label}: {_brief(figs)}")
+            for key, figs in results.interleaved.items():
+                log(f"  {key}: {_brief(figs)}")
         log(f"{kind}: publish rates")
         urls = {"sql": target.backend_url("sql"), "db": target.backend_url("db")}
         urls["redis"] = config.REDIS_RESULTS

@@ -79,7 +79,7 @@ class SQLResultsBackend(BaseBackend):
         if not conf.value_set_for("result_backend_max_retries"):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
-        self._trust_notified_rows = self.settings.notify_rows and _PICKLE not in (self.accept or ())
+        self._pickle_free = _PICKLE not in (self.accept or ())
         self.store = Store(self.settings)
         self._waiter = waiter_for(self.store, self.settings)
         if self.settings.create_tables_on_startup:
@@ -478,14 +478,14 @@ class SQLResultsBackend(BaseBackend):
     def _carried(self, task_id: str, notified: Notified | None) -> Mapping[str, Any] | None:
         """The ready row a notification about ``task_id`` brought along, if it is taken.
 
-        Only with ``sqlresults_notify_rows`` on here too, and never for an app
-        that accepts pickle: a notification is not a table, any session of the
-        database can send one.
+        Only where rows may travel for this process too (``sqlresults_notify_rows``,
+        :meth:`Store.rows_travel`), and never for an app that accepts pickle: a
+        notification is not a table, any session of the database can send one.
         """
-        if not self._trust_notified_rows:
-            return None
         body = notified.get(task_id) if notified else None
-        row = self.store.row_from_notice(task_id, body, self.extended_result) if body else None
+        if not body or not self._pickle_free or not self.store.rows_travel():
+            return None
+        row = self.store.row_from_notice(task_id, body, self.extended_result)
         return row if row is not None and row["status"] in states.READY_STATES else None
 
     # ---- rows <-> meta ------------------------------------------------

@@ -237,6 +237,31 @@ class Dialect:
             written.join(carried, sa.true())
         )
 
+    def only_writers_connect(self, conn: Connection, table: sa.Table) -> bool:
+        """Whether every role that may log in to this database may read and write ``table``.
+
+        Then a notification that carries a row shows no role anything it could
+        not read, and a forged one gives no role a power it lacks: what
+        ``sqlresults_notify_rows = "auto"`` asks before rows travel (any
+        session may ``LISTEN``/``NOTIFY`` on any channel: PostgreSQL has no
+        grants on them). Superusers hold every privilege. Only PostgreSQL
+        notifies; elsewhere ``False``.
+        """
+        if self.name != "postgresql":
+            return False
+        name = conn.dialect.identifier_preparer.format_table(table)
+        outsiders = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_roles r WHERE r.rolcanlogin"
+                " AND has_database_privilege(r.oid, current_database(), 'CONNECT')"
+                " AND NOT (has_table_privilege(r.oid, CAST(:t AS regclass), 'SELECT')"
+                " AND has_table_privilege(r.oid, CAST(:t AS regclass), 'INSERT')"
+                " AND has_table_privilege(r.oid, CAST(:t AS regclass), 'UPDATE'))"
+            ),
+            {"t": name},
+        ).scalar()
+        return outsiders == 0
+
     def id_from_sequence(self, id_column: dict[str, Any]) -> bool:
         """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_lock_timeout": 30.0,
     "sqlresults_retry_timeout": 60.0,
     "sqlresults_notify": True,
-    "sqlresults_notify_rows": False,
+    "sqlresults_notify_rows": "auto",
     "sqlresults_durable_commit": True,
 }
 
@@ -75,8 +75,9 @@ class Settings:
     #: Seconds transient errors of one operation are retried for (0: no time bound).
     retry_timeout: float = 60.0
     notify: bool = True
-    #: PostgreSQL notifications carry the written row (else the task id alone).
-    notify_rows: bool = False
+    #: PostgreSQL notifications carry the written row (else the task id alone);
+    #: "auto": when every role that may connect may also read and write the results.
+    notify_rows: bool | Literal["auto"] = "auto"
     durable_commit: bool = True
     #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
     #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
@@ -109,7 +110,7 @@ class Settings:
             lock_timeout=_seconds(conf, "sqlresults_lock_timeout"),
             retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
-            notify_rows=_flag(conf, "sqlresults_notify_rows"),
+            notify_rows=_notify_rows(conf),
             durable_commit=_durable_commit(conf, parsed),
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
         )
@@ -119,6 +120,17 @@ def _flag(conf: Any, key: str) -> bool:
     value = _get(conf, key)
     if not isinstance(value, bool):
         raise ImproperlyConfigured(f"{key} must be True or False, got {value!r}.")
+    return value
+
+
+def _notify_rows(conf: Any) -> bool | Literal["auto"]:
+    value = _get(conf, "sqlresults_notify_rows")
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(
+            f"sqlresults_notify_rows must be True, False or 'auto', got {value!r}."
+        )
     return value
 
 

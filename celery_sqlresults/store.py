@@ -49,6 +49,8 @@ _NOTICE_NEEDS = frozenset({"status", "result", "traceback", "date_done"})
 _SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
 #: Seconds before a refused oversized value makes the layout be reflected again.
 _RECHECK_AFTER = 10.0
+#: Seconds ``sqlresults_notify_rows = "auto"`` trusts its look at the roles and grants.
+ROLES_CHECKED_FOR = 60.0
 #: Bytes of a task upsert besides its values (SQL text, other columns), for the packet check.
 _STATEMENT_OVERHEAD = 4096
 T = TypeVar("T")
@@ -84,6 +86,7 @@ class Store:
         self._layout: _Layout | None = None
         self._layout_lock = threading.Lock()
         self._engine: tuple[int, Engine] | None = None
+        self._rows_travel: tuple[float, bool] | None = None  # (when looked, answer)
 
     @property
     def engine(self) -> Engine:
@@ -116,7 +119,8 @@ class Store:
                     raise
                 layout = fresh
                 self._check_sizes(layout, row)
-            fastpath.execute(self.engine, self._task_upsert(layout, tuple(row), notify), row)
+            carry = notify and self.rows_travel()
+            fastpath.execute(self.engine, self._task_upsert(layout, tuple(row), notify, carry), row)
             return True
 
         self._create_if_missing(lambda: self._pooled(write, False))
@@ -339,6 +343,30 @@ class Store:
             return None
         return row
 
+    def rows_travel(self) -> bool:
+        """Whether notifications carry rows, and rows they carry are believed.
+
+        ``sqlresults_notify_rows``: ``True``/``False`` as set; ``"auto"`` asks the
+        database whether every role that may connect may also read and write the
+        task table (:meth:`Dialect.only_writers_connect`), and asks again after
+        :data:`ROLES_CHECKED_FOR` seconds, so a role created since is noticed.
+        """
+        mode = self.settings.notify_rows
+        if mode != "auto":
+            return bool(mode)
+        known = self._rows_travel
+        now = time.monotonic()
+        if known is not None and now - known[0] < ROLES_CHECKED_FOR:
+            return known[1]
+        try:
+            answer = bool(
+                self.run(lambda c, _: self.dialect.only_writers_connect(c, self.tables.task), False)
+            )
+        except DBAPIError:  # the catalogs could not be read: keep rows out of notifications
+            answer = False
+        self._rows_travel = (now, answer)
+        return answer
+
     def task_exists(self, task_id: str) -> bool:
         t = self.tables.task
         stmt = sa.select(sa.literal(1)).where(t.c.task_id == task_id)
@@ -429,18 +457,19 @@ class Store:
 
     # ---- statements ---------------------------------------------------
     def _task_upsert(
-        self, layout: _Layout, columns: tuple[str, ...], notify: bool
+        self, layout: _Layout, columns: tuple[str, ...], notify: bool, carry: bool = False
     ) -> sa.Executable:
-        key = ("task_upsert", columns, notify)
+        """``carry``: the notification carries what a waiter would read back."""
+        key = ("task_upsert", columns, notify, carry)
         stmt = layout.statements.get(key)
         if stmt is None:
             t = self.tables.task
             stmt = self.dialect.upsert(t, columns, layout.task_seq, insert_only=("date_created",))
-            if notify:  # the notification carries what a waiter would read back
-                carry: list[sa.Column[Any]] = []
-                if self.settings.notify_rows:
-                    carry = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
-                stmt = self.dialect.notifying(stmt, t, self.channel, carry)
+            if notify:
+                carried: list[sa.Column[Any]] = []
+                if carry:
+                    carried = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
+                stmt = self.dialect.notifying(stmt, t, self.channel, carried)
             layout.statements[key] = stmt
         return stmt
 

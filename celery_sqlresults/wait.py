@@ -9,8 +9,9 @@ or ``None``: re-check everything (polling, a timeout, a listener reconnect).
   ``interval`` (Celery's 0.5 s default), so a fast task is seen within a few
   milliseconds and a slow one costs a query per ``interval``.
 * On PostgreSQL (psycopg 3) each ready-state write notifies the table's
-  channel with the task id (and, with ``sqlresults_notify_rows``, the row as
-  written, when it fits), in the same statement (see ``Dialect.notifying``).
+  channel with the task id (and, where ``sqlresults_notify_rows`` lets rows
+  travel, the row as written, when it fits), in the same statement (see
+  ``Dialect.notifying`` and ``Store.rows_travel``).
   One listening connection per process, on a daemon thread, wakes exactly
   the waiters of that id.
   Waiters subscribe *before* they check the table, so a notification cannot

@@ -33,6 +33,8 @@ MYSQL_ADMIN = os.environ.get("SQLRESULTS_MYSQL_URL", "mysql+pymysql://root@127.0
 REDIS_URL = os.environ.get("SQLRESULTS_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_DB = os.environ.get("SQLRESULTS_TEST_DB", "sqlresults_test")
 OTHER_SCHEMA = f"{TEST_DB}_other"
+#: The login role of the least-privilege tests (no CREATE rights).
+LIMITED = f"sqlr_lim_{TEST_DB}"[:32]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +147,24 @@ def make_app(db_url: str) -> Callable[..., Celery]:
         return app
 
     return make
+
+
+@pytest.fixture
+def drop_limited_role(db_url: str, db_kind: str) -> Iterator[None]:
+    """Drop :data:`LIMITED` after the test: no stray login role outlives it (one without
+    grants that can connect turns ``sqlresults_notify_rows = "auto"`` off)."""
+    yield
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        if db_kind == "postgresql":
+            if conn.exec_driver_sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{LIMITED}'").first():
+                conn.exec_driver_sql(f"DROP OWNED BY {LIMITED}")
+                conn.exec_driver_sql(f"DROP ROLE {LIMITED}")
+        elif db_kind == "mysql":
+            for host in ("localhost", "127.0.0.1"):
+                conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
+    admin.dispose()
 
 
 def raw_engine(db_url: str) -> sa.Engine:

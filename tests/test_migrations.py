@@ -540,10 +540,12 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+@pytest.mark.usefixtures("drop_limited_role")
 def test_runtime_user_who_may_not_read_the_version_table(
     make_app: Callable[..., Celery], db_url: str, db_kind: str
 ) -> None:
-    from .test_startup import LIMITED, _limited_url
+    from .conftest import LIMITED
+    from .test_startup import _limited_url
 
     limited = _limited_url(db_url, db_kind)
     make_app().backend  # noqa: B018 - a privileged deploy step

@@ -131,9 +131,20 @@ def test_bad_timeout_value(key: str, value: object) -> None:
 @pytest.mark.parametrize("key", ["sqlresults_notify_rows", "sqlresults_durable_commit"])
 def test_switches_must_be_booleans(key: str) -> None:
     """ "false" as a string would be truthy: refused, naming the setting."""
-    with pytest.raises(ImproperlyConfigured, match=f"{key} must be True or False, got 'false'"):
+    with pytest.raises(
+        ImproperlyConfigured, match=f"{key} must be True(,| or) False.*, got 'false'"
+    ):
         Settings.from_app(app_with(**{key: "false"}), "sqlite://")
     assert getattr(Settings.from_app(app_with(**{key: False}), "sqlite://"), key[11:]) is False
+
+
+def test_notify_rows_is_auto_unless_set() -> None:
+    assert Settings.from_app(app_with(), "sqlite://").notify_rows == "auto"
+    for value in ("auto", "AUTO"):
+        settings = Settings.from_app(app_with(sqlresults_notify_rows=value), "sqlite://")
+        assert settings.notify_rows == "auto"
+    with pytest.raises(ImproperlyConfigured, match="True, False or 'auto', got 1"):
+        Settings.from_app(app_with(sqlresults_notify_rows=1), "sqlite://")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
 from celery_sqlresults.startup import ensure_schema
 
-from .conftest import TEST_DB, raw_engine, start_together, table_names
+from .conftest import LIMITED, raw_engine, start_together, table_names
 
 TABLES = {
     "celery_taskmeta",
@@ -152,7 +152,6 @@ def test_create_tables_helper_and_session_manager(
 
 # ---- least privilege -------------------------------------------------------
 # Roles are server-wide: one per test database, so parallel runs don't share it.
-LIMITED = f"sqlr_lim_{TEST_DB}"[:32]
 
 
 def _limited_url(db_url: str, db_kind: str) -> str:
@@ -195,6 +194,7 @@ def _grant_runtime_rights(db_url: str, db_kind: str) -> None:
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+@pytest.mark.usefixtures("drop_limited_role")
 def test_user_without_create_rights(
     make_app: Callable[..., Celery], db_url: str, db_kind: str
 ) -> None:

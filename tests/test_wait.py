@@ -241,26 +241,85 @@ def test_reads_forget_what_they_cover(make_app: Callable[..., Celery]) -> None:
     assert log == ["forget ['done', 'late', 'other']", "wait", "forget ['other']", "wait"]
 
 
+@contextlib.contextmanager
+def _connect_granted_only(db_url: str) -> Iterator[None]:
+    """``REVOKE CONNECT … FROM PUBLIC`` for a while (docs/reliability.md §11): then only
+    superusers and roles granted CONNECT can connect, whatever other roles the server has."""
+    database = sa.make_url(db_url).database
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"REVOKE CONNECT ON DATABASE {database} FROM PUBLIC")
+        conn.commit()
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO PUBLIC")
+            conn.commit()
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def _outsider(db_url: str) -> Iterator[str]:
+    """A login role that may connect to the database but has no grants on its tables."""
+    name = "sqlresults_outsider"
+    database = sa.make_url(db_url).database
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP OWNED BY {name}") if conn.exec_driver_sql(
+            f"SELECT 1 FROM pg_roles WHERE rolname = '{name}'"
+        ).first() else None
+        conn.exec_driver_sql(f"DROP ROLE IF EXISTS {name}")
+        conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN")
+        conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {name}")
+        conn.commit()
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {name}")
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {name}")
+            conn.commit()
+        admin.dispose()
+
+
 @pytest.mark.parametrize("db_kind", ["postgresql"])
-@pytest.mark.parametrize("serializer", ["json", "pickle"])
+@pytest.mark.parametrize(
+    ("rows", "serializer", "outsider", "taken"),
+    [
+        (False, "json", False, False),  # rows off: a notification is a wake-up, never a row
+        (True, "pickle", False, False),  # an app that accepts pickle never takes one
+        ("auto", "json", True, False),  # a role that may not write the results can connect
+        ("auto", "json", False, True),  # every role that can connect may write them anyway
+        (True, "json", True, True),  # the user vouches for every role that can connect
+    ],
+)
 def test_forged_notifications(
-    make_app: Callable[..., Celery], db_url: str, serializer: str
+    make_app: Callable[..., Celery],
+    db_url: str,
+    rows: bool | str,
+    serializer: str,
+    outsider: bool,
+    taken: bool,
 ) -> None:
-    """Any session of the database may NOTIFY: with rows off (the default) or an app that
-    accepts pickle, a notification's row is never taken; the waiter reads the table."""
+    """Any session of the database may NOTIFY: a notification's row is taken only where
+    ``sqlresults_notify_rows`` allows it (``auto``: no role but those that may write the
+    results can connect), else the waiter reads the table."""
     conf = {"result_serializer": serializer, "result_accept_content": [serializer]}
-    apps = [make_app(**conf), make_app(sqlresults_notify_rows=True, **conf)]
-    forged = ensure_bytes(apps[0].backend.encode("forged"))
+    app = make_app(sqlresults_notify_rows=rows, **conf)
+    forged = ensure_bytes(app.backend.encode("forged"))
     fake = {"status": states.SUCCESS, "result": base64.b64encode(forged).decode()}
     body = json.dumps({**fake, "traceback": None, "date_done": "2026-01-01T00:00:00.000000"})
+    task_id = f"forged-{rows}-{serializer}-{outsider}"
     admin = raw_engine(db_url)
-    for n, app in enumerate(apps):
-        taken = serializer == "json" and n == 1  # the trust sqlresults_notify_rows asks for
-        task_id = f"forged-{serializer}-{n}"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_connect_granted_only(db_url))
+        if outsider:
+            stack.enter_context(_outsider(db_url))
         _listening(app)
         storing = store_later(app, task_id, "real", delay=1.0)
 
-        def forge(task_id: str = task_id, channel: str = app.backend.store.channel) -> None:
+        def forge(channel: str = app.backend.store.channel) -> None:
             time.sleep(0.3)
             with admin.connect() as conn:
                 conn.execute(
@@ -272,8 +331,55 @@ def test_forged_notifications(
         threading.Thread(target=forge).start()
         got = app.AsyncResult(task_id).get(timeout=15, interval=60)
         storing.join()
-        assert got == ("forged" if taken else "real"), (serializer, n)
     admin.dispose()
+    assert got == ("forged" if taken else "real")
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_auto_rows_follow_the_roles_that_can_connect(
+    make_app: Callable[..., Celery], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` sends rows only while every role that may connect may read and write the
+    task table, looks again after ROLES_CHECKED_FOR seconds, and a grant makes a role
+    one of those."""
+    from celery_sqlresults import store as store_module
+
+    store = make_app().backend.store
+    assert store.settings.notify_rows == "auto"
+    listen = psycopg.connect(
+        sa.make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    )
+    listen.execute(f'LISTEN "{store.channel}"')
+
+    def sent(task_id: str) -> str | None:
+        make_app().backend.store_result(task_id, 1, states.SUCCESS)  # a fresh process's view
+        (note,) = list(listen.notifies(timeout=5, stop_after=1))
+        found, row = _split(note.payload)
+        assert found == task_id
+        return row
+
+    try:
+        with _connect_granted_only(db_url):
+            assert store.rows_travel() and sent("before") is not None
+            with _outsider(db_url) as name:
+                assert store.rows_travel(), "looked at the roles less than a minute ago"
+                monkeypatch.setattr(store_module, "ROLES_CHECKED_FOR", 0.0)
+                assert not store.rows_travel()
+                assert sent("outsider") is None
+                table = store.tables.task.name
+                with raw_engine(db_url).begin() as conn:
+                    conn.exec_driver_sql(f"GRANT SELECT, INSERT ON {table} TO {name}")
+                assert not store.rows_travel(), "a role that may not UPDATE could forge"
+                with raw_engine(db_url).begin() as conn:
+                    conn.exec_driver_sql(f"GRANT UPDATE ON {table} TO {name}")
+                assert store.rows_travel() and sent("granted") is not None
+            assert store.rows_travel()
+        # With PUBLIC's CONNECT back, a role with no grants can connect: rows stop.
+        with _outsider(db_url):
+            assert not store.rows_travel()
+    finally:
+        listen.close()
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
