@@ -178,7 +178,8 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
         rows = cursor.fetchall() if fetch else None
         if not _AUTOCOMMIT[engine.dialect.driver](dbapi_conn):
             dbapi_conn.commit()  # a listener turned autocommit off: end what the driver began
-        if _weight(params) + (_weight(rows[0]) if rows else 0) > _KEEP_BYTES:
+        # A read's parameters are a task id; a write returns no rows: weigh the side that counts.
+        if (_weight(rows[0]) if fetch and rows else 0 if fetch else _weight(params)) > _KEEP_BYTES:
             # The driver's cursor holds on to its last parameters and rows.
             pooled.info.pop(_CURSOR, None)
             cursor.close()

@@ -438,3 +438,28 @@ def test_async_result_state_right_after_startup(make_app: Callable[..., Celery])
     app = make_app()
     assert app.AsyncResult("never-sent").state == states.PENDING
     assert AsyncResult("never-sent", app=app).ready() is False
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+@pytest.mark.parametrize("serializer", ["json", "pickle", "yaml"])
+def test_columns_are_encoded_as_celery_encodes(
+    make_app: Callable[..., Celery], serializer: str
+) -> None:
+    """The shortcut past kombu's dumps() writes Celery's exact bytes, and a value the
+    serializer refuses raises kombu's EncodeError, as Celery's encode() would."""
+    from kombu.exceptions import EncodeError
+    from kombu.utils.encoding import ensure_bytes
+
+    backend = make_app(
+        result_serializer=serializer, result_accept_content=[serializer], result_extended=True
+    ).backend
+    for value in ({"a": [1, 2.5, None, "é"]}, "text", 7, [], None):
+        assert backend._encoded(value) == ensure_bytes(backend.encode(value)), value
+    if serializer != "pickle":
+        with pytest.raises(EncodeError):
+            backend._encoded(object())
+    compressed = make_app(result_compression="zlib").backend
+    assert compressed._encoded({"a": 1}) == ensure_bytes(compressed.encode({"a": 1}))
+    assert compressed._encoded({"a": 1})[:1] == b"\x00"  # compressed: Celery's own path
+    backend.store_result("enc", {"v": 1}, states.SUCCESS, request=request("proj.enc"))
+    assert backend.get_task_meta("enc", cache=False)["result"] == {"v": 1}
