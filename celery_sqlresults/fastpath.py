@@ -179,7 +179,8 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
         if not _AUTOCOMMIT[engine.dialect.driver](dbapi_conn):
             dbapi_conn.commit()  # a listener turned autocommit off: end what the driver began
         # A read's parameters are a task id; a write returns no rows: weigh the side that counts.
-        if (_weight(rows[0]) if fetch and rows else 0 if fetch else _weight(params)) > _KEEP_BYTES:
+        held = (rows[0] if rows else ()) if fetch else params
+        if _weight(held) > _KEEP_BYTES:
             # The driver's cursor holds on to its last parameters and rows.
             pooled.info.pop(_CURSOR, None)
             cursor.close()

@@ -158,13 +158,18 @@ def drop_limited_role(db_url: str, db_kind: str) -> Iterator[None]:
     with admin.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         if db_kind == "postgresql":
-            if conn.exec_driver_sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{LIMITED}'").first():
-                conn.exec_driver_sql(f"DROP OWNED BY {LIMITED}")
-                conn.exec_driver_sql(f"DROP ROLE {LIMITED}")
+            drop_role(conn, LIMITED)
         elif db_kind == "mysql":
             for host in ("localhost", "127.0.0.1"):
                 conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
     admin.dispose()
+
+
+def drop_role(conn: sa.Connection, name: str) -> None:
+    """PostgreSQL: drop login role ``name`` if it exists, with its grants in this database."""
+    if conn.exec_driver_sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{name}'").first():
+        conn.exec_driver_sql(f"DROP OWNED BY {name}")
+        conn.exec_driver_sql(f"DROP ROLE {name}")
 
 
 def raw_engine(db_url: str) -> sa.Engine:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
 from celery_sqlresults.startup import ensure_schema
 
-from .conftest import LIMITED, raw_engine, start_together, table_names
+from .conftest import LIMITED, drop_role, raw_engine, start_together, table_names
 
 TABLES = {
     "celery_taskmeta",
@@ -159,10 +159,7 @@ def _limited_url(db_url: str, db_kind: str) -> str:
     with admin.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         if db_kind == "postgresql":
-            conn.exec_driver_sql(f"DROP OWNED BY {LIMITED}") if conn.exec_driver_sql(
-                f"SELECT 1 FROM pg_roles WHERE rolname = '{LIMITED}'"
-            ).first() else None
-            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {LIMITED}")
+            drop_role(conn, LIMITED)
             conn.exec_driver_sql(f"CREATE ROLE {LIMITED} LOGIN PASSWORD 'pw'")
             conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA public TO {LIMITED}")
         else:

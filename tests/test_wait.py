@@ -19,7 +19,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from celery_sqlresults.wait import Listener, Poller, _split, _Watch
 
-from .conftest import raw_engine, task_request
+from .conftest import drop_role, raw_engine, task_request
 
 
 def store_later(app: Celery, task_id: str, value: object, delay: float = 0.3) -> threading.Thread:
@@ -266,10 +266,7 @@ def _outsider(db_url: str) -> Iterator[str]:
     database = sa.make_url(db_url).database
     admin = raw_engine(db_url)
     with admin.connect() as conn:
-        conn.exec_driver_sql(f"DROP OWNED BY {name}") if conn.exec_driver_sql(
-            f"SELECT 1 FROM pg_roles WHERE rolname = '{name}'"
-        ).first() else None
-        conn.exec_driver_sql(f"DROP ROLE IF EXISTS {name}")
+        drop_role(conn, name)
         conn.exec_driver_sql(f"CREATE ROLE {name} LOGIN")
         conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {name}")
         conn.commit()
@@ -277,8 +274,7 @@ def _outsider(db_url: str) -> Iterator[str]:
         yield name
     finally:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP OWNED BY {name}")
-            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {name}")
+            drop_role(conn, name)
             conn.commit()
         admin.dispose()
 
