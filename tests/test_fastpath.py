@@ -35,6 +35,23 @@ def test_hot_path_runs_on_the_cursor(make_app: Callable[..., Celery], db_url: st
     assert any(s.lstrip().startswith("SELECT") for s in sql)  # the read
 
 
+def test_hot_statements_bind_only_the_row(make_app: Callable[..., Celery], db_url: str) -> None:
+    """Constants (the SUCCESS guard, the notification's JSON keys) are in the SQL text.
+
+    Each bound constant is converted and sent on every execution.
+    """
+    backend = make_app(result_extended=True).backend
+    fastpath._compiled.clear()
+    backend.store_result("t", 1, states.SUCCESS, request=task_request())
+    backend.store_result("t", 2, states.STARTED)  # refused by the guard, in the statement
+    assert backend.get_task_meta("t", cache=False)["result"] == 1
+    compiled = list(fastpath._compiled.values())
+    assert len(compiled) >= 3  # two upserts (different columns) and the read
+    for c in compiled:
+        assert [name for name, value in c.defaults.items() if value is not None] == [], c.sql
+    assert any("'SUCCESS'" in c.sql for c in compiled)
+
+
 def test_listeners_see_every_statement(make_app: Callable[..., Celery], db_url: str) -> None:
     """Instrumentation (tracing, statement counters) makes the hot path use execute()."""
     backend = make_app().backend
