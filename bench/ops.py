@@ -146,18 +146,22 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
 
     The statements ``store_result``/``get_task_meta`` run (SQLAlchemy-compiled,
     prepared on psycopg, with the NOTIFY on PostgreSQL), executed in a loop on one
-    raw DBAPI connection with prebuilt parameters: no Celery, no SQLAlchemy, no
-    pool. What is left is the database and its driver; a backend can approach
-    this rate, not pass it.
+    raw DBAPI connection with prebuilt parameters (the notification's payload
+    too): no Celery, no SQLAlchemy, no pool. What is left is the database and its
+    driver; a backend can approach this rate, not pass it.
     """
     from datetime import datetime, timezone
 
     from celery_sqlresults import fastpath
+    from celery_sqlresults.store import _notice
 
     store_ = backend.store
     store(backend, uuid())  # the tables and the layout exist
     layout = store_.layout()
     now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    notify = backend._waiter.notifies
+    carry = notify and store_.rows_travel()
 
     def row(task_id: str) -> dict[str, Any]:
         values = {
@@ -166,11 +170,11 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
             "args": b"[1, 1]", "kwargs": b"{}", "worker": "bench@localhost", "retries": 0,
             "queue": "bench", "stamps": None,
         }  # fmt: skip
-        return {k: v for k, v in values.items() if k in layout.task_columns}
+        kept = {k: v for k, v in values.items() if k in layout.task_columns}
+        return {**kept, "notice": _notice(kept, carry)} if notify else kept
 
     engine = store_.engine
-    columns = tuple(row("x"))
-    notify = backend._waiter.notifies
+    columns = tuple(k for k in row("x") if k != "notice")
     write = fastpath._compile(engine, store_._task_upsert(layout, columns, notify))
     read = fastpath._compile(engine, store_._task_select(layout, "one", backend.extended_result))
 

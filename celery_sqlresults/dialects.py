@@ -52,10 +52,8 @@ _MYSQL_CAPACITY = {
 }
 _MYSQL_ESCAPED = (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a")
 _SQLITE_BUSY = re.compile(r"database is locked|database table is locked", re.I)
-#: Bytes of values a PostgreSQL notification carries at most (as JSON, with binary
-#: values in base64, about 1.4 times as many); larger rows send the task id alone.
-NOTICE_VALUES_LIMIT = 5000
-_NOTICE_LIMIT = 8000  # PostgreSQL refuses a payload of this many bytes or more
+#: PostgreSQL refuses a notification payload of this many bytes or more.
+NOTICE_LIMIT = 8000
 #: SQLAlchemy's dialect per family, to render constants the way each database reads them.
 _RENDERERS: dict[str, Callable[[], sa.engine.Dialect]] = {
     "postgresql": postgresql.dialect,
@@ -108,8 +106,8 @@ class Dialect:
         """``value`` written into the statement's text instead of bound to it.
 
         A bound constant is a parameter the driver converts and sends on every
-        execution: the notifying upsert has over thirty (JSON keys, lengths,
-        formats), which cost psycopg about 20 µs per store. In the text, the
+        execution (the SUCCESS guard of every store, the channel of every
+        notification). In the text, the
         server's prepared statement holds them once. Rendered (and quoted) by
         SQLAlchemy's own dialect; only for constants of this package.
         """
@@ -212,55 +210,21 @@ class Dialect:
             ).first()
         return None if row is None else (int(row[0]), row[1])
 
-    def notifying(
-        self, upsert: sa.Insert, table: sa.Table, channel: str, carry: Sequence[sa.Column[Any]]
-    ) -> sa.Executable:
+    def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
         """The upsert plus a ``pg_notify`` of the written row, still one statement.
 
         Only PostgreSQL has notifications; elsewhere the upsert is returned as is.
-        The notification is sent at commit, and only when the row was written.
-        Its payload is ``<length of task_id>:<task_id>`` followed by the ``carry``
-        columns as a JSON object (binary ones in base64), so a waiter can skip
-        re-reading the row; a row too large for a notification (PostgreSQL
-        allows 8000 bytes), or no ``carry``, sends the id alone, and its waiter
-        reads the table.
+        The payload is the statement's ``notice`` parameter, sent at commit and
+        only if the row was written (a stored SUCCESS refuses the write, and
+        the notification with it). The writer composes the payload: it holds
+        the written values already, and composing JSON in the statement cost
+        the server a third of the store.
         """
         if self.name != "postgresql":
             return upsert
-        written = upsert.returning(table.c.task_id, *carry).cte("written")
-        task_id = written.c.task_id
-        const = self.constant
-        prefix = sa.cast(sa.func.length(task_id), sa.Text).concat(const(":")).concat(task_id)
-        if not carry:
-            return sa.select(sa.func.pg_notify(const(channel), prefix))
-        fields: list[Any] = []
-        sized: list[Any] = []  # bytes of the variable-length values, before JSON
-        for column in carry:
-            value: Any = written.c[column.name]
-            if isinstance(column.type, (sa.LargeBinary, sa.String)):
-                sized.append(sa.func.coalesce(sa.func.octet_length(value), const(0)))
-            if isinstance(column.type, sa.LargeBinary):
-                value = sa.func.encode(value, const("base64"))
-            elif isinstance(column.type, sa.DateTime):
-                # Six fraction digits, which Python 3.10 needs; our columns (and Celery's)
-                # hold UTC without a zone, which is how the reader takes the text.
-                value = sa.func.to_char(value, const('YYYY-MM-DD"T"HH24:MI:SS.US'))
-            fields += [sa.cast(const(column.name), sa.Text), value]
-        # Built only for rows that can fit, once (LATERAL), and sent only if it does.
-        body = sa.case(
-            (
-                sum(sized, const(0)) <= const(NOTICE_VALUES_LIMIT),
-                sa.cast(sa.func.json_build_object(*fields), sa.Text),
-            )
-        )
-        carried = sa.select(body.label("body")).correlate(written).lateral("carried")
-        fits = sa.func.octet_length(prefix) + sa.func.octet_length(carried.c.body) < const(
-            _NOTICE_LIMIT
-        )
-        payload = sa.case((fits, prefix.concat(carried.c.body)), else_=prefix)
-        return sa.select(sa.func.pg_notify(const(channel), payload)).select_from(
-            written.join(carried, sa.true())
-        )
+        written = upsert.returning(table.c.task_id).cte("written")
+        notice = sa.bindparam("notice", type_=sa.Text)
+        return sa.select(sa.func.pg_notify(self.constant(channel), notice)).select_from(written)
 
     def only_writers_connect(self, conn: Connection, table: sa.Table) -> bool:
         """Whether every role that may log in to this database may read and write ``table``.

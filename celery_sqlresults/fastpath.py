@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["execute", "fetch_one"]
+__all__ = ["execute", "fetch_one", "weight"]
 
 
 #: Drivers the fast path knows, and how to tell that a raw connection is in autocommit.
@@ -180,7 +180,7 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
             dbapi_conn.commit()  # a listener turned autocommit off: end what the driver began
         # A read's parameters are a task id; a write returns no rows: weigh the side that counts.
         held = (rows[0] if rows else ()) if fetch else params
-        if _weight(held) > _KEEP_BYTES:
+        if weight(held) > _KEEP_BYTES:
             # The driver's cursor holds on to its last parameters and rows.
             pooled.info.pop(_CURSOR, None)
             cursor.close()
@@ -198,7 +198,7 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
         pooled.close()
 
 
-def _weight(values: Mapping[str, Any] | Sequence[Any]) -> int:
+def weight(values: Mapping[str, Any] | Sequence[Any]) -> int:
     """Bytes of the text and binary values of a row or of parameters."""
     items = values.values() if isinstance(values, Mapping) else values
     return sum(len(v) for v in items if isinstance(v, (bytes, str)))

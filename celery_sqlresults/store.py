@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from . import fastpath
-from .dialects import Dialect, dialect_for
+from .dialects import NOTICE_LIMIT, Dialect, dialect_for
 from .engine import get_engine
 from .exceptions import ResultTooLarge, SchemaMissing
 from .schema import DATE_COLUMNS, EXTENDED_COLUMNS, Tables, build_tables
@@ -45,6 +45,10 @@ CLEANUP_BATCH = 5000
 _READY = sorted(states.READY_STATES)
 #: Columns a notification's row must have to stand for a read (Celery's own meta).
 _NOTICE_NEEDS = frozenset({"status", "result", "traceback", "date_done"})
+#: Columns of a write that are not part of Celery's meta, so no notification carries them.
+_NOT_CARRIED = frozenset({"id", "task_id", *DATE_COLUMNS})
+#: json.dumps() with non-default arguments builds an encoder per call: one, kept.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 #: Task columns whose values can be large (checked against what the column holds).
 _SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
 #: Seconds before a refused oversized value makes the layout be reflected again.
@@ -119,8 +123,12 @@ class Store:
                     raise
                 layout = fresh
                 self._check_sizes(layout, row)
-            carry = notify and self.rows_travel()
-            fastpath.execute(self.engine, self._task_upsert(layout, tuple(row), notify, carry), row)
+            stmt = self._task_upsert(layout, tuple(row), notify)
+            if notify:
+                params = {**row, "notice": _notice(row, carry=self.rows_travel())}
+                fastpath.execute(self.engine, stmt, params)
+            else:
+                fastpath.execute(self.engine, stmt, row)
             return True
 
         self._create_if_missing(lambda: self._pooled(write, False))
@@ -320,11 +328,19 @@ class Store:
     ) -> dict[str, Any] | None:
         """The row :meth:`get_ready` would return, from a notification's JSON ``body``.
 
-        ``None`` if the body is not one (a writer of an older version): read the table.
+        ``None`` if the body is not one (a writer of another version), or lacks
+        columns this reader reads (a writer without ``result_extended``): read
+        the table.
         """
+        needs = _NOTICE_NEEDS
+        if extended:
+            layout = self._layout
+            needs = needs.union(
+                c for c in EXTENDED_COLUMNS if layout is None or c in layout.task_columns
+            )
         try:
             fields = json.loads(body)
-            if not isinstance(fields, dict) or not _NOTICE_NEEDS <= fields.keys():
+            if not isinstance(fields, dict) or not needs <= fields.keys():
                 return None
             if not isinstance(fields["status"], str):
                 return None
@@ -457,19 +473,16 @@ class Store:
 
     # ---- statements ---------------------------------------------------
     def _task_upsert(
-        self, layout: _Layout, columns: tuple[str, ...], notify: bool, carry: bool = False
+        self, layout: _Layout, columns: tuple[str, ...], notify: bool
     ) -> sa.Executable:
-        """``carry``: the notification carries what a waiter would read back."""
-        key = ("task_upsert", columns, notify, carry)
+        """``notify``: the statement also notifies waiters (its ``notice`` parameter)."""
+        key = ("task_upsert", columns, notify)
         stmt = layout.statements.get(key)
         if stmt is None:
             t = self.tables.task
             stmt = self.dialect.upsert(t, columns, layout.task_seq, insert_only=("date_created",))
             if notify:
-                carried: list[sa.Column[Any]] = []
-                if carry:
-                    carried = [c for c in self._meta_columns(layout, True) if c.name != "task_id"]
-                stmt = self.dialect.notifying(stmt, t, self.channel, carried)
+                stmt = self.dialect.notifying(stmt, t, self.channel)
             layout.statements[key] = stmt
         return stmt
 
@@ -553,6 +566,37 @@ class Store:
             conn.execute(stmt, row)
 
         self._write(run)
+
+
+def _notice(row: Mapping[str, Any], carry: bool) -> str:
+    """A notification's payload: ``<length of task_id>:<task_id>``, then, if ``carry``,
+    the written columns as a JSON object (binary values in base64, dates as ISO text).
+
+    Only what this write stores travels (a column it leaves alone may hold an
+    older value), which :meth:`Store.row_from_notice` checks against what its
+    reader needs. A row too large for a notification sends the id alone, and
+    its waiter reads the table.
+    """
+    task_id = row["task_id"]
+    head = f"{len(task_id)}:{task_id}"
+    if not carry or fastpath.weight(row) >= NOTICE_LIMIT:  # cannot fit: skip the encoding
+        return head
+    fields: dict[str, Any] = {}
+    for name, value in row.items():
+        if name in _NOT_CARRIED:
+            continue
+        if type(value) is bytes:
+            value = base64.b64encode(value).decode("ascii")
+        elif isinstance(value, datetime):
+            if value.tzinfo is not None:  # our writers store naive UTC; anything else is read
+                return head
+            value = value.isoformat(timespec="microseconds")  # what Python 3.10 parses
+        fields[name] = value
+    try:
+        notice = head + _compact_json(fields)
+    except (TypeError, ValueError):  # a value JSON cannot hold: the waiter reads the row
+        return head
+    return notice if len(notice.encode()) < NOTICE_LIMIT else head
 
 
 def _channel_name(table: sa.Table) -> str:

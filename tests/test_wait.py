@@ -22,10 +22,12 @@ from celery_sqlresults.wait import Listener, Poller, _split, _Watch
 from .conftest import drop_role, raw_engine, task_request
 
 
-def store_later(app: Celery, task_id: str, value: object, delay: float = 0.3) -> threading.Thread:
+def store_later(
+    app: Celery, task_id: str, value: object, delay: float = 0.3, request: object = None
+) -> threading.Thread:
     def run() -> None:
         time.sleep(delay)
-        app.backend.store_result(task_id, value, states.SUCCESS)
+        app.backend.store_result(task_id, value, states.SUCCESS, request=request)
 
     t = threading.Thread(target=run)
     t.start()
@@ -117,7 +119,7 @@ def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: st
     backend = app.backend
     _listening(app)
     reads = _task_reads(app)
-    store_later(app, "carried", {"v": [1, 2]}, delay=0.3)
+    store_later(app, "carried", {"v": [1, 2]}, delay=0.3, request=task_request())
     assert app.AsyncResult("carried").get(timeout=15, interval=60) == {"v": [1, 2]}
     assert len(reads) == 1  # the first check, before the result existed
     # What a notification carries, decoded, is what a read returns, for every kind of row.
@@ -132,12 +134,18 @@ def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: st
         listen.execute(f'LISTEN "{backend.store.channel}"')
         backend.store_result("s1", {"k": "v"}, states.SUCCESS, request=req)
         backend.store_result("f1", KeyError("gone"), states.FAILURE, traceback="TB", request=req)
-        payloads = [n.payload for n in listen.notifies(timeout=5, stop_after=2)]
+        backend.store_result("plain", 5, states.SUCCESS)  # no request: no extended columns
+        payloads = [n.payload for n in listen.notifies(timeout=5, stop_after=3)]
     finally:
         listen.close()
-    assert len(payloads) == 2
+    assert len(payloads) == 3
+    plain = _split(payloads.pop())
+    assert plain[0] == "plain" and plain[1] is not None
+    # Only what a write stores travels; a reader that needs more reads the table.
+    assert backend.store.row_from_notice(*plain, extended=True) is None
+    assert backend.store.row_from_notice(*plain, extended=False) is not None
     # Dates go as six-digit fractions, which Python 3.10's fromisoformat also parses.
-    assert all(re.search(r'"date_done" : "[0-9-]{10}T[0-9:]{8}\.[0-9]{6}"', p) for p in payloads)
+    assert all(re.search(r'"date_done": ?"[0-9-]{10}T[0-9:]{8}\.[0-9]{6}"', p) for p in payloads)
     for extended in (True, False):
         reader = make_app(result_extended=extended).backend
         for payload in payloads:
@@ -161,7 +169,7 @@ def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows:
     app = make_app(sqlresults_notify_rows=rows)
     _listening(app)
     reads = _task_reads(app)
-    value = "x" * 6_000 if rows else "small"  # over the 5000 bytes carried
+    value = "x" * 6_000 if rows else "small"  # 8000 bytes in base64
     store_later(app, "big", value, delay=0.3)
     assert app.AsyncResult("big").get(timeout=15, interval=60) == value
     assert len(reads) == 2  # the first check, and the read after the notification
@@ -383,7 +391,9 @@ def test_a_row_that_is_not_ours_is_read_instead(make_app: Callable[..., Celery])
     """Notifications whose row is partial or malformed are not taken (no error either)."""
     store = make_app().backend.store
     good = {"status": "SUCCESS", "result": "Mg==", "traceback": None, "date_done": None}
-    assert store.row_from_notice("t", json.dumps(good)) == {"task_id": "t", **good, "result": b"2"}
+    read = store.row_from_notice  # a reader without result_extended
+    assert read("t", json.dumps(good), False) == {"task_id": "t", **good, "result": b"2"}
+    assert read("t", json.dumps(good), True) is None  # an extended reader needs name, args…
     for bad in (
         {"status": "SUCCESS"},  # a read returns more than this
         {**good, "status": ["SUCCESS"]},
@@ -392,8 +402,8 @@ def test_a_row_that_is_not_ours_is_read_instead(make_app: Callable[..., Celery])
         {**good, "date_done": 5},
         ["SUCCESS"],
     ):
-        assert store.row_from_notice("t", json.dumps(bad)) is None, bad
-    assert store.row_from_notice("t", "{not json") is None
+        assert read("t", json.dumps(bad), False) is None, bad
+    assert read("t", "{not json", False) is None
 
 
 def test_forget_drops_what_a_read_will_see() -> None:
