@@ -153,7 +153,6 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     from datetime import datetime, timezone
 
     from celery_sqlresults import fastpath
-    from celery_sqlresults.store import _notice
 
     store_ = backend.store
     store(backend, uuid())  # the tables and the layout exist
@@ -171,7 +170,7 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
             "queue": "bench", "stamps": None,
         }  # fmt: skip
         kept = {k: v for k, v in values.items() if k in layout.task_columns}
-        return {**kept, "notice": _notice(kept, carry)} if notify else kept
+        return {**kept, "notice": store_._notice(kept, carry)} if notify else kept
 
     engine = store_.engine
     columns = tuple(k for k in row("x") if k != "notice")

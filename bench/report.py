@@ -15,7 +15,11 @@ from .config import Sizes
 
 @dataclass
 class Results:
-    """Figures by key: Redis once, sql+ and db+ per database (``per_db[kind][backend]``)."""
+    """Figures by key: Redis once, sql+ and db+ per database (``per_db[kind][backend]``).
+
+    ``per_db[kind]["redis"]`` holds the Redis figures measured next to that
+    database (figure 2); they take precedence over the run-wide ones.
+    """
 
     redis: dict[str, float] = field(default_factory=dict)
     per_db: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -26,7 +30,8 @@ class Results:
 
     def value(self, kind: str, backend: str, key: str) -> float | None:
         if backend == "redis":
-            return self.redis.get(key)
+            beside = self.per_db.get(kind, {}).get("redis", {})
+            return beside.get(key, self.redis.get(key))
         return self.per_db.get(kind, {}).get(backend, {}).get(key)
 
 
@@ -318,13 +323,14 @@ def method(sizes: Sizes) -> str:
     s = sizes
     return f"""## Method
 
-One run, everything on this machine, backends measured one after another
-(never concurrently) so they do not compete for the cores. `result_extended=True`
+One run, everything on this machine, backends measured one at a time (never
+concurrently) so they do not compete for the cores. `result_extended=True`
 everywhere. sql+ and db+ use separate databases on the same server
 (`{config.DB_SQL}` and `{config.DB_DBPLUS}`, dropped and recreated at the start; SQLite:
 two files in a temporary directory); Redis uses db 14 (flushed at the start) and is
-measured once, shown as the reference column of every table. The workers' broker is
-Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown.
+measured once, shown as the reference column of every table, except figures 2 and 8,
+measured next to each database. The workers' broker is Redis db 13. Where a figure is
+repeated ({s.rounds} rounds), the median is shown.
 
 1. In a plain client process (`app.backend`): {s.ops} `store_result` calls (SUCCESS,
    fresh ids, with a worker-like request so the extended columns are written), then
@@ -334,16 +340,19 @@ Redis db 13. Where a figure is repeated ({s.rounds} rounds), the median is shown
    rate needs no scaling.
 2. The same, inside the task `bench.measure` executed by a real
    `celery worker --pool=prefork --concurrency=1` (so it uses the worker child's
-   engine/pool): {s.ops} calls of each, {s.rounds} rounds, no cap. On PostgreSQL and
-   SQLite once more with `sqlresults_durable_commit = False` (opt-in: PostgreSQL's
-   `synchronous_commit = off`, SQLite's `synchronous = NORMAL`), next to the others'
-   default figures: reported, no target (the targets are for the durable default).
-   The "ceiling" rows: in the same task, sql+'s own upsert and read statements
-   (compiled by SQLAlchemy, prepared on psycopg, NOTIFY included on PostgreSQL)
-   executed {s.ops} times each on one bare DBAPI connection with prebuilt
-   parameters, {s.rounds} rounds: the database and its driver alone, no Celery,
-   SQLAlchemy or pool. The backend can approach that rate, not pass it; a failed
-   target below says what ratio even the bare driver reaches.
+   engine/pool): {s.ops} calls of each, no cap. sql+, db+ and Redis each have such a
+   worker, started side by side, and they **take turns**: {2 * s.rounds} rounds, each
+   backend once per round (figures measured minutes apart drifted by up to 40 % for one
+   backend and 5 % for another on this machine). On PostgreSQL and SQLite a fourth worker
+   takes its turn with `sqlresults_durable_commit = False` (opt-in: PostgreSQL's
+   `synchronous_commit = off`, SQLite's `synchronous = NORMAL`): reported, no target (the
+   targets are for the durable default). The "ceiling" rows: in sql+'s task, after
+   its store and get, sql+'s own upsert and read statements (compiled by SQLAlchemy,
+   prepared on psycopg, NOTIFY with its payload included on PostgreSQL) executed
+   {s.ops} times each on one bare DBAPI connection with prebuilt parameters: the
+   database and its driver alone, no Celery, SQLAlchemy or pool. The backend can
+   approach that rate, not pass it; a failed target below says what ratio even the
+   bare driver reaches.
 3. The first {s.read} results stored in figure 1 (last round) read with a fresh
    backend instance: `ResultSet([...]).join_native()` if the backend supports native
    join, else `.join()`; {s.rounds} rounds. **db+ reads its {s.dbplus_client_ops}

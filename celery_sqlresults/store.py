@@ -91,6 +91,9 @@ class Store:
         self._layout_lock = threading.Lock()
         self._engine: tuple[int, Engine] | None = None
         self._rows_travel: tuple[float, bool] | None = None  # (when looked, answer)
+        self._binary = frozenset(
+            c.name for c in self.tables.task.c if isinstance(c.type, sa.LargeBinary)
+        )
 
     @property
     def engine(self) -> Engine:
@@ -125,7 +128,7 @@ class Store:
                 self._check_sizes(layout, row)
             stmt = self._task_upsert(layout, tuple(row), notify)
             if notify:
-                params = {**row, "notice": _notice(row, carry=self.rows_travel())}
+                params = {**row, "notice": self._notice(row, carry=self.rows_travel())}
                 fastpath.execute(self.engine, stmt, params)
             else:
                 fastpath.execute(self.engine, stmt, row)
@@ -359,6 +362,40 @@ class Store:
             return None
         return row
 
+    def _notice(self, row: Mapping[str, Any], carry: bool) -> str:
+        """A notification's payload: ``<length of task_id>:<task_id>``, then, if ``carry``,
+        the written columns as a JSON object (binary values in base64, dates as ISO text).
+
+        Only what this write stores travels (a column it leaves alone may hold an
+        older value), which :meth:`row_from_notice` checks against what its
+        reader needs. The values are taken as stored: true of the columns Celery
+        and we create (a ``timestamptz`` or a rounding ``timestamp(p)`` column
+        made by hand would not be). A row too large for a notification sends
+        the id alone, and its waiter reads the table.
+        """
+        task_id = row["task_id"]
+        head = f"{len(task_id)}:{task_id}"
+        if not carry or fastpath.weight(row) >= NOTICE_LIMIT:  # cannot fit: skip the encoding
+            return head
+        fields: dict[str, Any] = {}
+        for name, value in row.items():
+            if name in _NOT_CARRIED:
+                continue
+            if name in self._binary and value is not None:
+                if type(value) is not bytes:  # what the reader could not decode as sent
+                    return head
+                value = base64.b64encode(value).decode("ascii")
+            elif isinstance(value, datetime):
+                if value.tzinfo is not None:  # our writers store naive UTC; anything else is read
+                    return head
+                value = value.isoformat(timespec="microseconds")  # what Python 3.10 parses
+            fields[name] = value
+        try:
+            notice = head + _compact_json(fields)
+        except (TypeError, ValueError):  # a value JSON cannot hold: the waiter reads the row
+            return head
+        return notice if len(notice.encode()) < NOTICE_LIMIT else head
+
     def rows_travel(self) -> bool:
         """Whether notifications carry rows, and rows they carry are believed.
 
@@ -566,37 +603,6 @@ class Store:
             conn.execute(stmt, row)
 
         self._write(run)
-
-
-def _notice(row: Mapping[str, Any], carry: bool) -> str:
-    """A notification's payload: ``<length of task_id>:<task_id>``, then, if ``carry``,
-    the written columns as a JSON object (binary values in base64, dates as ISO text).
-
-    Only what this write stores travels (a column it leaves alone may hold an
-    older value), which :meth:`Store.row_from_notice` checks against what its
-    reader needs. A row too large for a notification sends the id alone, and
-    its waiter reads the table.
-    """
-    task_id = row["task_id"]
-    head = f"{len(task_id)}:{task_id}"
-    if not carry or fastpath.weight(row) >= NOTICE_LIMIT:  # cannot fit: skip the encoding
-        return head
-    fields: dict[str, Any] = {}
-    for name, value in row.items():
-        if name in _NOT_CARRIED:
-            continue
-        if type(value) is bytes:
-            value = base64.b64encode(value).decode("ascii")
-        elif isinstance(value, datetime):
-            if value.tzinfo is not None:  # our writers store naive UTC; anything else is read
-                return head
-            value = value.isoformat(timespec="microseconds")  # what Python 3.10 parses
-        fields[name] = value
-    try:
-        notice = head + _compact_json(fields)
-    except (TypeError, ValueError):  # a value JSON cannot hold: the waiter reads the row
-        return head
-    return notice if len(notice.encode()) < NOTICE_LIMIT else head
 
 
 def _channel_name(table: sa.Table) -> str:

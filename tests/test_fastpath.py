@@ -36,7 +36,7 @@ def test_hot_path_runs_on_the_cursor(make_app: Callable[..., Celery], db_url: st
 
 
 def test_hot_statements_bind_only_the_row(make_app: Callable[..., Celery], db_url: str) -> None:
-    """Constants (the SUCCESS guard, the notification's JSON keys) are in the SQL text.
+    """Constants (the SUCCESS guard, the notification's channel) are in the SQL text.
 
     Each bound constant is converted and sent on every execution.
     """

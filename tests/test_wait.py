@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
@@ -169,7 +170,7 @@ def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows:
     app = make_app(sqlresults_notify_rows=rows)
     _listening(app)
     reads = _task_reads(app)
-    value = "x" * 6_000 if rows else "small"  # 8000 bytes in base64
+    value = "x" * 6_000 if rows else "small"  # over 8000 bytes in base64
     store_later(app, "big", value, delay=0.3)
     assert app.AsyncResult("big").get(timeout=15, interval=60) == value
     assert len(reads) == 2  # the first check, and the read after the notification
@@ -180,7 +181,7 @@ def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows:
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_a_row_that_escapes_past_the_limit_is_read(make_app: Callable[..., Celery]) -> None:
-    """5000 bytes of control characters become 30000 in JSON: sent as the id alone (PostgreSQL
+    """4000 bytes of control characters become 24000 in JSON: sent as the id alone (PostgreSQL
     would refuse the notification, and the write with it), and the waiter reads the row."""
     app = make_app(sqlresults_notify_rows=True)
     _listening(app)
@@ -404,6 +405,66 @@ def test_a_row_that_is_not_ours_is_read_instead(make_app: Callable[..., Celery])
     ):
         assert read("t", json.dumps(bad), False) is None, bad
     assert read("t", "{not json", False) is None
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_notices_carry_only_what_a_reader_can_take_as_sent(
+    make_app: Callable[..., Celery],
+) -> None:
+    """The writer's payload: the id alone when a value would not read back as sent or the
+    payload would reach PostgreSQL's 8000 bytes (counted in bytes, not characters)."""
+    store = make_app().backend.store
+    now = datetime(2026, 1, 2, 3, 4, 5, 6)
+    row = {"task_id": "t", "status": "SUCCESS", "result": b"2", "traceback": None}
+    row.update(date_done=now, date_created=now)
+    task_id, body = _split(store._notice(row, carry=True))
+    assert task_id == "t" and body is not None
+    assert json.loads(body) == {
+        "status": "SUCCESS", "result": "Mg==", "traceback": None, "date_done": now.isoformat()
+    }  # fmt: skip
+    assert store.row_from_notice("t", body, extended=False) == {
+        "task_id": "t", "status": "SUCCESS", "result": b"2", "traceback": None, "date_done": now
+    }  # fmt: skip
+    assert store._notice(row, carry=False) == "1:t"
+    for odd in (
+        {"date_done": now.replace(tzinfo=timezone.utc)},  # a zone: stored as the session sees it
+        {"result": memoryview(b"2")},  # not bytes in a binary column
+        {"result": "2"},
+        {"traceback": object()},  # nothing JSON can hold
+    ):
+        assert store._notice({**row, **odd}, carry=True) == "1:t", odd
+    # Largest ASCII payload under the limit; the same with a two-byte-per-character id is over.
+    carried = {n: store._notice(_big(row, "a", n), True) for n in range(5000, 6000)}
+    size = max(n for n, notice in carried.items() if _split(notice)[1] is not None)
+    assert len(carried[size].encode()) in range(7900, 8000)
+    assert store._notice(_big(row, "é", size), True) == f"100:{'é' * 100}"
+    assert store._notice(_big(row, "a", 10_000), True) == f"100:{'a' * 100}"
+
+
+def _big(row: dict[str, object], char: str, size: int) -> dict[str, object]:
+    return {**row, "task_id": char * 100, "result": b"x" * size}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_a_refused_write_notifies_nothing(make_app: Callable[..., Celery], db_url: str) -> None:
+    """A stored SUCCESS refuses a later state, and the notification with it: a waiter must
+    never take a value the table does not hold."""
+    backend = make_app(result_extended=True, sqlresults_notify_rows=True).backend
+    listen = psycopg.connect(
+        sa.make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    )
+    try:
+        listen.execute(f'LISTEN "{backend.store.channel}"')
+        backend.store_result("once", 1, states.SUCCESS, request=task_request())
+        backend.store_result("once", KeyError("late"), states.FAILURE, request=task_request())
+        payloads = [n.payload for n in listen.notifies(timeout=2, stop_after=2)]
+    finally:
+        listen.close()
+    assert len(payloads) == 1
+    task_id, body = _split(payloads[0])
+    assert task_id == "once" and body is not None and json.loads(body)["status"] == states.SUCCESS
+    assert backend.get_task_meta("once", cache=False)["result"] == 1
 
 
 def test_forget_drops_what_a_read_will_see() -> None:
