@@ -352,7 +352,10 @@ repeated ({s.rounds} rounds), the median is shown.
    {s.ops} times each on one bare DBAPI connection with prebuilt parameters: the
    database and its driver alone, no Celery, SQLAlchemy or pool. The backend can
    approach that rate, not pass it; a failed target below says what ratio even the
-   bare driver reaches.
+   bare driver reaches. It is a tight loop whose code stays in the CPU's caches:
+   sampled with py-spy in the worker child (3000 stores), the same psycopg `execute()`
+   of the same statement took 143 µs of CPU per call in this loop and 255 µs inside
+   `store_result`, between Celery's, SQLAlchemy's pool and our own code.
 3. The first {s.read} results stored in figure 1 (last round) read with a fresh
    backend instance: `ResultSet([...]).join_native()` if the backend supports native
    join, else `.join()`; {s.rounds} rounds. **db+ reads its {s.dbplus_client_ops}
