@@ -13,10 +13,13 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import median
+from typing import Any
 
+from celery import Celery
 from celery.signals import before_task_publish
 
 from celery_sqlresults import publish as sqlresults_publish
@@ -62,6 +65,23 @@ def client_figures(url: str, sizes: Sizes, capped: bool) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def side_by_side(
+    workers: dict[str, tuple[str, dict[str, str], dict[str, Any]]],
+    concurrency: int,
+    log_dir: Path,
+) -> Iterator[dict[str, Celery]]:
+    """A running prefork worker per key (backend URL, worker environment, client app
+    options), all at once; yields a client app per key, routed to its worker's queue.
+    The workers are stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        apps = {}
+        for key, (url, env, options) in workers.items():
+            queue = stack.enter_context(running_worker(url, concurrency, log_dir, env=env))
+            apps[key] = make_app(url, queue=queue, **options)
+        yield apps
+
+
 def child_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
     """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker.
 
@@ -72,20 +92,17 @@ def child_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict
     one after another, minutes apart, Redis' rate moved by 40 % between runs
     while ours moved by 5 %). Each figure is the median of the rounds.
     """
-    setups = {
-        "sql": (target.backend_url("sql"), "0"),
-        "db": (target.backend_url("db"), "0"),
-        "redis": (config.REDIS_RESULTS, "0"),
+    durable, relaxed = {config.ENV_RELAXED: "0"}, {config.ENV_RELAXED: "1"}
+    workers: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+        "sql": (target.backend_url("sql"), durable, {}),
+        "db": (target.backend_url("db"), durable, {}),
+        "redis": (config.REDIS_RESULTS, durable, {}),
     }
     if target.kind in RELAXABLE:
-        setups["sql_relaxed"] = (target.backend_url("sql"), "1")
-    replies: dict[str, list[dict[str, list[float]]]] = {key: [] for key in setups}
-    with contextlib.ExitStack() as stack:
-        measures = {}
-        for key, (url, relaxed) in setups.items():
-            env = {config.ENV_RELAXED: relaxed}
-            queue = stack.enter_context(running_worker(url, 1, log_dir, env=env))
-            measures[key] = make_app(url, queue=queue).tasks["bench.measure"]
+        workers["sql_relaxed"] = (target.backend_url("sql"), relaxed, {})
+    replies: dict[str, list[dict[str, list[float]]]] = {key: [] for key in workers}
+    with side_by_side(workers, 1, log_dir) as apps:
+        measures = {key: app.tasks["bench.measure"] for key, app in apps.items()}
         for _ in range(2 * sizes.rounds):
             for key, measure in measures.items():
                 reply = measure.delay(sizes.ops, sizes.warmup, 1).get(timeout=ops.BULK_TIMEOUT)
@@ -136,12 +153,16 @@ def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, 
     n, size = max(sizes.roundtrips // 2, 1), max(sizes.group // 2, 1)
     samples: dict[str, list[float]] = {key: [] for key in setups}
     groups: dict[str, list[float]] = {key: [] for key in setups}
-    with contextlib.ExitStack() as stack:
-        adds = {}
-        for key, (url, rows) in setups.items():
-            env = {} if rows is None else {config.ENV_NOTIFY_ROWS: "1" if rows else "0"}
-            queue = stack.enter_context(running_worker(url, 2, log_dir, env=env))
-            adds[key] = make_app(url, queue=queue, notify_rows=rows).tasks["bench.add"]
+    workers = {
+        key: (
+            url,
+            {} if rows is None else {config.ENV_NOTIFY_ROWS: "1" if rows else "0"},
+            {"notify_rows": rows},
+        )
+        for key, (url, rows) in setups.items()
+    }
+    with side_by_side(workers, 2, log_dir) as apps:
+        adds = {key: app.tasks["bench.add"] for key, app in apps.items()}
         for _ in range(2 * sizes.rounds):
             for key, add in adds.items():
                 samples[key] += ops.roundtrips_ms(add, n, sizes.warmup)

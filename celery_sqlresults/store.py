@@ -128,10 +128,8 @@ class Store:
                 self._check_sizes(layout, row)
             stmt = self._task_upsert(layout, tuple(row), notify)
             if notify:
-                params = {**row, "notice": self._notice(row, carry=self.rows_travel())}
-                fastpath.execute(self.engine, stmt, params)
-            else:
-                fastpath.execute(self.engine, stmt, row)
+                row["notice"] = self._notice(row, carry=self.rows_travel())
+            fastpath.execute(self.engine, stmt, row)
             return True
 
         self._create_if_missing(lambda: self._pooled(write, False))

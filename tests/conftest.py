@@ -156,13 +156,21 @@ def drop_limited_role(db_url: str, db_kind: str) -> Iterator[None]:
     yield
     admin = raw_engine(db_url)
     with admin.connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        if db_kind == "postgresql":
-            drop_role(conn, LIMITED)
-        elif db_kind == "mysql":
-            for host in ("localhost", "127.0.0.1"):
-                conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
+        drop_limited(conn.execution_options(isolation_level="AUTOCOMMIT"), db_kind)
     admin.dispose()
+
+
+#: Hosts the least-privilege tests' MySQL/MariaDB user is created for.
+LIMITED_HOSTS = ("localhost", "127.0.0.1")
+
+
+def drop_limited(conn: sa.Connection, db_kind: str) -> None:
+    """Drop the :data:`LIMITED` login if it exists (PostgreSQL role, MySQL/MariaDB users)."""
+    if db_kind == "postgresql":
+        drop_role(conn, LIMITED)
+    elif db_kind == "mysql":
+        for host in LIMITED_HOSTS:
+            conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
 
 
 def drop_role(conn: sa.Connection, name: str) -> None:

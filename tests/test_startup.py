@@ -15,7 +15,14 @@ from sqlalchemy.engine import make_url
 from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
 from celery_sqlresults.startup import ensure_schema
 
-from .conftest import LIMITED, drop_role, raw_engine, start_together, table_names
+from .conftest import (
+    LIMITED,
+    LIMITED_HOSTS,
+    drop_limited,
+    raw_engine,
+    start_together,
+    table_names,
+)
 
 TABLES = {
     "celery_taskmeta",
@@ -158,13 +165,12 @@ def _limited_url(db_url: str, db_kind: str) -> str:
     admin = raw_engine(db_url)
     with admin.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        drop_limited(conn, db_kind)
         if db_kind == "postgresql":
-            drop_role(conn, LIMITED)
             conn.exec_driver_sql(f"CREATE ROLE {LIMITED} LOGIN PASSWORD 'pw'")
             conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA public TO {LIMITED}")
         else:
-            for host in ("localhost", "127.0.0.1"):
-                conn.exec_driver_sql(f"DROP USER IF EXISTS '{LIMITED}'@'{host}'")
+            for host in LIMITED_HOSTS:
                 conn.exec_driver_sql(f"CREATE USER '{LIMITED}'@'{host}' IDENTIFIED BY 'pw'")
     admin.dispose()
     return (
@@ -183,7 +189,7 @@ def _grant_runtime_rights(db_url: str, db_kind: str) -> None:
             conn.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {LIMITED}")
         else:
             db = make_url(db_url).database
-            for host in ("localhost", "127.0.0.1"):
+            for host in LIMITED_HOSTS:
                 conn.exec_driver_sql(
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON {db}.* TO '{LIMITED}'@'{host}'"
                 )
