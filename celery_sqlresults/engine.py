@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from . import fastpath
 from .dialects import dialect_for
 from .settings import Settings
 
@@ -105,5 +106,7 @@ def dispose_all() -> None:
     with _lock:
         pid = os.getpid()
         for key, (owner, engine) in list(_engines.items()):
+            if owner == pid:
+                fastpath.end_leases(engine)
             engine.dispose(close=owner == pid)
             del _engines[key]

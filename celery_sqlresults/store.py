@@ -453,6 +453,7 @@ class Store:
         with self._layout_lock:
             if self._layout is None:
                 if conn is None:
+                    fastpath.release(self.engine)
                     with self.engine.connect() as own:
                         self._layout = self._reflect(own)
                 else:
@@ -559,6 +560,7 @@ class Store:
     # ---- running ------------------------------------------------------
     def run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
         """Run ``fn``; a missing table means "nothing there", not an error."""
+        fastpath.release(self.engine)  # one connection per thread: the hot path's goes back
         with self.engine.connect() as conn:
             return self._pooled(lambda layout: fn(conn, layout), default, conn)
 

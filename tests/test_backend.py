@@ -463,3 +463,41 @@ def test_columns_are_encoded_as_celery_encodes(
     assert compressed._encoded({"a": 1})[:1] == b"\x00"  # compressed: Celery's own path
     backend.store_result("enc", {"v": 1}, states.SUCCESS, request=request("proj.enc"))
     assert backend.get_task_meta("enc", cache=False)["result"] == {"v": 1}
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_json_columns_decode_as_celery_decodes(make_app: Callable[..., Celery]) -> None:
+    """The kept JSON decoder reads what kombu's loads() reads: its registered types too
+    (datetime, UUID, Decimal), and with a type registered after the backend was built."""
+    import decimal
+    import uuid as uuid_module
+
+    from kombu.utils import json as kombu_json
+    from kombu.utils.json import register_type
+
+    class Point:
+        def __init__(self, x: int) -> None:
+            self.x = x
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Point) and other.x == self.x
+
+        __hash__ = None  # type: ignore[assignment]
+
+    backend = make_app(result_extended=True).backend
+    value = {
+        "when": datetime(2026, 11, 26, 9, 30, 1, 250, tzinfo=timezone.utc),
+        "id": uuid_module.UUID("12345678-1234-5678-1234-567812345678"),
+        "amount": decimal.Decimal("10.05"),
+        "nested": [{"é": None}, 2.5, True],
+    }
+    register_type(Point, "test-point", lambda p: p.x, Point)
+    try:
+        value["point"] = Point(3)
+        backend.store_result("typed", value, states.SUCCESS, request=request("proj.t"))
+        meta = backend.get_task_meta("typed", cache=False)
+        assert meta["result"] == backend.decode(backend.encode(value)) == value
+        assert meta["args"] == [1, 2] and meta["kwargs"] == {"k": "v"}
+    finally:
+        kombu_json._encoders.pop(Point, None)
+        kombu_json._decoders.pop("test-point", None)
