@@ -27,6 +27,7 @@ see there for when it goes back.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import weakref
@@ -121,6 +122,9 @@ class _Lease:
 
 _leases: weakref.WeakKeyDictionary[Engine, _Lease] = weakref.WeakKeyDictionary()
 _leases_lock = threading.Lock()
+#: A forked child's copies of its parent's leases: never used, never collected (collecting
+#: a connection could close the socket the parent still uses).
+_inherited: list[_Lease] = []
 
 _compiled: dict[int, _Compiled] = {}
 _KEEP = 256  # compiled statements remembered (a layout has a handful)
@@ -265,16 +269,26 @@ def _take(engine: Engine) -> tuple[Any, _Lease | None]:
             return lease.pooled, lease  # the lock stays held until the call ends
         if mine or not fresh:
             _end(engine, lease)
-            lease = None
-        else:
-            lease.lock.release()  # another thread's, in use lately: leave it
+        lease.lock.release()  # ended, or another thread's in use lately (left alone)
     pooled = _checkout(engine)
-    if lease is None and _can_lease(engine.pool):
+    if _can_lease(engine.pool):
         with _leases_lock:
-            if engine not in _leases:
+            if engine not in _leases:  # none, or just ended above
                 new = _leases[engine] = _Lease(pooled, engine.pool)
                 return pooled, new
     return pooled, None
+
+
+def _after_fork_in_child() -> None:
+    """A lock held by another thread of the parent at the fork would never be released here."""
+    global _leases_lock, _compiled_lock
+    _leases_lock, _compiled_lock = threading.Lock(), threading.Lock()
+    _inherited.extend(_leases.values())
+    _leases.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _can_lease(pool: Any) -> bool:

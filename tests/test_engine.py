@@ -135,3 +135,55 @@ def test_durable_commit_off_is_refused_on_mysql(make_app: Callable[..., Celery])
         make_app(sqlresults_durable_commit=False).backend  # noqa: B018
     with pytest.raises(ImproperlyConfigured, match="True or False"):
         make_app(sqlresults_durable_commit="no").backend  # noqa: B018
+
+
+def test_forked_child_leaves_the_parents_kept_connection_alone(
+    make_app: Callable[..., Celery],
+) -> None:
+    """The parent's hot-path lease is neither used nor closed by a child, and a lock another
+    parent thread held at the fork does not hang the child."""
+    import signal
+    import threading
+
+    from celery_sqlresults import fastpath
+
+    backend = make_app().backend
+    backend.store_result("parent", 1, states.SUCCESS)
+    parent_engine = get_engine(backend.settings)
+    parent_lease = fastpath._leases.get(parent_engine)
+    assert parent_lease is not None
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with fastpath._leases_lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(10)
+    pid = os.fork()
+    if pid == 0:  # child
+        signal.alarm(20)  # a hang ends the child (exit by SIGALRM), not the test run
+        code = 1
+        try:
+            backend.store_result("child", 2, states.SUCCESS)  # takes a lease of its own
+            child_engine = get_engine(backend.settings)
+            ok = (
+                fastpath._leases.get(parent_engine) is None
+                and parent_lease in fastpath._inherited
+                and fastpath._leases.get(child_engine) is not None
+                and backend.get_task_meta("parent", cache=False)["result"] == 1
+            )
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fastpath._leases.get(parent_engine) is parent_lease  # untouched in the parent
+    invalidated: list[object] = []
+    sa.event.listen(parent_engine, "invalidate", lambda *a: invalidated.append(a))
+    assert backend.get_task_meta("child", cache=False)["result"] == 2
+    assert not invalidated  # the parent's connection survived the child
