@@ -28,6 +28,16 @@ _lock = threading.Lock()
 _engines: dict[str, tuple[int, Engine]] = {}
 
 
+def _after_fork_in_child() -> None:
+    """A lock another thread of the parent held at the fork would never be released here."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _key(settings: Settings) -> str:
     options = json.dumps(settings.engine_options, sort_keys=True, default=repr)
     callback = repr(settings.engine_callback)  # a different callback wants its own engine

@@ -69,6 +69,8 @@ _KEEP_BYTES = 64 * 1024
 _LEASE_IDLE = 1.0
 #: Seconds after which a lease goes back through the pool even when busy (pool_recycle).
 _LEASE_RENEW = 30.0
+#: Seconds :func:`end_leases` waits for a call in progress on a lease.
+_END_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,26 +100,36 @@ class _Lease:
     worker, a sixth of a read. The lease skips it while its thread is busy,
     and gives the connection back whenever the pool's own checks matter: after
     ``_LEASE_IDLE`` seconds without a call (so the next checkout applies the
-    pool's recycling and invalidation), every ``_LEASE_RENEW`` seconds anyway,
-    on any error (after SQLAlchemy's handler has invalidated it if need be), when
-    the engine's pool was replaced (``dispose()``), and before its thread takes
-    a second connection (:func:`release`), so a thread never holds two.
+    pool's recycling and invalidation), every ``_LEASE_RENEW`` seconds anyway and
+    when the connection reaches ``pool_recycle``, when the pool has invalidated
+    its connections (another thread saw a disconnect) or was replaced
+    (``dispose()``), on any error (after SQLAlchemy's handler has invalidated it
+    if need be), and before its thread takes a second connection
+    (:func:`release`), so a thread never holds two. All of these are checked
+    at the next hot-path call: an idle lease stays checked out until then.
 
     Only where the pool can spare a connection: a ``QueuePool`` of at least two
-    with no ``pool_pre_ping`` and no checkout/check-in listeners (both expect to
-    run on every use). One lease per engine: other threads check out as usual
-    and end a lease left idle.
+    with no ``pool_pre_ping`` and no checkout, check-in or reset listeners (they
+    expect to run on every use). One lease per engine: other threads check out
+    as usual and end a lease left idle.
     """
 
-    __slots__ = ("lock", "owner", "pool", "pooled", "taken", "used")
+    __slots__ = ("invalidated", "lock", "owner", "pool", "pooled", "until", "used")
 
     def __init__(self, pooled: Any, pool: Any) -> None:
         self.lock = threading.Lock()  # held while a call uses the connection
         self.lock.acquire()
         self.pooled = pooled
         self.pool = pool
+        self.invalidated = getattr(pool, "_invalidate_time", 0)
         self.owner = threading.get_ident()
-        self.taken = self.used = time.monotonic()
+        self.used = now = time.monotonic()
+        keep = _LEASE_RENEW
+        recycle = getattr(pool, "_recycle", -1)
+        record = getattr(pooled, "_connection_record", None)
+        if recycle > 0 and record is not None:
+            keep = min(keep, recycle - (time.time() - record.starttime))
+        self.until = now + keep
 
 
 _leases: weakref.WeakKeyDictionary[Engine, _Lease] = weakref.WeakKeyDictionary()
@@ -134,6 +146,7 @@ _compiled_lock = threading.Lock()
 def fetch_one(engine: Engine, stmt: sa.Executable, params: Mapping[str, Any]) -> Any:
     """The first row of ``stmt`` as a dict (``None`` if none)."""
     if not _usable(engine):
+        release(engine)  # a listener was added since: the lease goes, as on any other path
         with engine.connect() as conn:
             first = conn.execute(stmt, params).first()
         return None if first is None else dict(first._mapping)
@@ -153,6 +166,7 @@ def fetch_one(engine: Engine, stmt: sa.Executable, params: Mapping[str, Any]) ->
 def execute(engine: Engine, stmt: sa.Executable, params: Mapping[str, Any]) -> None:
     """Run ``stmt`` (a write) and discard any rows it returns."""
     if not _usable(engine):
+        release(engine)
         with engine.connect() as conn:
             conn.execute(stmt, params)
         return
@@ -207,10 +221,12 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
     primary key), so no driver keeps a statement open between calls.
     """
     args = compiled.args(params)
-    pooled, lease = _take(engine)
+    pooled: Any = None
+    lease: _Lease | None = None
     cursor: Any = None
     done = False
     try:
+        pooled, lease = _take(engine)
         dbapi_conn = pooled.dbapi_connection
         kept = pooled.info.get(_CURSOR)
         if kept is not None and kept[0] is dbapi_conn:
@@ -234,6 +250,8 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
         done = True
         return rows
     except BaseException as exc:
+        if pooled is None:  # no connection: _checkout() raised SQLAlchemy's error already
+            raise
         pooled.info.pop(_CURSOR, None)
         with contextlib.suppress(Exception):  # a transaction a listener began must not linger
             if not _AUTOCOMMIT[engine.dialect.driver](pooled.dbapi_connection):
@@ -244,7 +262,8 @@ def _run(engine: Engine, compiled: _Compiled, params: Mapping[str, Any], fetch: 
         raise  # not reached: the handler raises
     finally:
         if lease is None:
-            pooled.close()
+            if pooled is not None:
+                pooled.close()
         else:
             if done:
                 lease.used = time.monotonic()
@@ -262,8 +281,9 @@ def _take(engine: Engine) -> tuple[Any, _Lease | None]:
         fresh = (
             lease.pooled is not None  # not ended by another thread meanwhile
             and now - lease.used < _LEASE_IDLE
-            and now - lease.taken < _LEASE_RENEW
+            and now < lease.until
             and lease.pool is engine.pool
+            and getattr(lease.pool, "_invalidate_time", 0) == lease.invalidated
         )
         if mine and fresh:
             return lease.pooled, lease  # the lock stays held until the call ends
@@ -295,7 +315,7 @@ def _can_lease(pool: Any) -> bool:
     """Whether ``pool`` can spare one connection for a lease, and has no per-use checks."""
     if not isinstance(pool, sa.pool.QueuePool) or getattr(pool, "_pre_ping", True):
         return False
-    if pool.dispatch.checkout or pool.dispatch.checkin:
+    if pool.dispatch.checkout or pool.dispatch.checkin or pool.dispatch.reset:
         return False
     overflow = getattr(pool, "_max_overflow", 0)
     return overflow < 0 or pool.size() + overflow >= 2
@@ -324,11 +344,19 @@ def release(engine: Engine) -> None:
 
 
 def end_leases(engine: Engine | None = None) -> None:
-    """End the leases on ``engine`` (or on every engine), waiting for calls in progress."""
-    for leased, lease in list(_leases.items()):
-        if engine is None or leased is engine:
-            with lease.lock:
+    """End the leases on ``engine`` (or on every engine), waiting for calls in progress.
+
+    A call still running after ``_END_WAIT`` seconds keeps its lease; it ends at
+    that call's end only if it fails, else at a later call (the pool is gone).
+    """
+    with _leases_lock:
+        found = [(e, lease) for e, lease in _leases.items() if engine is None or e is engine]
+    for leased, lease in found:
+        if lease.lock.acquire(timeout=_END_WAIT):
+            try:
                 _end(leased, lease)
+            finally:
+                lease.lock.release()
 
 
 def weight(values: Mapping[str, Any] | Sequence[Any]) -> int:

@@ -484,7 +484,10 @@ def test_json_columns_decode_as_celery_decodes(make_app: Callable[..., Celery]) 
 
         __hash__ = None  # type: ignore[assignment]
 
+    from celery_sqlresults import backend as backend_module
+
     backend = make_app(result_extended=True).backend
+    assert backend_module._DECODERS["application/json"] is kombu_json.loads  # the shortcut runs
     value = {
         "when": datetime(2026, 11, 26, 9, 30, 1, 250, tzinfo=timezone.utc),
         "id": uuid_module.UUID("12345678-1234-5678-1234-567812345678"),

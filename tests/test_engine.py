@@ -171,7 +171,6 @@ def test_forked_child_leaves_the_parents_kept_connection_alone(
             child_engine = get_engine(backend.settings)
             ok = (
                 fastpath._leases.get(parent_engine) is None
-                and parent_lease in fastpath._inherited
                 and fastpath._leases.get(child_engine) is not None
                 and backend.get_task_meta("parent", cache=False)["result"] == 1
             )

@@ -67,6 +67,7 @@ def test_listeners_see_every_statement(make_app: Callable[..., Celery], db_url: 
     )
     backend.store_result("t", 1, states.SUCCESS)
     assert backend.get_task_meta("t", cache=False)["result"] == 1
+    assert _lease(backend) is None  # the normal path: the kept connection went back
     assert [s.lstrip().split()[0].upper() for s in seen] in (
         ["INSERT", "SELECT"],
         ["WITH", "SELECT"],
@@ -171,11 +172,8 @@ def test_a_busy_thread_keeps_its_connection(
     assert pool.checkedout() == 1
 
 
-def test_a_busy_connection_is_still_recycled(
-    make_app: Callable[..., Celery], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A lease goes back through the pool every _LEASE_RENEW seconds: pool_recycle holds."""
-    monkeypatch.setattr(fastpath, "_LEASE_RENEW", 0.2)
+def test_a_busy_connection_is_still_recycled(make_app: Callable[..., Celery]) -> None:
+    """A lease goes back through the pool when its connection reaches pool_recycle."""
     backend = make_app(database_engine_options={"pool_recycle": 0.3}).backend
     backend.store_result("t", 1, states.SUCCESS)
     first = _lease(backend).pooled.dbapi_connection
@@ -228,6 +226,7 @@ def test_a_thread_never_holds_two_connections(make_app: Callable[..., Celery]) -
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
     assert not errors, errors
 
 
@@ -284,3 +283,32 @@ def test_disposing_ends_the_leases(make_app: Callable[..., Celery]) -> None:
     dispose_all()
     assert lease.pooled is None and pool.checkedout() == 0
     assert backend.get_task_meta("t", cache=False)["result"] == 1  # a new engine
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_a_pool_invalidated_elsewhere_ends_a_busy_lease(
+    make_app: Callable[..., Celery],
+    db_url: str,
+    db_kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A disconnect seen on another connection invalidates the pool's older connections;
+    the busy lease is one of them, and is replaced at its next call."""
+    monkeypatch.setattr(fastpath, "_LEASE_IDLE", 60.0)
+    backend = make_app().backend
+    backend.store_result("t", 1, states.SUCCESS)
+    lease = _lease(backend)
+    first = lease.pooled.dbapi_connection
+    own_id = "SELECT pg_backend_pid()" if db_kind == "postgresql" else "SELECT CONNECTION_ID()"
+    with backend.store.engine.connect() as conn:  # a second connection of the same pool
+        victim = conn.exec_driver_sql(own_id).scalar()
+        with raw_engine(db_url).connect() as admin:
+            if db_kind == "postgresql":
+                admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": victim})
+            else:
+                admin.exec_driver_sql(f"KILL {int(victim)}")
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.exec_driver_sql("SELECT 1")
+    assert backend.get_task_meta("t", cache=False)["result"] == 1
+    assert lease.pooled is None
+    assert _lease(backend).pooled.dbapi_connection is not first
