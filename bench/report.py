@@ -355,7 +355,11 @@ repeated ({s.rounds} rounds), the median is shown.
    bare driver reaches. It is a tight loop whose code stays in the CPU's caches:
    sampled with py-spy in the worker child (3000 stores), the same psycopg `execute()`
    of the same statement took 143 µs of CPU per call in this loop and 255 µs inside
-   `store_result`, between Celery's, SQLAlchemy's pool and our own code.
+   `store_result`, between Celery's, SQLAlchemy's pool and our own code. On
+   PostgreSQL the client waits for each `bench.measure` with `.get()`, so it listens
+   on the results' one channel while the task runs, and every store of the task
+   (the ceiling's too) wakes it, as it would wake any waiting client: measured apart,
+   one listening process costs a store loop 45-70 µs per store on this machine.
 3. The first {s.read} results stored in figure 1 (last round) read with a fresh
    backend instance: `ResultSet([...]).join_native()` if the backend supports native
    join, else `.join()`; {s.rounds} rounds. **db+ reads its {s.dbplus_client_ops}
