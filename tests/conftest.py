@@ -185,6 +185,23 @@ def raw_engine(db_url: str) -> sa.Engine:
     return sa.create_engine(db_url, poolclass=sa.pool.NullPool)
 
 
+def session_id(conn: sa.Connection, db_kind: str) -> int:
+    """The server's id of ``conn``'s session (PostgreSQL backend pid, MySQL connection id)."""
+    own = "SELECT pg_backend_pid()" if db_kind == "postgresql" else "SELECT CONNECTION_ID()"
+    return int(conn.exec_driver_sql(own).scalar_one())
+
+
+def kill_session(db_url: str, db_kind: str, sid: int) -> None:
+    """End a session from outside, as a server restart or an administrator would."""
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        if db_kind == "postgresql":
+            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": sid})
+        else:
+            conn.exec_driver_sql(f"KILL {int(sid)}")
+    admin.dispose()
+
+
 def task_request(
     task: str = "proj.add", args: tuple = (1, 2), worker: str = "w1@host", retries: int = 2
 ) -> SimpleNamespace:

@@ -14,7 +14,7 @@ from celery.exceptions import ImproperlyConfigured
 
 from celery_sqlresults.engine import get_engine
 
-from .conftest import raw_engine
+from .conftest import kill_session, session_id
 
 
 def test_client_reuses_one_pooled_connection(make_app: Callable[..., Celery]) -> None:
@@ -63,17 +63,10 @@ def test_killed_connection_is_replaced_without_losing_the_write(
 ) -> None:
     backend = make_app().backend
     backend.store_result("before", 1, states.SUCCESS)
-    own_id = "SELECT pg_backend_pid()" if db_kind == "postgresql" else "SELECT CONNECTION_ID()"
     # Through the store: the hot path's kept connection goes back first, so this is the
     # pool's only connection, the one the next call takes.
-    victim = backend.store.run(lambda conn, _: conn.exec_driver_sql(own_id).scalar(), None)
-    admin = raw_engine(db_url)
-    with admin.connect() as conn:
-        if db_kind == "postgresql":
-            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": victim})
-        else:
-            conn.exec_driver_sql(f"KILL {int(victim)}")
-    admin.dispose()
+    victim = backend.store.run(lambda conn, _: session_id(conn, db_kind), 0)
+    kill_session(db_url, db_kind, victim)
     invalidated: list[object] = []
     sa.event.listen(backend.store.engine, "invalidate", lambda *a: invalidated.append(a))
     backend.store_result("after", 2, states.SUCCESS)  # retried on a fresh connection

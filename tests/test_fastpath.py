@@ -16,7 +16,7 @@ from celery.result import ResultSet
 from celery_sqlresults import fastpath
 from celery_sqlresults.query import ResultQuery
 
-from .conftest import raw_engine, task_request
+from .conftest import kill_session, raw_engine, session_id, task_request
 
 #: The protocol on MariaDB through mysqlclient (MySQLdb) too: the fast path knows both drivers.
 ALSO_ON = ["mysqlclient"]
@@ -79,10 +79,9 @@ def test_errors_are_sqlalchemys(make_app: Callable[..., Celery], db_url: str) ->
     """A dropped table reads as PENDING; a killed connection is invalidated and retried."""
     backend = make_app().backend
     backend.store_result("t", 1, states.SUCCESS)
-    pid = backend.store.run(lambda c, _: c.exec_driver_sql("SELECT pg_backend_pid()").scalar(), 0)
+    pid = backend.store.run(lambda c, _: session_id(c, "postgresql"), 0)
+    kill_session(db_url, "postgresql", pid)
     eng = raw_engine(db_url)
-    with eng.connect() as conn:
-        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
     assert backend.get_task_meta("t", cache=False)["result"] == 1  # reconnected
     with eng.begin() as conn:
         conn.exec_driver_sql("DROP TABLE celery_taskmeta")
@@ -264,11 +263,7 @@ def test_a_killed_leased_connection_is_replaced(
     victim = dbapi.info.backend_pid if db_kind == "postgresql" else dbapi.thread_id()
     invalidated: list[object] = []
     sa.event.listen(backend.store.engine, "invalidate", lambda *a: invalidated.append(a))
-    with raw_engine(db_url).connect() as conn:
-        if db_kind == "postgresql":
-            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": victim})
-        else:
-            conn.exec_driver_sql(f"KILL {int(victim)}")
+    kill_session(db_url, db_kind, victim)
     assert backend.get_task_meta("t", cache=False)["result"] == 1
     assert invalidated and lease.pooled is None
     assert _lease(backend).pooled.dbapi_connection is not dbapi
@@ -299,14 +294,8 @@ def test_a_pool_invalidated_elsewhere_ends_a_busy_lease(
     backend.store_result("t", 1, states.SUCCESS)
     lease = _lease(backend)
     first = lease.pooled.dbapi_connection
-    own_id = "SELECT pg_backend_pid()" if db_kind == "postgresql" else "SELECT CONNECTION_ID()"
     with backend.store.engine.connect() as conn:  # a second connection of the same pool
-        victim = conn.exec_driver_sql(own_id).scalar()
-        with raw_engine(db_url).connect() as admin:
-            if db_kind == "postgresql":
-                admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": victim})
-            else:
-                admin.exec_driver_sql(f"KILL {int(victim)}")
+        kill_session(db_url, db_kind, session_id(conn, db_kind))
         with pytest.raises(sa.exc.DBAPIError):
             conn.exec_driver_sql("SELECT 1")
     assert backend.get_task_meta("t", cache=False)["result"] == 1
