@@ -115,10 +115,10 @@ def init(ctx: click.Context, url: str | None, print_sql: bool) -> None:
         if print_sql:
             _echo_sql(lambda out: migrate.offline_sql(store, out))
             return
-        with store.engine.connect() as conn:
+        with store.connect() as conn:
             missing = store.missing_tables(conn)
         _, after = startup.upgrade_schema(store)
-        with store.engine.connect() as conn:
+        with store.connect() as conn:
             created = [t.fullname for t in missing if t not in store.missing_tables(conn)]
     names = ", ".join(created) if created else "nothing to create"
     click.echo(
@@ -180,7 +180,7 @@ def _current_for_sql(store: Store) -> str | None:
     Offline SQL cannot inspect, so it cannot adopt ``db+`` tables: those need
     the online ``init``/``upgrade``.
     """
-    with store.engine.connect() as conn:
+    with store.connect() as conn:
         status = migrate.status(store, conn)
         present = status.current is None and len(store.missing_tables(conn)) < len(store.tables.all)
     if status.newer:
@@ -208,7 +208,7 @@ def _echo_sql(write: Callable[[io.StringIO], None]) -> None:
 def current(ctx: click.Context, url: str | None) -> None:
     """Print the schema revision of the result tables."""
     store = _store(ctx, url)
-    with _schema_errors(store), store.engine.connect() as conn:
+    with _schema_errors(store), store.connect() as conn:
         status = migrate.status(store, conn)
     click.echo(status.describe())
 
@@ -219,7 +219,7 @@ def current(ctx: click.Context, url: str | None) -> None:
 def check(ctx: click.Context, url: str | None) -> None:
     """Exit 1 if tables or columns are missing or the schema is behind (for deploy pipelines)."""
     store = _store(ctx, url)
-    with _schema_errors(store), store.engine.connect() as conn:
+    with _schema_errors(store), store.connect() as conn:
         missing = [t.fullname for t in store.missing_tables(conn)]
         layout = None if missing else store.layout(conn)
         status = migrate.status(store, conn)

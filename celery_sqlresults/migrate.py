@@ -228,7 +228,7 @@ def offline_downgrade_sql(store: Store, out: TextIO, start: str, target: str) ->
 def locked(store: Store) -> Iterator[Connection]:
     """A connection holding the database's schema lock (see ``Dialect.schema_lock``)."""
     with (
-        store.engine.connect() as conn,
+        store.connect() as conn,
         store.dialect.schema_lock(conn, store.settings.schema_lock_timeout),
     ):
         yield conn

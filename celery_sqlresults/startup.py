@@ -66,7 +66,7 @@ def create_schema(store: Store, trust_version: bool = False) -> list[str]:
     and the backend carries on with the columns there are; if they do not,
     :class:`SchemaMissing` saying how to create them.
     """
-    with store.engine.connect() as conn:
+    with store.connect() as conn:
         if _up_to_date(store, conn, trust_version):
             return []
     try:
@@ -83,7 +83,7 @@ def create_schema(store: Store, trust_version: bool = False) -> list[str]:
         # Celery's tables, if they exist, serve meanwhile (tables of ours that the
         # upgrade has yet to add degrade: chords count without de-duplication).
         store.forget_layout()
-        with store.engine.connect() as conn:
+        with store.connect() as conn:
             missing = store.missing_tables(conn)
         if store.tables.task in missing or store.tables.group in missing:
             raise
@@ -96,7 +96,7 @@ def create_schema(store: Store, trust_version: bool = False) -> list[str]:
         return []
     except DBAPIError as exc:
         store.forget_layout()
-        with store.engine.connect() as conn:
+        with store.connect() as conn:
             still = store.missing_tables(conn)
         if still:
             raise SchemaMissing(_no_rights_message(store, still, exc)) from None

@@ -453,8 +453,7 @@ class Store:
         with self._layout_lock:
             if self._layout is None:
                 if conn is None:
-                    fastpath.release(self.engine)
-                    with self.engine.connect() as own:
+                    with self.connect() as own:
                         self._layout = self._reflect(own)
                 else:
                     self._layout = self._reflect(conn)
@@ -560,9 +559,17 @@ class Store:
     # ---- running ------------------------------------------------------
     def run(self, fn: Callable[[Connection, _Layout], T], default: T) -> T:
         """Run ``fn``; a missing table means "nothing there", not an error."""
-        fastpath.release(self.engine)  # one connection per thread: the hot path's goes back
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return self._pooled(lambda layout: fn(conn, layout), default, conn)
+
+    def connect(self) -> Connection:
+        """A pooled connection for a statement off the hot path.
+
+        The calling thread's kept hot-path connection goes back to the pool
+        first (:func:`fastpath.release`), so a thread never holds two.
+        """
+        fastpath.release(self.engine)
+        return self.engine.connect()
 
     def _pooled(self, fn: Callable[[_Layout], T], default: T, conn: Connection | None = None) -> T:
         """:meth:`run` for ``fn`` that takes its own pooled connection (the fast path)."""

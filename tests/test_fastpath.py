@@ -207,6 +207,9 @@ def test_a_thread_never_holds_two_connections(make_app: Callable[..., Celery]) -
     assert _lease(backend) is not None
     assert len(list(backend.get_many(["t"], timeout=5))) == 1  # a batch read: Store.run
     assert _lease(backend) is None and backend.store.engine.pool.checkedout() == 0
+    backend.store_result("t", 1, states.SUCCESS)
+    with backend.store.connect():  # what start-up, the CLI and the web view use
+        assert _lease(backend) is None and backend.store.engine.pool.checkedout() == 1
     errors: list[BaseException] = []
 
     def work(name: str) -> None:

@@ -146,7 +146,7 @@ class _Api:
     # ---- API -------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
         try:
-            with self.query.store.engine.connect() as conn:
+            with self.query.store.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
         except Exception as exc:
             self._log_error("health check", exc)
