@@ -126,6 +126,30 @@ class Dialect:
             index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in updated}
         )
 
+    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+        """The one statement that counts a part, where the database has one (PostgreSQL).
+
+        The part's insert runs in a CTE and the counter's ``UPDATE … RETURNING
+        done, chord_size`` only if it inserted; parameters ``group_id``,
+        ``task_id`` and ``date_created``. Elsewhere ``None``: counting takes a
+        transaction (:meth:`count_part`).
+        """
+        if self.name != "postgresql":
+            return None
+        inserted = (
+            postgresql.insert(parts)
+            .values({c: sa.bindparam(c) for c in ("group_id", "task_id", "date_created")})
+            .on_conflict_do_nothing()
+            .returning(parts.c.group_id)
+            .cte("part")
+        )
+        return (
+            sa.update(table)
+            .where(table.c.group_id == inserted.c.group_id)
+            .values(done=table.c.done + 1)
+            .returning(table.c.done, table.c.chord_size)
+        )
+
     def count_part(
         self,
         conn: Connection,
@@ -137,30 +161,14 @@ class Dialect:
 
         ``part`` (``group_id``, ``task_id``, ``date_created``) is recorded in
         ``parts`` with the count, atomically, so the same task reported again
-        is not counted again. PostgreSQL: one statement (the part's insert in a
-        CTE, the counter's ``UPDATE … RETURNING`` only if it inserted).
-        MySQL/MariaDB and SQLite: the insert and the count in one explicit
-        transaction. ``None`` when the part was counted already or the chord
-        has no counter row. Without ``parts`` (a schema before revision 0005
-        and no rights to upgrade it) parts are counted as they come.
+        is not counted again: the insert and the count in one explicit
+        transaction (where :meth:`part_counter` has one statement, that is
+        quicker). ``None`` when the part was counted already or the chord has
+        no counter row. Without ``parts`` (a schema before revision 0005 and no
+        rights to upgrade it) parts are counted as they come.
         """
         if parts is None:
             return self._count(conn, table, part["group_id"])
-        if self.name == "postgresql":
-            inserted = (
-                postgresql.insert(parts)
-                .values(dict(part))
-                .on_conflict_do_nothing()
-                .returning(parts.c.group_id)
-                .cte("part")
-            )
-            row = conn.execute(
-                sa.update(table)
-                .where(table.c.group_id == inserted.c.group_id)
-                .values(done=table.c.done + 1)
-                .returning(table.c.done, table.c.chord_size)
-            ).first()
-            return None if row is None else (int(row[0]), row[1])
         conn.exec_driver_sql("BEGIN IMMEDIATE" if self.name == "sqlite" else "START TRANSACTION")
         try:
             try:

@@ -1,4 +1,4 @@
-"""The two hottest statements, run on the driver's cursor: one task read, one task write.
+"""The hottest statements, run on the driver's cursor: a task's read and write, a chord's count.
 
 SQLAlchemy builds and compiles every statement (once per statement object);
 what this module skips is its per-call execution machinery, which on
@@ -192,7 +192,7 @@ def _compile(engine: Engine, stmt: sa.Executable) -> _Compiled:
     assert isinstance(stmt, sa.ClauseElement)
     dialect = engine.dialect
     compiled: Any = stmt.compile(dialect=dialect)  # an SQLCompiler
-    selected = list(getattr(stmt, "selected_columns", None) or ())
+    selected = list(getattr(stmt, "exported_columns", None) or ())
     processors = (c.type._cached_result_processor(dialect, None) for c in selected)
     made = _Compiled(
         statement=stmt,

@@ -291,11 +291,29 @@ class Store:
         task was counted already or the chord has no counter."""
         part = {"group_id": group_id, "task_id": task_id, "date_created": now}
 
-        def run(conn: Connection, layout: _Layout) -> tuple[int, int | None] | None:
+        def count(layout: _Layout) -> tuple[int, int | None] | None:
+            counter = self._part_counter(layout)
+            if counter is not None:  # one statement, on the hot path's cursor: once per task
+                row = fastpath.fetch_one(self.engine, counter, part)
+                return None if row is None else (int(row["done"]), row["chord_size"])
             parts = self.tables.chord_part if layout.has_chord_part else None
-            return self.dialect.count_part(conn, self.tables.chord, parts, part)
+            with self.connect() as conn:
+                return self.dialect.count_part(conn, self.tables.chord, parts, part)
 
-        return self.run(run, None)
+        return self._pooled(count, None)
+
+    def _part_counter(self, layout: _Layout) -> sa.Executable | None:
+        """The dialect's one-statement chord count for these tables, built once per layout."""
+        if not layout.has_chord_part:
+            return None
+        key = ("chord_count",)
+        counter = layout.statements.get(key)
+        if counter is None:
+            counter = self.dialect.part_counter(self.tables.chord, self.tables.chord_part)
+            if counter is None:
+                return None
+            layout.statements[key] = counter
+        return counter
 
     def chord_delete(self, group_id: str) -> None:
         """Drop a finished chord's counter and its counted parts."""

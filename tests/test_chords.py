@@ -7,11 +7,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery, chain, chord, group, signals
 from celery.exceptions import ChordError
+
+from celery_sqlresults.dialects import Dialect
 
 from .conftest import REDIS_URL, Worker, client_app, raw_engine
 
@@ -130,7 +133,18 @@ def _parts(db_url: str) -> int:
     return int(n or 0)
 
 
-def test_a_part_reported_twice_counts_once(make_app: Callable[..., Celery], db_url: str) -> None:
+@pytest.fixture(params=["one statement", "transaction"])
+def counting(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a part is counted: PostgreSQL's one statement (where the dialect
+    has it) and the explicit transaction every database can run."""
+    if request.param == "transaction":
+        monkeypatch.setattr(Dialect, "part_counter", lambda *_: None)
+    return str(request.param)
+
+
+def test_a_part_reported_twice_counts_once(
+    make_app: Callable[..., Celery], db_url: str, counting: str
+) -> None:
     """A redelivered header task (acks_late, worker lost after storing) reports its part again."""
     store = make_app().backend.store
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -154,7 +168,7 @@ def test_a_part_reported_twice_counts_once(make_app: Callable[..., Celery], db_u
 
 
 def test_the_same_part_from_many_threads_counts_once(
-    make_app: Callable[..., Celery], db_url: str
+    make_app: Callable[..., Celery], db_url: str, counting: str
 ) -> None:
     store = make_app().backend.store
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -169,3 +183,28 @@ def test_the_same_part_from_many_threads_counts_once(
         counted = [c for c in pool.map(report, range(8)) if c is not None]
     assert counted == [(1, None)]
     assert store.chord_part_done("g2", "next", now) == (2, None)
+
+
+def test_a_part_is_counted_on_the_hot_path_where_one_statement_does(
+    make_app: Callable[..., Celery], db_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL counts in one statement on the kept cursor, like a store, with no
+    connection of its own (through SQLAlchemy's execute a count cost three times a
+    store); MySQL/MariaDB and SQLite need a transaction, on a connection of its own."""
+    store = make_app().backend.store
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    store.chord_start("g3", now)
+    store.chord_set_size("g3", 2)
+    taken: list[str] = []
+    connect = store.connect
+
+    def counted_connect() -> Any:
+        taken.append("connection")
+        return connect()
+
+    monkeypatch.setattr(store, "connect", counted_connect)
+    assert store.chord_part_done("g3", "a", now) == (1, 2)
+    assert store.chord_part_done("g3", "a", now) is None
+    assert store.chord_part_done("g3", "b", now) == (2, 2)
+    assert store.chord_part_done("nothing", "a", now) is None  # no counter row
+    assert taken == ([] if db_kind == "postgresql" else ["connection"] * 4)
