@@ -13,7 +13,11 @@ or ``None``: re-check everything (polling, a timeout, a listener reconnect).
   travel, the row as written, when it fits), in the same statement (see
   ``Dialect.notifying`` and ``Store.rows_travel``).
   One listening connection per process, on a daemon thread, wakes exactly
-  the waiters of that id.
+  the waiters of that id. It listens only while someone waits: every
+  notification wakes every listening session of the database (and its
+  process), so after ``_LISTEN_IDLE`` seconds without a waiter it stops
+  (``UNLISTEN``, keeping its connection) and listens again, one round trip,
+  for the next waiter.
   Waiters subscribe *before* they check the table, so a notification cannot
   slip between "check" and "listen". If the listener's connection drops, it
   wakes every waiter (they re-check) and reconnects with backoff; meanwhile
@@ -57,6 +61,12 @@ class Wait(Protocol):
 
 _FIRST_POLL = 0.001
 _GROWTH = 1.5
+#: Seconds without a waiter after which a listener stops listening (until the next one).
+_LISTEN_IDLE = 2.0
+#: Seconds between the listener's looks at whether anyone still waits.
+_LOOK_EVERY = 1.0
+#: Seconds between liveness checks of the listening connection.
+_CHECK_EVERY = 5.0
 
 
 class Poller:
@@ -133,8 +143,8 @@ class Listener:
         self._lock = threading.Lock()
         self._watchers: dict[str, set[_Watch]] = {}
         self._listening = threading.Event()
+        self._wanted = threading.Event()  # someone waits, or will: listen
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self.reconnects = 0
         #: Server pid of the listening connection (PostgreSQL), for diagnostics.
         self.backend_pid: int | None = None
@@ -148,6 +158,7 @@ class Listener:
         with self._lock:
             for task_id in ids:
                 self._watchers.setdefault(task_id, set()).add(watch)
+            self._wanted.set()  # under the lock: the thread parks only when it sees no watcher
         try:
             yield _Listening(self, watch, interval)
         finally:
@@ -164,20 +175,27 @@ class Listener:
         return self._listening.is_set()
 
     def _start(self) -> None:
-        pid = os.getpid()
-        if self._thread is not None and self._pid == pid and self._thread.is_alive():
+        """Have this process's listening thread run and listen (again) now."""
+        self._wanted.set()
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
-            if self._thread is not None and self._pid == pid and self._thread.is_alive():
+            if self._thread is not None and self._thread.is_alive():
                 return
-            if self._pid != pid:  # forked: the parent's thread and socket are not ours
-                self._watchers.clear()
-                self._listening.clear()
-            self._pid = pid
             self._thread = threading.Thread(
                 target=self._run, name="celery-sqlresults-listener", daemon=True
             )
             self._thread.start()
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's thread, connection and waiters are not this
+        process's, and a parent thread may have held the lock at the fork."""
+        self._lock = threading.Lock()
+        self._watchers = {}
+        self._listening = threading.Event()
+        self._wanted = threading.Event()
+        self._thread = None
+        self.backend_pid = None
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -192,19 +210,17 @@ class Listener:
             try:
                 conn = self._connect()
                 conn.autocommit = True
-                conn.execute(f'LISTEN "{self._channel}"')
                 self.backend_pid = conn.info.backend_pid
-                self._listening.set()
                 delay = 0.1
-                self._wake_all()  # anything stored while we were not listening
                 while True:
-                    for note in conn.notifies(timeout=5.0):
-                        task_id, row = _split(note.payload)
-                        with self._lock:
-                            watches = list(self._watchers.get(task_id, ()))
-                        for watch in watches:
-                            watch.notify(task_id, row)
-                    conn.execute("SELECT 1")  # notice a dead connection while idle
+                    self._wanted.wait()  # parked: nobody waits
+                    conn.execute(f'LISTEN "{self._channel}"')
+                    for _ in conn.notifies(timeout=0):  # held from before: waiters re-check
+                        pass
+                    self._listening.set()
+                    self._wake_all()  # anything stored while we were not listening
+                    self._serve(conn)
+                    conn.execute(f'UNLISTEN "{self._channel}"')
             except Exception as exc:
                 self._listening.clear()
                 self._wake_all()
@@ -220,6 +236,33 @@ class Listener:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
+
+    def _serve(self, conn: Any) -> None:
+        """Hand notifications to their waiters; return once none has waited for a while."""
+        idle_since: float | None = None
+        checked = time.monotonic()
+        while True:
+            for note in conn.notifies(timeout=_LOOK_EVERY):
+                task_id, row = _split(note.payload)
+                with self._lock:
+                    watches = list(self._watchers.get(task_id, ()))
+                for watch in watches:
+                    watch.notify(task_id, row)
+            now = time.monotonic()
+            with self._lock:
+                if self._watchers:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= _LISTEN_IDLE:
+                    # Under the lock: a waiter subscribing from now on sets _wanted
+                    # again and, seeing no listening, polls until we listen again.
+                    self._listening.clear()
+                    self._wanted.clear()
+                    return
+            if now - checked >= _CHECK_EVERY:
+                conn.execute("SELECT 1")  # notice a dead connection while idle
+                checked = now
 
 
 class _Listening:
@@ -291,3 +334,15 @@ def _raw_connect(url: URL) -> Callable[[], Any]:
 
 _listeners: dict[tuple[str, str], Listener] = {}
 _listeners_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """The child's listeners start afresh: their own thread and connection when it waits."""
+    global _listeners_lock
+    _listeners_lock = threading.Lock()
+    for listener in list(_listeners.values()):
+        listener._forked()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -523,3 +523,116 @@ def test_poller_starts_fast_and_backs_off_to_interval() -> None:
     assert slept[1] > slept[0]
     assert max(slept) == pytest.approx(0.5)
     assert slept[-1] == pytest.approx(0.0001)  # never sleeps past the caller's deadline
+
+
+def _last_query(db_url: str, pid: int) -> str:
+    admin = raw_engine(db_url)
+    with admin.connect() as conn:
+        query = conn.execute(
+            sa.text("SELECT query FROM pg_stat_activity WHERE pid = :p"), {"p": pid}
+        ).scalar()
+    admin.dispose()
+    return str(query)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_listener_listens_only_while_someone_waits(
+    make_app: Callable[..., Celery], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every NOTIFY wakes every listening session: a process nobody waits in stops
+    listening (keeping its connection) and listens again for its next waiter."""
+    import celery_sqlresults.wait as wait_mod
+
+    monkeypatch.setattr(wait_mod, "_LISTEN_IDLE", 0.2)
+    monkeypatch.setattr(wait_mod, "_LOOK_EVERY", 0.05)
+    app = make_app()
+    listener = app.backend._waiter
+    assert isinstance(listener, Listener)
+    store_later(app, "before", 1, delay=0.1)
+    assert app.AsyncResult("before").get(timeout=15, interval=60) == 1
+    pid, reconnects = listener.backend_pid, listener.reconnects
+    assert pid is not None
+    deadline = time.monotonic() + 15
+    while listener.listening and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not listener.listening
+    assert _last_query(db_url, pid).startswith("UNLISTEN")  # parked on its connection
+    # the next waiter is woken by its notification (interval=60: no re-check in time)
+    store_later(app, "after", 2, delay=0.3)
+    assert app.AsyncResult("after").get(timeout=15, interval=60) == 2
+    assert (listener.backend_pid, listener.reconnects) == (pid, reconnects)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_a_waiter_arriving_as_the_listener_stops_gets_it_listening(
+    make_app: Callable[..., Celery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener stops as soon as it sees no waiter; waiters come and go meanwhile.
+    Each must find it listening again, never parked for good."""
+    import celery_sqlresults.wait as wait_mod
+
+    monkeypatch.setattr(wait_mod, "_LISTEN_IDLE", 0.0)
+    monkeypatch.setattr(wait_mod, "_LOOK_EVERY", 0.001)
+    listener = _listening(make_app())
+    parked = 0
+    for i in range(200):
+        was = listener.listening
+        with listener.watch([f"race{i}"], interval=60):
+            assert listener._listening.wait(10), f"waiter {i} never saw the listener listen"
+        parked += not was
+        time.sleep(0.001 * (i % 5))
+    assert parked > 0  # the race was run: some waiters came to a stopped listener
+    # Subscribing alone restarts a stopped listener (not only the thread's start-up call).
+    deadline = time.monotonic() + 10
+    while listener.listening and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not listener.listening
+    monkeypatch.setattr(listener, "_start", lambda: None)
+    with listener.watch(["last"], interval=60):
+        assert listener._listening.wait(10)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_a_forked_child_listens_on_its_own_connection(make_app: Callable[..., Celery]) -> None:
+    """A child waits through a listener of its own, even when a parent thread held the
+    listener's lock at the fork; the parent's keeps working."""
+    import os
+    import signal
+
+    app = make_app()
+    listener = _listening(app)
+    store_later(app, "parent", 1, delay=0.1)
+    assert app.AsyncResult("parent").get(timeout=15, interval=60) == 1
+    parent_pid = listener.backend_pid
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with listener._lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        signal.alarm(20)  # a hang ends the child (exit by SIGALRM), not the test run
+        code = 1
+        try:
+            store_later(app, "child", 2, delay=0.3)
+            got = app.AsyncResult("child").get(timeout=15, interval=60)
+            own = listener.backend_pid not in (None, parent_pid)
+            code = 0 if got == 2 and own else 2
+        finally:
+            os.write(w, str(code).encode())
+            os._exit(code)
+    release.set()
+    holder.join(10)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 10) == b"0"
+    assert os.waitstatus_to_exitcode(status) == 0
+    store_later(app, "parent-again", 3, delay=0.3)
+    assert app.AsyncResult("parent-again").get(timeout=15, interval=60) == 3
+    assert listener.backend_pid == parent_pid
