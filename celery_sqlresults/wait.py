@@ -144,6 +144,7 @@ class Listener:
         self._watchers: dict[str, set[_Watch]] = {}
         self._listening = threading.Event()
         self._wanted = threading.Event()  # someone waits, or will: listen
+        self._left = 0.0  # monotonic time of the last waiter's leaving (or of a start)
         self._thread: threading.Thread | None = None
         self.reconnects = 0
         #: Server pid of the listening connection (PostgreSQL), for diagnostics.
@@ -152,9 +153,12 @@ class Listener:
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
         """Subscribe before the caller's first check; never delay a result that is ready."""
-        self._start()
         watch = _Watch()
         ids = list(task_ids)
+        if not ids:  # nothing to wait for (a read found everything): no reason to listen
+            yield _Listening(self, watch, interval)
+            return
+        self._start()
         with self._lock:
             for task_id in ids:
                 self._watchers.setdefault(task_id, set()).add(watch)
@@ -169,6 +173,7 @@ class Listener:
                         waiters.discard(watch)
                         if not waiters:
                             del self._watchers[task_id]
+                self._left = time.monotonic()
 
     @property
     def listening(self) -> bool:
@@ -176,6 +181,7 @@ class Listener:
 
     def _start(self) -> None:
         """Have this process's listening thread run and listen (again) now."""
+        self._left = time.monotonic()
         self._wanted.set()
         if self._thread is not None and self._thread.is_alive():
             return
@@ -194,6 +200,7 @@ class Listener:
         self._watchers = {}
         self._listening = threading.Event()
         self._wanted = threading.Event()
+        self._left = 0.0
         self._thread = None
         self.backend_pid = None
 
@@ -211,19 +218,23 @@ class Listener:
                 conn = self._connect()
                 conn.autocommit = True
                 self.backend_pid = conn.info.backend_pid
-                delay = 0.1
                 while True:
-                    self._wanted.wait()  # parked: nobody waits
+                    while not self._wanted.wait(_CHECK_EVERY):  # parked: nobody waits
+                        conn.execute("SELECT 1")  # a dead connection shows now, not at LISTEN
                     conn.execute(f'LISTEN "{self._channel}"')
                     for _ in conn.notifies(timeout=0):  # held from before: waiters re-check
                         pass
                     self._listening.set()
+                    delay = 0.1
                     self._wake_all()  # anything stored while we were not listening
                     self._serve(conn)
                     conn.execute(f'UNLISTEN "{self._channel}"')
             except Exception as exc:
                 self._listening.clear()
                 self._wake_all()
+                with self._lock:
+                    if not self._watchers:  # nobody to listen for: reconnect, then park
+                        self._wanted.clear()
                 self.reconnects += 1
                 logger.warning(
                     "celery-sqlresults: notification listener lost (%s); reconnecting in %.1fs",
@@ -239,7 +250,6 @@ class Listener:
 
     def _serve(self, conn: Any) -> None:
         """Hand notifications to their waiters; return once none has waited for a while."""
-        idle_since: float | None = None
         checked = time.monotonic()
         while True:
             for note in conn.notifies(timeout=_LOOK_EVERY):
@@ -250,11 +260,7 @@ class Listener:
                     watch.notify(task_id, row)
             now = time.monotonic()
             with self._lock:
-                if self._watchers:
-                    idle_since = None
-                elif idle_since is None:
-                    idle_since = now
-                elif now - idle_since >= _LISTEN_IDLE:
+                if not self._watchers and now - self._left >= _LISTEN_IDLE:
                     # Under the lock: a waiter subscribing from now on sets _wanted
                     # again and, seeing no listening, polls until we listen again.
                     self._listening.clear()

@@ -486,9 +486,8 @@ def test_listener_death_falls_back_to_polling_and_reconnects(
     app = make_app()
     listener = app.backend._waiter
     assert isinstance(listener, Listener)
-    store_later(app, "warm", 1, delay=0.05)
-    assert app.AsyncResult("warm").get(timeout=15, interval=60) == 1
-    assert listener.listening and listener.backend_pid
+    assert _get_while_listening(app, "warm", 1)
+    assert listener.backend_pid
     before = listener.reconnects
     admin = raw_engine(db_url)
     with admin.connect() as conn:
@@ -498,11 +497,10 @@ def test_listener_death_falls_back_to_polling_and_reconnects(
     store_later(app, "during", 2, delay=0.2)
     assert app.AsyncResult("during").get(timeout=15, interval=0.2) == 2
     deadline = time.monotonic() + 15
-    while not (listener.listening and listener.reconnects > before) and time.monotonic() < deadline:
+    while listener.reconnects <= before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert listener.reconnects > before and listener.listening
-    store_later(app, "after", 3)
-    assert app.AsyncResult("after").get(timeout=15, interval=60) == 3
+    assert listener.reconnects > before
+    assert _get_while_listening(app, "after", 3)  # listening again, on a new connection
 
 
 def test_poller_starts_fast_and_backs_off_to_interval() -> None:
@@ -523,6 +521,22 @@ def test_poller_starts_fast_and_backs_off_to_interval() -> None:
     assert slept[1] > slept[0]
     assert max(slept) == pytest.approx(0.5)
     assert slept[-1] == pytest.approx(0.0001)  # never sleeps past the caller's deadline
+
+
+def _get_while_listening(app: Celery, task_id: str, value: object) -> bool:
+    """``.get()`` a result stored 1 s later (interval=60: no re-check in time); true if
+    the listener listened while it waited (polling alone would find the row too) and
+    the get returned the value."""
+    got: list[object] = []
+    storing = store_later(app, task_id, value, delay=1.0)
+    waiting = threading.Thread(
+        target=lambda: got.append(app.AsyncResult(task_id).get(timeout=15, interval=60))
+    )
+    waiting.start()
+    listened = app.backend._waiter._listening.wait(5)
+    waiting.join(15)
+    storing.join()
+    return listened and got == [value]
 
 
 def _last_query(db_url: str, pid: int) -> str:
@@ -553,13 +567,11 @@ def test_listener_listens_only_while_someone_waits(
     pid, reconnects = listener.backend_pid, listener.reconnects
     assert pid is not None
     deadline = time.monotonic() + 15
-    while listener.listening and time.monotonic() < deadline:
+    while not _last_query(db_url, pid).startswith("UNLISTEN") and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert _last_query(db_url, pid).startswith("UNLISTEN")  # stopped, on its connection
     assert not listener.listening
-    assert _last_query(db_url, pid).startswith("UNLISTEN")  # parked on its connection
-    # the next waiter is woken by its notification (interval=60: no re-check in time)
-    store_later(app, "after", 2, delay=0.3)
-    assert app.AsyncResult("after").get(timeout=15, interval=60) == 2
+    assert _get_while_listening(app, "after", 2)  # the next waiter has it listen again
     assert (listener.backend_pid, listener.reconnects) == (pid, reconnects)
 
 
@@ -617,6 +629,7 @@ def test_a_forked_child_listens_on_its_own_connection(make_app: Callable[..., Ce
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
         signal.alarm(20)  # a hang ends the child (exit by SIGALRM), not the test run
         code = 1
         try:
