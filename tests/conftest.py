@@ -10,9 +10,11 @@ its tests locally and *fails* them when ``CI=true``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -200,6 +202,35 @@ def kill_session(db_url: str, db_kind: str, sid: int) -> None:
         else:
             conn.exec_driver_sql(f"KILL {int(sid)}")
     admin.dispose()
+
+
+def fork_with_lock_held(lock: Any, child: Callable[[], bool]) -> int:
+    """Fork while another thread holds ``lock`` (as a parent's thread may at any fork),
+    run ``child()`` in the child; its exit code: 0 if it returned true, 2 if false, 1 if it
+    raised, -14 (SIGALRM) if it hung for 20 s."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    pid = os.fork()
+    if pid == 0:  # child
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+        signal.alarm(20)  # a hang ends the child, not the test run
+        code = 1
+        try:
+            code = 0 if child() else 2
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(10)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def task_request(

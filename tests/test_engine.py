@@ -14,7 +14,7 @@ from celery.exceptions import ImproperlyConfigured
 
 from celery_sqlresults.engine import get_engine
 
-from .conftest import kill_session, session_id
+from .conftest import fork_with_lock_held, kill_session, session_id
 
 
 def test_client_reuses_one_pooled_connection(make_app: Callable[..., Celery]) -> None:
@@ -135,9 +135,6 @@ def test_forked_child_leaves_the_parents_kept_connection_alone(
 ) -> None:
     """The parent's hot-path lease is neither used nor closed by a child, and a lock another
     parent thread held at the fork does not hang the child."""
-    import signal
-    import threading
-
     from celery_sqlresults import fastpath
 
     backend = make_app().backend
@@ -145,36 +142,17 @@ def test_forked_child_leaves_the_parents_kept_connection_alone(
     parent_engine = get_engine(backend.settings)
     parent_lease = fastpath._leases.get(parent_engine)
     assert parent_lease is not None
-    holding, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with fastpath._leases_lock:
-            holding.set()
-            release.wait(30)
+    def in_child() -> bool:
+        backend.store_result("child", 2, states.SUCCESS)  # takes a lease of its own
+        child_engine = get_engine(backend.settings)
+        return (
+            fastpath._leases.get(parent_engine) is None
+            and fastpath._leases.get(child_engine) is not None
+            and backend.get_task_meta("parent", cache=False)["result"] == 1
+        )
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(10)
-    pid = os.fork()
-    if pid == 0:  # child
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-        signal.alarm(20)  # a hang ends the child (exit by SIGALRM), not the test run
-        code = 1
-        try:
-            backend.store_result("child", 2, states.SUCCESS)  # takes a lease of its own
-            child_engine = get_engine(backend.settings)
-            ok = (
-                fastpath._leases.get(parent_engine) is None
-                and fastpath._leases.get(child_engine) is not None
-                and backend.get_task_meta("parent", cache=False)["result"] == 1
-            )
-            code = 0 if ok else 2
-        finally:
-            os._exit(code)
-    release.set()
-    holder.join(10)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert fork_with_lock_held(fastpath._leases_lock, in_child) == 0
     assert fastpath._leases.get(parent_engine) is parent_lease  # untouched in the parent
     invalidated: list[object] = []
     sa.event.listen(parent_engine, "invalidate", lambda *a: invalidated.append(a))

@@ -20,7 +20,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from celery_sqlresults.wait import Listener, Poller, _split, _Watch
 
-from .conftest import drop_role, raw_engine, task_request
+from .conftest import drop_role, fork_with_lock_held, raw_engine, task_request
 
 
 def store_later(
@@ -608,44 +608,18 @@ def test_a_waiter_arriving_as_the_listener_stops_gets_it_listening(
 def test_a_forked_child_listens_on_its_own_connection(make_app: Callable[..., Celery]) -> None:
     """A child waits through a listener of its own, even when a parent thread held the
     listener's lock at the fork; the parent's keeps working."""
-    import os
-    import signal
-
     app = make_app()
     listener = _listening(app)
     store_later(app, "parent", 1, delay=0.1)
     assert app.AsyncResult("parent").get(timeout=15, interval=60) == 1
     parent_pid = listener.backend_pid
-    holding, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with listener._lock:
-            holding.set()
-            release.wait(30)
+    def in_child() -> bool:
+        store_later(app, "child", 2, delay=0.3)
+        got = app.AsyncResult("child").get(timeout=15, interval=60)
+        return got == 2 and listener.backend_pid not in (None, parent_pid)
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert holding.wait(10)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-        signal.alarm(20)  # a hang ends the child (exit by SIGALRM), not the test run
-        code = 1
-        try:
-            store_later(app, "child", 2, delay=0.3)
-            got = app.AsyncResult("child").get(timeout=15, interval=60)
-            own = listener.backend_pid not in (None, parent_pid)
-            code = 0 if got == 2 and own else 2
-        finally:
-            os.write(w, str(code).encode())
-            os._exit(code)
-    release.set()
-    holder.join(10)
-    os.close(w)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(r, 10) == b"0"
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert fork_with_lock_held(listener._lock, in_child) == 0
     store_later(app, "parent-again", 3, delay=0.3)
     assert app.AsyncResult("parent-again").get(timeout=15, interval=60) == 3
     assert listener.backend_pid == parent_pid
