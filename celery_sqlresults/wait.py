@@ -232,8 +232,8 @@ class Listener:
             except Exception as exc:
                 self._listening.clear()
                 self._wake_all()
-                with self._lock:
-                    if not self._watchers:  # nobody to listen for: reconnect, then park
+                with self._lock:  # nobody to listen for, as when parking: reconnect, then park
+                    if not self._watchers and time.monotonic() - self._left >= _LISTEN_IDLE:
                         self._wanted.clear()
                 self.reconnects += 1
                 logger.warning(

@@ -20,7 +20,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from celery_sqlresults.wait import Listener, Poller, _split, _Watch
 
-from .conftest import drop_role, fork_with_lock_held, raw_engine, task_request
+from .conftest import drop_role, fork_with_lock_held, kill_session, raw_engine, task_request
 
 
 def store_later(
@@ -573,6 +573,14 @@ def test_listener_listens_only_while_someone_waits(
     assert not listener.listening
     assert _get_while_listening(app, "after", 2)  # the next waiter has it listen again
     assert (listener.backend_pid, listener.reconnects) == (pid, reconnects)
+    # Stopped on a connection that then died: the LISTEN asked for fails, and the
+    # listener reconnects and listens, not parks again (it was asked for just now).
+    while listener.listening and time.monotonic() < deadline + 15:
+        time.sleep(0.02)
+    kill_session(db_url, "postgresql", pid)
+    listener._start()
+    assert listener._listening.wait(15)
+    assert listener.reconnects > reconnects
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
