@@ -140,13 +140,19 @@ class Listener:
     def __init__(self, connect: Callable[[], Any], channel: str) -> None:
         self._connect = connect
         self._channel = channel
+        self.reconnects = 0
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """This process's state, new: at construction and in a forked child, where the
+        parent's thread, connection and waiters are not ours and a parent thread may
+        have held the lock at the fork."""
         self._lock = threading.Lock()
         self._watchers: dict[str, set[_Watch]] = {}
         self._listening = threading.Event()
         self._wanted = threading.Event()  # someone waits, or will: listen
         self._left = 0.0  # monotonic time of the last waiter's leaving (or of a start)
         self._thread: threading.Thread | None = None
-        self.reconnects = 0
         #: Server pid of the listening connection (PostgreSQL), for diagnostics.
         self.backend_pid: int | None = None
 
@@ -193,16 +199,9 @@ class Listener:
             )
             self._thread.start()
 
-    def _forked(self) -> None:
-        """In a forked child: the parent's thread, connection and waiters are not this
-        process's, and a parent thread may have held the lock at the fork."""
-        self._lock = threading.Lock()
-        self._watchers = {}
-        self._listening = threading.Event()
-        self._wanted = threading.Event()
-        self._left = 0.0
-        self._thread = None
-        self.backend_pid = None
+    def _unwanted(self) -> bool:
+        """Nobody waits, nor has for ``_LISTEN_IDLE`` seconds (call under the lock)."""
+        return not self._watchers and time.monotonic() - self._left >= _LISTEN_IDLE
 
     def _wake_all(self) -> None:
         with self._lock:
@@ -233,7 +232,7 @@ class Listener:
                 self._listening.clear()
                 self._wake_all()
                 with self._lock:  # nobody to listen for, as when parking: reconnect, then park
-                    if not self._watchers and time.monotonic() - self._left >= _LISTEN_IDLE:
+                    if self._unwanted():
                         self._wanted.clear()
                 self.reconnects += 1
                 logger.warning(
@@ -258,17 +257,16 @@ class Listener:
                     watches = list(self._watchers.get(task_id, ()))
                 for watch in watches:
                     watch.notify(task_id, row)
-            now = time.monotonic()
             with self._lock:
-                if not self._watchers and now - self._left >= _LISTEN_IDLE:
+                if self._unwanted():
                     # Under the lock: a waiter subscribing from now on sets _wanted
                     # again and, seeing no listening, polls until we listen again.
                     self._listening.clear()
                     self._wanted.clear()
                     return
-            if now - checked >= _CHECK_EVERY:
+            if time.monotonic() - checked >= _CHECK_EVERY:
                 conn.execute("SELECT 1")  # notice a dead connection while idle
-                checked = now
+                checked = time.monotonic()
 
 
 class _Listening:
@@ -347,7 +345,7 @@ def _after_fork_in_child() -> None:
     global _listeners_lock
     _listeners_lock = threading.Lock()
     for listener in list(_listeners.values()):
-        listener._forked()
+        listener._fresh()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
