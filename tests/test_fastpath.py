@@ -101,6 +101,7 @@ def _kept_cursor(engine: sa.Engine) -> object:
         pooled.close()
 
 
+@pytest.mark.parametrize("db_kind", ["mysql", "mysqlclient", "sqlite"])  # PostgreSQL: libpq
 def test_cursor_kept_unless_values_are_large(make_app: Callable[..., Celery], db_url: str) -> None:
     """One cursor per pooled connection is reused; a call with large values closes its own."""
     app = make_app(database_engine_options={"pool_size": 1, "max_overflow": 0})
@@ -304,3 +305,82 @@ def test_a_pool_invalidated_elsewhere_ends_a_busy_lease(
     assert backend.get_task_meta("t", cache=False)["result"] == 1
     assert lease.pooled is None
     assert _lease(backend).pooled.dbapi_connection is not first
+
+
+def _prepared_here(backend: Any) -> list[str]:
+    """Names of the statements prepared on the pool's (only) session."""
+    sql = "SELECT name FROM pg_prepared_statements ORDER BY name"
+    return list(backend.store.run(lambda c, _: c.exec_driver_sql(sql).scalars().all(), []))
+
+
+_ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
+    make_app: Callable[..., Celery],
+) -> None:
+    """psycopg sends an int as int2, int4 or int8 by its size: each combination is its own
+    prepared statement, else the server would read an int4's bytes as an int2's."""
+    backend = make_app(result_extended=True, database_engine_options=_ONE_CONNECTION).backend
+    for task_id, retries in (("small", 1), ("large", 70_000), ("small2", 2)):
+        request = task_request(retries=retries)
+        backend.store_result(task_id, {"r": retries}, states.SUCCESS, request=request)
+        meta = backend.get_task_meta(task_id, cache=False)
+        assert (meta["result"], meta["retries"]) == ({"r": retries}, retries)
+    backend.store_result("failed", KeyError("k"), states.FAILURE, traceback="Traceback: k")
+    meta = backend.get_task_meta("failed", cache=False)
+    assert (type(meta["result"]), meta["traceback"]) == (KeyError, "Traceback: k")
+    ours = [n for n in _prepared_here(backend) if n.startswith("_sqlresults_")]
+    # The read, the upsert with an int2 and with an int4, the FAILURE's upsert.
+    assert len(ours) == 4, ours
+    pooled = backend.store.engine.raw_connection()
+    try:
+        state = pooled.info[fastpath._LIBPQ]
+        assert sorted(n.decode() for n in state.prepared.values()) == ours
+        assert state.tx.pgresult is None  # no rows kept with the connection
+    finally:
+        pooled.close()
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_statements_deallocated_under_us_are_prepared_again(
+    make_app: Callable[..., Celery],
+) -> None:
+    """``DEALLOCATE ALL``/``DISCARD ALL`` (a pooler, an administrator) costs one retry."""
+    backend = make_app(database_engine_options=_ONE_CONNECTION).backend
+    backend.store_result("t", 1, states.SUCCESS)
+    assert backend.get_task_meta("t", cache=False)["result"] == 1
+    assert any(n.startswith("_sqlresults_") for n in _prepared_here(backend))
+    backend.store.run(lambda c, _: c.exec_driver_sql("DEALLOCATE ALL"), None)
+    assert _prepared_here(backend) == []
+    backend.store_result("u", 2, states.SUCCESS)
+    assert backend.get_task_meta("u", cache=False)["result"] == 2
+    assert backend.get_task_meta("t", cache=False)["result"] == 1
+    assert len([n for n in _prepared_here(backend) if n.startswith("_sqlresults_")]) == 2
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_prepare_threshold_none_prepares_nothing(make_app: Callable[..., Celery]) -> None:
+    """psycopg's switch for PgBouncer in transaction mode holds on the hot path too."""
+    options = {**_ONE_CONNECTION, "connect_args": {"prepare_threshold": None}}
+    backend = make_app(result_extended=True, database_engine_options=options).backend
+    for i in range(3):
+        backend.store_result(f"t{i}", i, states.SUCCESS, request=task_request())
+        assert backend.get_task_meta(f"t{i}", cache=False)["result"] == i
+    assert _prepared_here(backend) == []
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_libpq_errors_are_psycopgs_wrapped_by_sqlalchemy(make_app: Callable[..., Celery]) -> None:
+    import psycopg
+
+    backend = make_app(database_engine_options=_ONE_CONNECTION).backend
+    engine = backend.store.engine
+    number = sa.select(sa.cast(sa.bindparam("v", type_=sa.String), sa.Integer).label("n"))
+    assert fastpath.fetch_one(engine, number, {"v": "12"}) == {"n": 12}
+    with pytest.raises(sa.exc.DataError) as caught:
+        fastpath.fetch_one(engine, number, {"v": "twelve"})
+    assert isinstance(caught.value.orig, psycopg.errors.InvalidTextRepresentation)
+    assert not caught.value.connection_invalidated
+    assert fastpath.fetch_one(engine, number, {"v": "7"}) == {"n": 7}  # the session goes on
