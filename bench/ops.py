@@ -145,9 +145,11 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     """The ceiling of figure 2: sql+'s own upsert and read, on the bare driver.
 
     The statements ``store_result``/``get_task_meta`` run (SQLAlchemy-compiled,
-    prepared on psycopg, with the NOTIFY on PostgreSQL), executed in a loop on one
-    raw DBAPI connection with prebuilt parameters (the notification's payload
-    too): no Celery, no SQLAlchemy, no pool. What is left is the database and its
+    with the NOTIFY on PostgreSQL), executed in a loop on one raw DBAPI
+    connection with prebuilt parameters (the notification's payload too): no
+    Celery, no SQLAlchemy, no pool. On psycopg, as the backend runs them:
+    prepared, through libpq's ``exec_prepared``, here with the parameters
+    converted before the clock starts. What is left is the database and its
     driver; a backend can approach this rate, not pass it.
     """
     from datetime import datetime, timezone
@@ -180,10 +182,30 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     ids = [uuid() for _ in range(n + warmup)]
     writes = [write.args(row(task_id)) for task_id in ids]
     reads = [read.args({"task_id": task_id}) for task_id in ids]
-    extra = {"prepare": True} if write.prepare else {}
     pooled = engine.raw_connection()
     try:
-        cursor = pooled.dbapi_connection.cursor()
+        if write.libpq is not None and read.libpq is not None:
+            run = _libpq_loops(pooled.dbapi_connection, write.libpq, read.libpq)
+        else:
+            run = _cursor_loops(pooled.dbapi_connection, write, read)
+        start, stored, begun, done, rows = run(writes, reads, warmup)
+    finally:
+        pooled.close()
+    if rows != n:
+        raise RuntimeError(f"the bare driver read {rows} rows of {n} it wrote")
+    return Rates(n / (stored - start), n / (done - begun), ids[warmup:])
+
+
+#: ``(writes, reads, warmup)`` -> times (start, stored, begun, done) and the rows read.
+_Loops = Any
+
+
+def _cursor_loops(conn: Any, write: Any, read: Any) -> _Loops:
+    """The statements on the driver's cursor (PyMySQL, mysqlclient, sqlite3)."""
+    extra = {"prepare": True} if write.prepare else {}
+
+    def run(writes: list[Any], reads: list[Any], warmup: int) -> tuple[float, ...]:
+        cursor = conn.cursor()
         for values in writes[:warmup]:
             cursor.execute(write.sql, values, **extra)
         start = time.perf_counter()
@@ -200,8 +222,59 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
             rows += len(cursor.fetchall())
         done = time.perf_counter()
         cursor.close()
-    finally:
-        pooled.close()
-    if rows != n:
-        raise RuntimeError(f"the bare driver read {rows} rows of {n} it wrote")
-    return Rates(n / (stored - start), n / (done - begun), ids[warmup:])
+        return start, stored, begun, done, rows
+
+    return run
+
+
+def _libpq_loops(
+    conn: Any, write: tuple[bytes, tuple[str, ...]], read: tuple[bytes, tuple[str, ...]]
+) -> _Loops:
+    """psycopg: libpq's ``exec_prepared`` with every parameter converted beforehand (what
+    the backend's own path runs, less the conversion of parameters); rows are converted."""
+    from psycopg.adapt import PyFormat, Transformer
+    from psycopg.pq import ExecStatus
+
+    tx = Transformer.from_context(conn)
+    pg = conn.pgconn
+
+    def dumped(statement: tuple[bytes, tuple[str, ...]], values: Any) -> tuple[Any, ...]:
+        names = statement[1]
+        params = tx.dump_sequence([values[k] for k in names], [PyFormat.AUTO] * len(names))
+        return params, tx.types, tx.formats
+
+    def prepared(name: bytes, statement: tuple[bytes, tuple[str, ...]], types: Any) -> bytes:
+        if pg.prepare(name, statement[0], types).status != ExecStatus.COMMAND_OK:
+            raise RuntimeError(f"could not prepare {statement[0]!r}")
+        return name
+
+    def run(writes: list[Any], reads: list[Any], warmup: int) -> tuple[float, ...]:
+        w = [dumped(write, v) for v in writes]
+        r = [dumped(read, v) for v in reads]
+        wname = prepared(b"bench_write", write, w[0][1])
+        rname = prepared(b"bench_read", read, r[0][1])
+        if any(x[1] != w[0][1] for x in w) or any(x[1] != r[0][1] for x in r):
+            raise RuntimeError("the parameters' types differ between rows")
+        ok = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+        for params, _, formats in w[:warmup]:
+            pg.exec_prepared(wname, params, formats)
+        start = time.perf_counter()
+        for params, _, formats in w[warmup:]:
+            if pg.exec_prepared(wname, params, formats).status not in ok:
+                raise RuntimeError("a bare write failed")
+        stored = time.perf_counter()
+        for params, _, formats in r[:warmup]:
+            pg.exec_prepared(rname, params, formats)
+        begun = time.perf_counter()
+        rows = 0
+        for params, _, formats in r[warmup:]:
+            result = pg.exec_prepared(rname, params, formats)
+            tx.set_pgresult(result)
+            rows += len(tx.load_rows(0, result.ntuples, tuple))
+        done = time.perf_counter()
+        tx.set_pgresult(None)
+        pg.exec_(b"DEALLOCATE bench_write")
+        pg.exec_(b"DEALLOCATE bench_read")
+        return start, stored, begun, done, rows
+
+    return run

@@ -38,6 +38,7 @@ see there for when it goes back.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
@@ -165,6 +166,9 @@ _leases_lock = threading.Lock()
 _inherited: list[_Lease] = []
 
 _compiled: dict[int, _Compiled] = {}
+#: Numbers of prepared statements' names: unique in the process, so a name never clashes
+#: with one prepared earlier on the same session (a state lost, a statement re-prepared).
+_names = itertools.count()
 _KEEP = 256  # compiled statements remembered (a layout has a handful)
 _compiled_lock = threading.Lock()
 
@@ -351,7 +355,7 @@ def _libpq_run(
         for _ in range(2):
             name = state.prepared.get(key)
             if name is None and len(state.prepared) < _PREPARED_MAX:
-                name = b"_sqlresults_%d" % len(state.prepared)
+                name = b"_sqlresults_%d" % next(_names)
                 _check(conn, pg.prepare(name, sql, tx.types))
                 state.prepared[key] = name
             if name is None:
