@@ -348,14 +348,17 @@ repeated ({s.rounds} rounds), the median is shown.
    `synchronous_commit = off`, SQLite's `synchronous = NORMAL`): reported, no target (the
    targets are for the durable default). The "ceiling" rows: in sql+'s task, after
    its store and get, sql+'s own upsert and read statements (compiled by SQLAlchemy,
-   prepared on psycopg, NOTIFY with its payload included on PostgreSQL) executed
+   NOTIFY with its payload included on PostgreSQL; on psycopg prepared and run
+   through libpq's `exec_prepared`, as the backend runs them, with the parameters
+   converted before the clock starts) executed
    {s.ops} times each on one bare DBAPI connection with prebuilt parameters: the
    database and its driver alone, no Celery, SQLAlchemy or pool. The backend can
    approach that rate, not pass it; a failed target below says what ratio even the
    bare driver reaches. It is a tight loop whose code stays in the CPU's caches:
-   sampled with py-spy in the worker child (3000 stores), the same psycopg `execute()`
-   of the same statement took 143 µs of CPU per call in this loop and 255 µs inside
-   `store_result`, between Celery's, SQLAlchemy's pool and our own code. On
+   sampled with py-spy in the worker child (3000 stores, before the libpq path),
+   the same psycopg `execute()` of the same statement took 143 µs of CPU per call in
+   this loop and 255 µs inside `store_result`, between Celery's, SQLAlchemy's pool
+   and our own code. On
    PostgreSQL the client waits for each `bench.measure` with `.get()`, so it listens
    on the results' one channel while the task runs, and every store of the task
    (the ceiling's too) wakes it, as it would wake any waiting client: measured apart,
