@@ -222,18 +222,20 @@ def _compile(engine: Engine, stmt: sa.Executable) -> _Compiled:
     assert isinstance(stmt, sa.ClauseElement)
     dialect = engine.dialect
     compiled: Any = stmt.compile(dialect=dialect)  # an SQLCompiler
+    sql = str(compiled)
     selected = list(getattr(stmt, "exported_columns", None) or ())
     processors = (c.type._cached_result_processor(dialect, None) for c in selected)
     made = _Compiled(
         statement=stmt,
-        sql=str(compiled),
+        sql=sql,
         defaults=dict(compiled.params),
         positions=tuple(compiled.positiontup or ()) if compiled.positional else None,
         binds=dict(compiled._bind_processors),
         names=tuple(c.key for c in selected),
         results=tuple((i, p) for i, p in enumerate(processors) if p is not None),
         prepare=dialect.driver == "psycopg",
-        libpq=_numbered(str(compiled)) if dialect.driver == "psycopg" else None,
+        # Bytes in any client encoding alike: the settings admit ASCII identifiers only.
+        libpq=_numbered(sql) if dialect.driver == "psycopg" else None,
     )
     with _compiled_lock:
         if len(_compiled) >= _KEEP:  # statements of forgotten layouts: start afresh
