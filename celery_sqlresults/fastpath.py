@@ -10,16 +10,15 @@ SQLAlchemy's own handler (wrapped as ``DBAPIError`` subclasses,
 ``handle_error`` listeners run, a disconnect invalidates the connection and
 the pool), so retries and the missing-table handling work unchanged.
 
-On psycopg the statement goes one level lower still, to libpq itself
-(``Connection.pgconn``), with psycopg's own ``Transformer`` converting the
-values both ways: psycopg's cursor spends 16-20 µs per call above that
-(its prepared-statement bookkeeping and its wait loop), a fifth of a read.
-Each connection prepares each statement once (per combination of parameter
-types, as psycopg does); a connection made with ``prepare_threshold=None``
-(PgBouncer in transaction mode) prepares nothing. libpq waits with the GIL
-released, so other threads run meanwhile; a signal's handler (Ctrl-C, a
-soft time limit) runs when the statement returns, bounded by the session's
-``lock_timeout``.
+On psycopg the statement goes one level lower still: it is sent with libpq's
+own calls (``Connection.pgconn``), psycopg's ``Transformer`` converts the
+values both ways and psycopg's ``Connection.wait`` waits for the reply, as
+its cursor does (so gevent's waiting, and Ctrl-C or Celery's soft time limit
+cancelling the statement on the server, behave the same). What is skipped is
+the cursor's own bookkeeping, its prepared-statement cache included: 15-20 µs
+per call, a fifth of a read. Each connection prepares each statement once per
+combination of parameter types, as psycopg does; a connection made with
+``prepare_threshold=None`` (PgBouncer in transaction mode) prepares nothing.
 
 SQLAlchemy's bind and result processors still convert values (SQLite keeps
 dates as text). Used only where it is exactly equivalent: psycopg 3, PyMySQL,
@@ -39,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import threading
@@ -51,14 +51,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-try:  # the libpq path's parts; without psycopg it never runs
+try:  # the libpq path's parts; without them (no psycopg, or one changed) it is not taken
     import psycopg
+    from psycopg import generators
     from psycopg.adapt import PyFormat, Transformer
-    from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus
+    from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
+
+    _LIBPQ_PARTS = callable(getattr(generators, "execute", None)) and callable(
+        getattr(psycopg.Connection, "wait", None)
+    )
 except ImportError:  # pragma: no cover - psycopg is an extra
-    pass
+    _LIBPQ_PARTS = False
 
 __all__ = ["end_leases", "execute", "fetch_one", "release", "weight"]
+
+logger = logging.getLogger("celery_sqlresults")
 
 
 #: Drivers the fast path knows, and how to tell that a raw connection is in autocommit.
@@ -91,7 +98,8 @@ _LEASE_IDLE = 1.0
 _LEASE_RENEW = 30.0
 #: Seconds :func:`end_leases` waits for a call in progress on a lease.
 _END_WAIT = 10.0
-#: Key of the libpq path's state (:class:`_Libpq`) in the pooled connection's ``info``.
+#: Key of the libpq path's prepared statements in the pooled connection's ``info``:
+#: ``(connection, {(sql, parameter types): name})``.
 _LIBPQ = "celery_sqlresults.libpq"
 #: Statements one connection prepares at most (a layout has a handful, times parameter types).
 _PREPARED_MAX = 64
@@ -235,7 +243,7 @@ def _compile(engine: Engine, stmt: sa.Executable) -> _Compiled:
         results=tuple((i, p) for i, p in enumerate(processors) if p is not None),
         prepare=dialect.driver == "psycopg",
         # Bytes in any client encoding alike: the settings admit ASCII identifiers only.
-        libpq=_numbered(sql) if dialect.driver == "psycopg" else None,
+        libpq=_numbered(sql) if dialect.driver == "psycopg" and _LIBPQ_PARTS else None,
     )
     with _compiled_lock:
         if len(_compiled) >= _KEEP:  # statements of forgotten layouts: start afresh
@@ -324,60 +332,76 @@ def _numbered(sql: str) -> tuple[bytes, tuple[str, ...]]:
     return _PLACEHOLDER.sub(number, sql).encode(), tuple(names)
 
 
-class _Libpq:
-    """Per pooled psycopg connection: its value converter and the statements it prepared."""
-
-    __slots__ = ("conn", "prepared", "tx")
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.tx = Transformer.from_context(conn)
-        self.prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
-
-
 def _libpq_run(
     pooled: Any, conn: Any, statement: tuple[bytes, tuple[str, ...]], args: Any, fetch: bool
 ) -> Any:
     """Run a statement through libpq on psycopg connection ``conn`` (in autocommit).
 
-    Values are converted by psycopg's ``Transformer`` exactly as its cursor
-    would; errors are psycopg's own classes, so SQLAlchemy's handler sees what
-    it would see from ``cursor.execute()``.
+    Values are converted by a psycopg ``Transformer`` (a new one per call, as
+    its cursor makes), and psycopg's own ``Connection.wait`` waits for the
+    server: so gevent's patched waiting, Ctrl-C and Celery's soft time limit
+    (the server cancels the statement) behave as on the cursor. Errors are
+    psycopg's own classes, so SQLAlchemy's handler sees what it would see from
+    ``cursor.execute()``.
     """
-    state = pooled.info.get(_LIBPQ)
-    if state is None or state.conn is not conn:
-        state = pooled.info[_LIBPQ] = _Libpq(conn)
     sql, names = statement
-    tx = state.tx
+    tx = Transformer.from_context(conn)
     params = tx.dump_sequence([args[n] for n in names], [PyFormat.AUTO] * len(names))
     pg = conn.pgconn
     result = None
     if conn.prepare_threshold is not None:
-        key = (sql, tx.types)
+        kept = pooled.info.get(_LIBPQ)
+        if kept is None or kept[0] is not conn:
+            kept = pooled.info[_LIBPQ] = (conn, {})
+        prepared: dict[tuple[bytes, tuple[int, ...]], bytes] = kept[1]
+        key = (sql, tx.types or ())
         for _ in range(2):
-            name = state.prepared.get(key)
-            if name is None and len(state.prepared) < _PREPARED_MAX:
+            name = prepared.get(key)
+            if name is None and len(prepared) < _PREPARED_MAX:
                 name = b"_sqlresults_%d" % next(_names)
-                _check(conn, pg.prepare(name, sql, tx.types))
-                state.prepared[key] = name
+                pg.send_prepare(name, sql, tx.types)
+                _check(conn, _wait(conn))
+                prepared[key] = name
             if name is None:
                 break
-            result = pg.exec_prepared(name, params, tx.formats)
+            pg.send_query_prepared(name, params, tx.formats)
+            result = _wait(conn)
             if _gone(result):  # DEALLOCATE/DISCARD ALL ran on this session: prepare again
-                state.prepared.clear()
+                prepared.clear()
                 result = None
                 continue
             break
     if result is None:
-        result = pg.exec_params(sql, params, tx.types, tx.formats)
+        pg.send_query_params(sql, params, tx.types, tx.formats)
+        result = _wait(conn)
     _check(conn, result)
     if not fetch:
         return None
     tx.set_pgresult(result)
+    return tx.load_rows(0, result.ntuples, tuple)
+
+
+def _wait(conn: Any) -> Any:
+    """The one result of what was just sent, waited for as psycopg's cursor waits.
+
+    An exception raised meanwhile by a signal handler (Celery's soft time limit,
+    say) cancels the statement on the server, as psycopg does for Ctrl-C only:
+    a write the caller saw fail must not land later, when a lock it waits on goes.
+    """
+    gen = generators.execute(conn.pgconn)
     try:
-        return tx.load_rows(0, result.ntuples, tuple)
-    finally:
-        tx.set_pgresult(None)  # the rows are not kept with the connection
+        results = conn.wait(gen)
+    except BaseException:
+        if conn.pgconn.transaction_status == TransactionStatus.ACTIVE:
+            try:
+                conn.cancel_safe(timeout=5.0)
+                conn.wait(gen, timeout=5.0)  # its reply: "canceling statement"
+            except Exception as exc:  # the pool's reset gives the connection up
+                logger.warning("celery-sqlresults: cancelling a statement failed: %s", exc)
+        raise
+    if len(results) != 1:
+        raise psycopg.InternalError(f"expected one result from libpq, got {len(results)}")
+    return results[0]
 
 
 def _gone(result: Any) -> bool:
@@ -390,15 +414,18 @@ def _gone(result: Any) -> bool:
 
 def _check(conn: Any, result: Any) -> None:
     """Raise what psycopg's cursor would for a failed ``result``."""
-    if result.status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
+    status = result.status
+    if status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
         return
     encoding = conn.info.encoding
+    if status == ExecStatus.FATAL_ERROR and (
+        result.error_field(DiagnosticField.SQLSTATE) or conn.pgconn.status != ConnStatus.BAD
+    ):  # the server's own error (AdminShutdown, say), or one on a live connection
+        raise psycopg.errors.error_from_result(result, encoding=encoding)
     if conn.pgconn.status == ConnStatus.BAD:
         message = (conn.pgconn.error_message or result.error_message).decode(encoding, "replace")
         raise psycopg.OperationalError(f"the connection was lost: {message}")
-    if result.status == ExecStatus.FATAL_ERROR:
-        raise psycopg.errors.error_from_result(result, encoding=encoding)
-    raise psycopg.InternalError(f"unexpected result status from libpq: {result.status!r}")
+    raise psycopg.InternalError(f"unexpected result status from libpq: {status!r}")
 
 
 def _take(engine: Engine) -> tuple[Any, _Lease | None]:

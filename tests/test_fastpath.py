@@ -321,7 +321,7 @@ def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
     make_app: Callable[..., Celery],
 ) -> None:
     """psycopg sends an int as int2, int4 or int8 by its size: each combination is its own
-    prepared statement, else the server would read an int4's bytes as an int2's."""
+    prepared statement, else the server refuses an int4's bytes for an int2 parameter."""
     backend = make_app(result_extended=True, database_engine_options=_ONE_CONNECTION).backend
     for task_id, retries in (("small", 1), ("large", 70_000), ("small2", 2)):
         request = task_request(retries=retries)
@@ -334,11 +334,16 @@ def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
     ours = [n for n in _prepared_here(backend) if n.startswith("_sqlresults_")]
     # The read, the upsert with an int2 and with an int4, the FAILURE's upsert.
     assert len(ours) == 4, ours
+    assert sorted(n.decode() for n in _libpq_prepared(backend).values()) == ours
+
+
+def _libpq_prepared(backend: Any) -> dict[Any, bytes]:
+    """The libpq path's record of what it prepared on the pool's (only) connection."""
     pooled = backend.store.engine.raw_connection()
     try:
-        state = pooled.info[fastpath._LIBPQ]
-        assert sorted(n.decode() for n in state.prepared.values()) == ours
-        assert state.tx.pgresult is None  # no rows kept with the connection
+        conn, prepared = pooled.info[fastpath._LIBPQ]  # KeyError: the path was not taken
+        assert conn is pooled.dbapi_connection
+        return dict(prepared)
     finally:
         pooled.close()
 
@@ -369,6 +374,11 @@ def test_prepare_threshold_none_prepares_nothing(make_app: Callable[..., Celery]
         backend.store_result(f"t{i}", i, states.SUCCESS, request=task_request())
         assert backend.get_task_meta(f"t{i}", cache=False)["result"] == i
     assert _prepared_here(backend) == []
+    pooled = backend.store.engine.raw_connection()
+    try:  # the libpq path ran (it records a connection's statements only when it prepares)
+        assert fastpath._LIBPQ not in pooled.info and fastpath._CURSOR not in pooled.info
+    finally:
+        pooled.close()
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
@@ -384,3 +394,39 @@ def test_libpq_errors_are_psycopgs_wrapped_by_sqlalchemy(make_app: Callable[...,
     assert isinstance(caught.value.orig, psycopg.errors.InvalidTextRepresentation)
     assert not caught.value.connection_invalidated
     assert fastpath.fetch_one(engine, number, {"v": "7"}) == {"n": 7}  # the session goes on
+    assert _libpq_prepared(backend)  # on the libpq path
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_a_signal_interrupts_a_statement_and_the_server_cancels_it(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """Ctrl-C or a soft time limit during a store stuck on a lock: raised in the caller at
+    once (not when the lock goes, up to sqlresults_lock_timeout later), the statement is
+    cancelled on the server and the connection serves the next call."""
+    import signal
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    backend = make_app(database_engine_options=_ONE_CONNECTION, sqlresults_lock_timeout=60).backend
+    backend.store_result("locked", 1, states.STARTED)
+    holder = raw_engine(db_url).connect()
+    holder.exec_driver_sql("BEGIN")
+    holder.exec_driver_sql("SELECT 1 FROM celery_taskmeta WHERE task_id = 'locked' FOR UPDATE")
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Interrupted):
+            backend.store_result("locked", 2, states.SUCCESS)  # waits on the row lock
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        holder.exec_driver_sql("ROLLBACK")
+        holder.close()
+    assert backend.get_task_meta("locked", cache=False)["status"] == states.STARTED  # cancelled
+    backend.store_result("locked", 3, states.SUCCESS)
+    assert backend.get_task_meta("locked", cache=False)["result"] == 3
