@@ -147,10 +147,11 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     The statements ``store_result``/``get_task_meta`` run (SQLAlchemy-compiled,
     with the NOTIFY on PostgreSQL), executed in a loop on one raw DBAPI
     connection with prebuilt parameters (the notification's payload too): no
-    Celery, no SQLAlchemy, no pool. On psycopg, as the backend runs them:
-    prepared, through libpq's ``exec_prepared``, here with the parameters
-    converted before the clock starts. What is left is the database and its
-    driver; a backend can approach this rate, not pass it.
+    Celery, no SQLAlchemy, no pool. On psycopg prepared, as the backend runs
+    them, and sent with libpq's blocking ``exec_prepared`` (the backend waits
+    through psycopg, a few µs more), the parameters converted before the clock
+    starts. What is left is the database and its driver; a backend can
+    approach this rate, not pass it.
     """
     from datetime import datetime, timezone
 
@@ -230,8 +231,9 @@ def _cursor_loops(conn: Any, write: Any, read: Any) -> _Loops:
 def _libpq_loops(
     conn: Any, write: tuple[bytes, tuple[str, ...]], read: tuple[bytes, tuple[str, ...]]
 ) -> _Loops:
-    """psycopg: libpq's ``exec_prepared`` with every parameter converted beforehand (what
-    the backend's own path runs, less the conversion of parameters); rows are converted."""
+    """psycopg: libpq's blocking ``exec_prepared`` with every parameter converted beforehand
+    (the backend's own statements, less the conversion of parameters and psycopg's wait);
+    rows are converted."""
     from psycopg.adapt import PyFormat, Transformer
     from psycopg.pq import ExecStatus
 

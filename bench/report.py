@@ -349,8 +349,9 @@ repeated ({s.rounds} rounds), the median is shown.
    targets are for the durable default). The "ceiling" rows: in sql+'s task, after
    its store and get, sql+'s own upsert and read statements (compiled by SQLAlchemy,
    NOTIFY with its payload included on PostgreSQL; on psycopg prepared and run
-   through libpq's `exec_prepared`, as the backend runs them, with the parameters
-   converted before the clock starts) executed
+   with libpq's blocking `exec_prepared`, the parameters converted before the clock
+   starts; the backend sends the same prepared statements and waits through psycopg,
+   a few µs more) executed
    {s.ops} times each on one bare DBAPI connection with prebuilt parameters: the
    database and its driver alone, no Celery, SQLAlchemy or pool. The backend can
    approach that rate, not pass it; a failed target below says what ratio even the
