@@ -138,7 +138,7 @@ def worker_figures(url: str, sizes: Sizes, log_dir: Path, capped: bool) -> dict[
 
 
 def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, dict[str, float]]:
-    """Figure 9: ``.get()`` and a group, sql+ by default and with rows off, and Redis.
+    """Figure 9: ``.get()``, a group and a chord, sql+ by default and with rows off, and Redis.
 
     Their differences are smaller than this machine's drift from one figure to
     the next, so the three run side by side (a worker each) and take turns,
@@ -150,9 +150,10 @@ def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, 
         "sql_off": (sql_url, False),
         "redis": (config.REDIS_RESULTS, None),
     }
-    n, size = max(sizes.roundtrips // 2, 1), max(sizes.group // 2, 1)
+    n = max(sizes.roundtrips // 2, 1)
     samples: dict[str, list[float]] = {key: [] for key in setups}
     groups: dict[str, list[float]] = {key: [] for key in setups}
+    chords: dict[str, list[float]] = {key: [] for key in setups}
     workers = {
         key: (
             url,
@@ -162,16 +163,20 @@ def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, 
         for key, (url, rows) in setups.items()
     }
     with side_by_side(workers, 2, log_dir) as apps:
-        adds = {key: app.tasks["bench.add"] for key, app in apps.items()}
+        tasks = {
+            key: (app.tasks["bench.add"], app.tasks["bench.tsum"]) for key, app in apps.items()
+        }
         for _ in range(2 * sizes.rounds):
-            for key, add in adds.items():
+            for key, (add, tsum) in tasks.items():
                 samples[key] += ops.roundtrips_ms(add, n, sizes.warmup)
-                groups[key].append(ops.group_seconds(add, size))
+                groups[key].append(ops.group_seconds(add, sizes.group))
+                chords[key].append(ops.chord_seconds(add, tsum, sizes.chord))
     return {
         key: {
             "rt_p50": ops.percentile(samples[key], 50),
             "rt_p90": ops.percentile(samples[key], 90),
             "group": median(groups[key]),
+            "chord": median(chords[key]),
         }
         for key in setups
     }
