@@ -418,13 +418,14 @@ def _check(conn: Any, result: Any) -> None:
     if status in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK):
         return
     encoding = conn.info.encoding
-    if status == ExecStatus.FATAL_ERROR and (
-        result.error_field(DiagnosticField.SQLSTATE) or conn.pgconn.status != ConnStatus.BAD
-    ):  # the server's own error (AdminShutdown, say), or one on a live connection
+    failed = status == ExecStatus.FATAL_ERROR
+    if failed and result.error_field(DiagnosticField.SQLSTATE):  # the server's (AdminShutdown…)
         raise psycopg.errors.error_from_result(result, encoding=encoding)
-    if conn.pgconn.status == ConnStatus.BAD:
+    if conn.pgconn.status == ConnStatus.BAD:  # libpq's own: the connection went
         message = (conn.pgconn.error_message or result.error_message).decode(encoding, "replace")
         raise psycopg.OperationalError(f"the connection was lost: {message}")
+    if failed:
+        raise psycopg.errors.error_from_result(result, encoding=encoding)
     raise psycopg.InternalError(f"unexpected result status from libpq: {status!r}")
 
 

@@ -91,20 +91,29 @@ def test_errors_are_sqlalchemys(make_app: Callable[..., Celery], db_url: str) ->
     assert backend.get_task_meta("u", cache=False)["result"] == 2
 
 
-def _kept_cursor(engine: sa.Engine) -> object:
-    """The cursor the fast path keeps with the pool's (only) connection, if any."""
+#: A pool of one connection: the fast path's records on it can be looked at between calls.
+_ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0}
+
+
+def _pool_info(engine: sa.Engine) -> tuple[Any, dict[str, Any]]:
+    """The pool's (only) connection and what the fast path recorded with it."""
     pooled = engine.raw_connection()
     try:
-        kept = pooled.info.get(fastpath._CURSOR)
-        return None if kept is None else kept[1]
+        return pooled.dbapi_connection, dict(pooled.info)
     finally:
         pooled.close()
+
+
+def _kept_cursor(engine: sa.Engine) -> object:
+    """The cursor the fast path keeps with the pool's (only) connection, if any."""
+    kept = _pool_info(engine)[1].get(fastpath._CURSOR)
+    return None if kept is None else kept[1]
 
 
 @pytest.mark.parametrize("db_kind", ["mysql", "mysqlclient", "sqlite"])  # PostgreSQL: libpq
 def test_cursor_kept_unless_values_are_large(make_app: Callable[..., Celery], db_url: str) -> None:
     """One cursor per pooled connection is reused; a call with large values closes its own."""
-    app = make_app(database_engine_options={"pool_size": 1, "max_overflow": 0})
+    app = make_app(database_engine_options=_ONE_CONNECTION)
     backend = app.backend
     backend.store_result("small", 1, states.SUCCESS)
     engine = backend.store.engine
@@ -313,9 +322,6 @@ def _prepared_here(backend: Any) -> list[str]:
     return list(backend.store.run(lambda c, _: c.exec_driver_sql(sql).scalars().all(), []))
 
 
-_ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0}
-
-
 @pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
     make_app: Callable[..., Celery],
@@ -339,13 +345,10 @@ def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
 
 def _libpq_prepared(backend: Any) -> dict[Any, bytes]:
     """The libpq path's record of what it prepared on the pool's (only) connection."""
-    pooled = backend.store.engine.raw_connection()
-    try:
-        conn, prepared = pooled.info[fastpath._LIBPQ]  # KeyError: the path was not taken
-        assert conn is pooled.dbapi_connection
-        return dict(prepared)
-    finally:
-        pooled.close()
+    dbapi_conn, info = _pool_info(backend.store.engine)
+    conn, prepared = info[fastpath._LIBPQ]  # KeyError: the path was not taken
+    assert conn is dbapi_conn
+    return dict(prepared)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
@@ -374,11 +377,9 @@ def test_prepare_threshold_none_prepares_nothing(make_app: Callable[..., Celery]
         backend.store_result(f"t{i}", i, states.SUCCESS, request=task_request())
         assert backend.get_task_meta(f"t{i}", cache=False)["result"] == i
     assert _prepared_here(backend) == []
-    pooled = backend.store.engine.raw_connection()
-    try:  # the libpq path ran (it records a connection's statements only when it prepares)
-        assert fastpath._LIBPQ not in pooled.info and fastpath._CURSOR not in pooled.info
-    finally:
-        pooled.close()
+    info = _pool_info(backend.store.engine)[1]
+    # The libpq path ran: no cursor kept (it records statements only when it prepares).
+    assert fastpath._LIBPQ not in info and fastpath._CURSOR not in info
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
