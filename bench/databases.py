@@ -123,6 +123,11 @@ def server_versions(kinds: list[str]) -> dict[str, str]:
         "postgresql": (config.PG_ADMIN, "SHOW server_version"),
         "mysql": (config.MYSQL_ADMIN, "SELECT VERSION()"),
     }
+    #: The settings that decide whether a commit waits for the disk.
+    flushing = {
+        "postgresql": {"fsync": "SHOW fsync", "synchronous_commit": "SHOW synchronous_commit"},
+        "mysql": {"innodb_flush_log_at_trx_commit": "SELECT @@innodb_flush_log_at_trx_commit"},
+    }
     for kind in kinds:
         if kind == "sqlite":
             out["SQLite"] = sqlite3.sqlite_version
@@ -131,12 +136,34 @@ def server_versions(kinds: list[str]) -> dict[str, str]:
         engine = admin_engine(url)
         try:
             with engine.connect() as conn:
-                out[config.SERVER_TITLES[kind]] = str(conn.exec_driver_sql(query).scalar())
+                version = str(conn.exec_driver_sql(query).scalar())
+                settings = ", ".join(
+                    f"{name} {conn.exec_driver_sql(q).scalar()}"
+                    for name, q in flushing[kind].items()
+                )
         finally:
             engine.dispose()
+        out[config.SERVER_TITLES[kind]] = f"{version} ({settings})"
     client = redis.Redis.from_url(config.REDIS_RESULTS, socket_connect_timeout=5)
     try:
-        out["Redis"] = str(client.info("server")["redis_version"])
+        out["Redis"] = str(client.info("server")["redis_version"]) + _redis_persistence(client)
     finally:
         client.close()
     return out
+
+
+def _redis_persistence(client: redis.Redis) -> str:
+    """How Redis keeps what it is sent (a store is durable only with ``appendfsync always``)."""
+    try:
+        conf: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            conf.update(client.config_get(name))  # type: ignore[arg-type]
+    except redis.RedisError:  # CONFIG may be renamed or disabled
+        return ""
+    if conf.get("appendonly") == "yes":
+        how = f"append-only file, fsync {conf.get('appendfsync')}"
+    else:
+        how = "no append-only file"
+    saves = conf.get("save") or ""
+    how += f", snapshots {'every ' + saves if saves else 'off'}"
+    return f" ({how})"

@@ -114,8 +114,10 @@ def child_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict
     out = {
         key: {"store_child": rate(key, "store"), "get_child": rate(key, "get")} for key in replies
     }
-    out["sql"]["store_driver_child"] = rate("sql", "driver_store")
-    out["sql"]["get_driver_child"] = rate("sql", "driver_get")
+    for key in ("sql", "sql_relaxed"):
+        if key in replies:
+            out[key]["store_driver_child"] = rate(key, "driver_store")
+            out[key]["get_driver_child"] = rate(key, "driver_get")
     return out
 
 
@@ -252,6 +254,7 @@ def database_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, d
     out["redis"] = child["redis"]
     if "sql_relaxed" in child:
         out["sql"]["store_child_relaxed"] = child["sql_relaxed"]["store_child"]
+        out["sql"]["store_driver_child_relaxed"] = child["sql_relaxed"]["store_driver_child"]
     return out
 
 
