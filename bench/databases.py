@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,3 +170,47 @@ def _redis_persistence(client: redis.Redis) -> str:
     saves = conf.get("save") or ""
     how += f", snapshots {'every ' + saves if saves else 'off'}"
     return f" ({how})"
+
+
+@contextlib.contextmanager
+def redis_fsync_always() -> Iterator[bool]:
+    """Redis made durable for a while: an append-only file flushed at every write.
+
+    Yields whether Redis took the settings (``CONFIG`` may be disabled); the
+    previous ones are put back afterwards. Turning the file on makes Redis
+    write one (in its ``dir``) and it stays there, unused once turned off.
+    """
+    client = redis.Redis.from_url(config.REDIS_RESULTS, socket_connect_timeout=5)
+    try:
+        try:
+            before: dict[str, str] = {
+                **client.config_get("appendonly"),  # type: ignore[dict-item]
+                **client.config_get("appendfsync"),  # type: ignore[dict-item]
+            }
+        except redis.RedisError:
+            yield False
+            return
+        try:
+            try:
+                client.config_set("appendfsync", "always")
+                client.config_set("appendonly", "yes")
+                took = _aof_ready(client)
+            except redis.RedisError:
+                took = False
+            yield took
+        finally:
+            client.config_set("appendonly", before["appendonly"])
+            client.config_set("appendfsync", before["appendfsync"])
+    finally:
+        client.close()
+
+
+def _aof_ready(client: redis.Redis, timeout: float = 60.0) -> bool:
+    """Wait for the rewrite that turning the append-only file on starts; whether it worked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = client.info("persistence")
+        if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+            return bool(info["aof_enabled"]) and info["aof_last_bgrewrite_status"] == "ok"
+        time.sleep(0.05)
+    return False

@@ -41,9 +41,12 @@ class Figure:
     label: str
     unit: str  # "/s" (higher is better), "ms" or "s" (lower is better)
     others: str | None = None  # key of db+'s and Redis' figure, if not ``key``
+    own: str | None = None  # key of sql+'s figure, if not ``key`` (a variant of the others)
 
     def key_for(self, backend: str) -> str:
-        return self.key if backend == "sql" or self.others is None else self.others
+        if backend == "sql":
+            return self.own or self.key
+        return self.others or self.key
 
     @property
     def higher_is_better(self) -> bool:
@@ -70,6 +73,12 @@ def figures(sizes: Sizes) -> list[Figure]:
             "2. store_result, prefork child, sql+ with sqlresults_durable_commit=False",
             "/s",
             others="store_child",
+        ),
+        Figure(
+            "store_child_durable",
+            "2. store_result, prefork child, vs Redis with `appendfsync always` (durable)",
+            "/s",
+            own="store_child",
         ),
         Figure(
             "store_driver_child",
@@ -218,6 +227,8 @@ def table(results: Results, kind: str, sizes: Sizes) -> str:
         ours, db, red = (results.value(kind, b, fig.key_for(b)) for b in config.BACKENDS)
         if ours is None and fig.others is not None:
             continue  # a sql+ variant not measured on this database
+        if red is None and fig.own is not None:
+            continue  # a Redis variant not measured
         cells = [fig.label, fig.format(ours), fig.format(db), fig.format(red)]
         cells += [_fmt_ratio(ratio(fig, ours, db)), _fmt_ratio(ratio(fig, ours, red))]
         rows.append("| " + " | ".join(cells) + " |")
@@ -257,18 +268,26 @@ def targets_section(results: Results, kinds: list[str], sizes: Sizes) -> str:
 
 
 def _flush_share(results: Results, kind: str, against: str, bare: str) -> str:
-    """What flushing each commit costs a store (bare driver, with and without), against Redis."""
+    """What flushing each commit costs a store (bare driver, with and without), against
+    Redis, and the ratio to a Redis that flushes each write too."""
     durable = results.value(kind, "sql", bare)
     relaxed = results.value(kind, "sql", f"{bare}_relaxed")
     other = results.value(kind, against, "store_child")
     if against != "redis" or not durable or not relaxed or not other:
         return ""
     flush_us = 1e6 / durable - 1e6 / relaxed
-    return (
+    line = (
         f", and {relaxed / other:.2f}x with durable commit off: flushing each commit to disk"
         f" costs {flush_us:.0f} µs of its {1e6 / durable:.0f} µs per store, against"
         f" {1e6 / other:.0f} µs for a whole store on {config.LABELS[against]}"
     )
+    ours = results.value(kind, "sql", "store_child")
+    flushed = results.value(kind, against, "store_child_durable")
+    if ours and flushed:
+        line += (
+            f"; against Redis flushing each write too (`appendfsync always`): {ours / flushed:.2f}x"
+        )
+    return line
 
 
 def publish_overhead(results: Results, kinds: list[str]) -> list[str]:
@@ -380,7 +399,11 @@ repeated ({s.rounds} rounds), the median is shown.
    backend and 5 % for another on this machine). On PostgreSQL and SQLite a fourth worker
    takes its turn with `sqlresults_durable_commit = False` (opt-in: PostgreSQL's
    `synchronous_commit = off`, SQLite's `synchronous = NORMAL`): reported, no target (the
-   targets are for the durable default). The "ceiling" rows: in sql+'s task, after
+   targets are for the durable default). A fifth worker stores in Redis made durable
+   for its turns (`CONFIG SET appendonly yes` and `appendfsync always`, after the
+   append-only file's first rewrite; the previous settings put back after each
+   turn): reported, no target (Redis' own settings are in the servers line). The
+   "ceiling" rows: in sql+'s task, after
    its store and get, sql+'s own upsert and read statements (compiled by SQLAlchemy,
    NOTIFY with its payload included on PostgreSQL; on psycopg prepared and run
    with libpq's blocking `exec_prepared`, the parameters converted before the clock
