@@ -94,11 +94,12 @@ def child_figures(target: Target, sizes: Sizes, log_dir: Path) -> dict[str, dict
     """Figure 2: the rates inside a task of a ``--concurrency=1`` prefork worker.
 
     sql+, db+ and Redis (and, where it exists, sql+ with
-    ``sqlresults_durable_commit = False``: key ``sql_relaxed``) each get a
-    worker, started side by side; the workers take turns, round after round,
-    so the machine's drift between minutes hits every backend alike (measured
-    one after another, minutes apart, Redis' rate moved by 40 % between runs
-    while ours moved by 5 %). Each figure is the median of the rounds.
+    ``sqlresults_durable_commit = False``: key ``sql_relaxed``; and Redis made
+    durable for its turns: key ``redis_durable``) each get a worker, started
+    side by side; the workers take turns, round after round, so the machine's
+    drift between minutes hits every backend alike (measured one after
+    another, minutes apart, Redis' rate moved by 40 % between runs while ours
+    moved by 5 %). Each figure is the median of the rounds.
     """
     durable, relaxed = {config.ENV_RELAXED: "0"}, {config.ENV_RELAXED: "1"}
     workers: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
