@@ -399,7 +399,7 @@ repeated ({s.rounds} rounds), the median is shown.
    backend and 5 % for another on this machine). On PostgreSQL and SQLite a fourth worker
    takes its turn with `sqlresults_durable_commit = False` (opt-in: PostgreSQL's
    `synchronous_commit = off`, SQLite's `synchronous = NORMAL`): reported, no target (the
-   targets are for the durable default). A fifth worker stores in Redis made durable
+   targets are for the durable default). One more worker stores in Redis made durable
    for its turns (`CONFIG SET appendonly yes` and `appendfsync always`, after the
    append-only file's first rewrite; the previous settings put back after each
    turn): reported, no target (Redis' own settings are in the servers line). The
