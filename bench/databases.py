@@ -158,9 +158,7 @@ def server_versions(kinds: list[str]) -> dict[str, str]:
 def _redis_persistence(client: redis.Redis) -> str:
     """How Redis keeps what it is sent (a store is durable only with ``appendfsync always``)."""
     try:
-        conf: dict[str, str] = {}
-        for name in ("appendonly", "appendfsync", "save"):
-            conf.update(client.config_get(name))  # type: ignore[arg-type]
+        conf = _redis_config(client, "appendonly", "appendfsync", "save")
     except redis.RedisError:  # CONFIG may be renamed or disabled
         return ""
     if conf.get("appendonly") == "yes":
@@ -183,10 +181,7 @@ def redis_fsync_always() -> Iterator[bool]:
     client = redis.Redis.from_url(config.REDIS_RESULTS, socket_connect_timeout=5)
     try:
         try:
-            before: dict[str, str] = {
-                **client.config_get("appendonly"),  # type: ignore[dict-item]
-                **client.config_get("appendfsync"),  # type: ignore[dict-item]
-            }
+            before = _redis_config(client, "appendonly", "appendfsync")
         except redis.RedisError:
             yield False
             return
@@ -203,6 +198,14 @@ def redis_fsync_always() -> Iterator[bool]:
             client.config_set("appendfsync", before["appendfsync"])
     finally:
         client.close()
+
+
+def _redis_config(client: redis.Redis, *names: str) -> dict[str, str]:
+    """The values of Redis settings ``names`` (``CONFIG GET``; raises if it is refused)."""
+    conf: dict[str, str] = {}
+    for name in names:
+        conf.update(client.config_get(name))  # type: ignore[arg-type]
+    return conf
 
 
 def _aof_ready(client: redis.Redis, timeout: float = 60.0) -> bool:
