@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from .backend import SQLResultsBackend
 from .compat import SessionManager, create_tables
-from .exceptions import DatabaseUnavailable, SchemaMissing, SQLResultsError
+from .exceptions import (
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    SchemaMissing,
+    SQLResultsError,
+)
 from .query import ResultQuery, TaskRecord, Undecodable, parse_when
 
 __all__ = [
+    "DatabaseMisconfigured",
     "DatabaseUnavailable",
     "ResultQuery",
     "SQLResultsBackend",

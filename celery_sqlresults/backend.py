@@ -27,7 +27,7 @@ from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from .exceptions import LockTimeout, ResultTooLarge, SQLResultsError
+from .exceptions import DatabaseMisconfigured, LockTimeout, ResultTooLarge, SQLResultsError
 from .settings import Settings
 from .startup import _reason, ensure_schema
 from .store import Store
@@ -87,7 +87,10 @@ class SQLResultsBackend(BaseBackend):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
         self._pickle_free = _PICKLE not in (self.accept or ())
-        self.store = Store(self.settings)
+        self.store = Store(
+            self.settings,
+            on_new_database=_recheck_schema if self.settings.create_tables_on_startup else None,
+        )
         self._waiter = waiter_for(self.store, self.settings)
         if self.settings.create_tables_on_startup:
             try:
@@ -103,7 +106,13 @@ class SQLResultsBackend(BaseBackend):
 
     # ---- retries --------------------------------------------------------
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        """Disconnects, refused connections, deadlocks and lock timeouts: worth another try."""
+        """Disconnects, refused connections, deadlocks and lock timeouts: worth another try.
+
+        Not errors that waiting cannot fix (an unknown database, user or host, a
+        refused login): those are raised at once.
+        """
+        if self.store.dialect.permanent_error_fix(exc) is not None:
+            return False
         if isinstance(exc, (OperationalError, InterfaceError)):
             return True
         return isinstance(exc, DBAPIError) and exc.connection_invalidated
@@ -136,6 +145,13 @@ class SQLResultsBackend(BaseBackend):
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
+                fix = self.store.dialect.permanent_error_fix(exc)
+                if fix is not None:
+                    raise DatabaseMisconfigured(
+                        f"{_operation(func, fallback_exc)} failed: the result database "
+                        f"{self.settings.masked_url} refused the connection: {_reason(exc)}. "
+                        f"Waiting will not fix this: {fix}."
+                    ) from None
                 now = time.monotonic()
                 started = now if started is None else started
                 retryable = self.always_retry and self.exception_safe_to_retry(exc)
@@ -156,7 +172,7 @@ class SQLResultsBackend(BaseBackend):
                 )
                 logger.warning(
                     "celery-sqlresults: %s failed at %s (%s); retry %d in %.2fs",
-                    getattr(func, "__name__", "operation"),
+                    _operation(func, fallback_exc),
                     self.settings.masked_url,
                     _reason(exc),
                     retries,
@@ -183,8 +199,9 @@ class SQLResultsBackend(BaseBackend):
         lock = self.store.dialect.is_lock_timeout(exc)
         if not (lock or (retried and fallback_exc is not None)):
             return
-        what = getattr(func, "__name__", "operation").lstrip("_").replace("_", " ")
-        message = f"{what} failed at {self.settings.masked_url}: {_reason(exc)}"
+        message = (
+            f"{_operation(func, fallback_exc)} failed at {self.settings.masked_url}: {_reason(exc)}"
+        )
         if lock:
             message += (
                 f". Another session held a lock longer than sqlresults_lock_timeout="
@@ -192,9 +209,11 @@ class SQLResultsBackend(BaseBackend):
             )
         if retried:
             message += (
-                f". Gave up after {retries} retr{'y' if retries == 1 else 'ies'} in "
+                f". Still failing after {retries} retr{'y' if retries == 1 else 'ies'} in "
                 f"{elapsed:.1f}s (sqlresults_retry_timeout={self.settings.retry_timeout:g}s, "
-                f"result_backend_max_retries={self.max_retries:g}); raise them to wait longer"
+                f"result_backend_max_retries={self.max_retries:g}): check that the database "
+                "is up and reachable; to ride out longer outages, raise "
+                "sqlresults_retry_timeout"
             )
         raise (fallback_exc or LockTimeout)(message) from exc
 
@@ -413,6 +432,7 @@ class SQLResultsBackend(BaseBackend):
         task_id = bytes_to_str(task_id)
         with self._waiter.watch([task_id], interval) as wait:
             carried = None
+            waited = False
             while True:
                 if carried is not None:  # the notification brought the row: no read
                     meta = self._meta_from_row(carried)
@@ -421,11 +441,16 @@ class SQLResultsBackend(BaseBackend):
                 else:
                     wait.forget()  # this read sees anything notified so far
                     meta = self.get_task_meta(task_id)
-                if meta["status"] in states.READY_STATES:
-                    return meta
-                if on_interval:
+                ready = meta["status"] in states.READY_STATES
+                # After every wait, the one that brought the result too, as Celery's
+                # Redis backend does: AsyncResult.get() checks the parents there, so a
+                # failed chord header raises its own error, not the body's ChordError.
+                if on_interval and (waited or not ready):
                     on_interval()
+                if ready:
+                    return meta
                 carried = self._carried(task_id, wait(_remaining(deadline)))
+                waited = True
 
     def get_many(
         self,
@@ -586,6 +611,42 @@ class SQLResultsBackend(BaseBackend):
 
             expect_publish(self, task_id)
         return {}
+
+
+#: What each retried operation does, for messages (by the function's name).
+_OPERATIONS = {
+    "_store_result": "storing the result of task {task_id}",
+    "_get_task_meta_for": "reading the state of task {task_id}",
+    "_forget": "forgetting a task result",
+    "_save_group": "saving a group result",
+    "_restore_group": "reading a group result",
+    "_delete_group": "deleting a group result",
+    "get_ready": "reading task results",
+    "task_exists": "looking up a task result",
+    "chord_start": "starting a chord",
+    "chord_set_size": "setting a chord's size",
+    "chord_part_done": "counting a finished chord part",
+    "chord_delete": "removing a finished chord's counter",
+    "cleanup": "deleting expired results",
+}
+
+
+def _operation(func: Any, fallback_exc: Any) -> str:
+    """What ``func`` was doing, as a sentence's start: "Reading the state of task …"."""
+    name = getattr(func, "__name__", "")
+    task_id = getattr(fallback_exc, "keywords", {}).get("task_id")
+    text = _OPERATIONS.get(name, "a result backend operation")
+    if task_id is None:
+        text = text.replace(" of task {task_id}", " of a task")
+    return text.format(task_id=task_id).capitalize() if text else "An operation"
+
+
+def _recheck_schema(store: Store) -> None:
+    """A replaced database file is a new database: start-up creation runs against it."""
+    try:
+        ensure_schema(store, wait=0)
+    except (SQLResultsError, DBAPIError) as exc:
+        logger.warning("celery-sqlresults: schema not checked yet: %s", exc)
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -52,6 +52,30 @@ _MYSQL_CAPACITY = {
 }
 _MYSQL_ESCAPED = (b"\\", b"'", b'"', b"\0", b"\n", b"\r", b"\x1a")
 _SQLITE_BUSY = re.compile(r"database is locked|database table is locked", re.I)
+#: Connection errors that waiting cannot fix, each with what to do about it. PostgreSQL's
+#: arrive as text only (libpq gives no SQLSTATE before a session exists); English messages.
+_FIX_DATABASE = "create the database, or fix its name in result_backend"
+_FIX_LOGIN = "fix the user name or password in result_backend, or create that user"
+_FIX_HOST = "fix the host name in result_backend"
+_FIX_GRANT = "grant that user access to the database (CONNECT), or use another user"
+_PG_PERMANENT = (
+    (re.compile(r'database "[^"]*" does not exist'), _FIX_DATABASE),
+    (re.compile(r'role "[^"]*" does not exist'), _FIX_LOGIN),
+    (re.compile(r"password authentication failed|no password supplied", re.I), _FIX_LOGIN),
+    (re.compile(r"no pg_hba\.conf entry|(peer|ident) authentication failed", re.I), _FIX_LOGIN),
+    (re.compile(r"permission denied for database", re.I), _FIX_GRANT),
+    (re.compile(r"failed to resolve host|could not translate host name", re.I), _FIX_HOST),
+)
+#: MySQL/MariaDB error numbers: unknown database, access denied (login, database, socket
+#: auth), unknown host (mysqlclient's own; PyMySQL says 2003 with the resolver's text).
+_MYSQL_PERMANENT = {1049: _FIX_DATABASE, 1045: _FIX_LOGIN, 1698: _FIX_LOGIN, 1044: _FIX_GRANT}
+_MYSQL_UNKNOWN_HOST = 2005
+_UNRESOLVED = re.compile(r"Name or service not known|nodename nor servname|No address associated")
+_SQLITE_UNOPENABLE = re.compile(r"unable to open database file", re.I)
+_FIX_SQLITE = (
+    "fix the path in result_backend: its directory must exist and this user must be "
+    "able to write there"
+)
 #: PostgreSQL refuses a notification payload of this many bytes or more.
 NOTICE_LIMIT = 8000
 #: What :meth:`Dialect.constant` writes into SQL text as it is.
@@ -393,6 +417,15 @@ class Dialect:
             return ["PRAGMA synchronous = NORMAL"]
         return []
 
+    def database_file(self, url: Any) -> str | None:
+        """The path of the file holding the database (SQLite on disk), else ``None``."""
+        if self.name != "sqlite":
+            return None
+        database = url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return str(database)
+
     # ---- value sizes ----------------------------------------------------
     def column_capacity(self, column_type: Any) -> int | None:
         """Bytes a reflected binary/text column holds, or ``None`` for "more than we'd send".
@@ -428,6 +461,25 @@ class Dialect:
     def is_lock_timeout(self, exc: BaseException) -> bool:
         """True when ``exc`` says a statement gave up waiting for another session's lock."""
         return self._error_is(exc, _PG_LOCK_NOT_AVAILABLE, _MYSQL_LOCK_WAIT_TIMEOUT, _SQLITE_BUSY)
+
+    def permanent_error_fix(self, exc: BaseException) -> str | None:
+        """What to do about ``exc`` if waiting cannot fix it (else ``None``: worth a retry).
+
+        An unknown database, role or host, a refused login or no right to connect
+        stays so however long one waits: such errors are reported at once, not
+        retried for ``sqlresults_retry_timeout``.
+        """
+        orig = getattr(exc, "orig", None) or exc
+        text = " ".join(str(orig).split())
+        if self.name == "postgresql":
+            return next((fix for pattern, fix in _PG_PERMANENT if pattern.search(text)), None)
+        if self.name == "mysql":
+            args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+            code = args[0] if args else None
+            if code == _MYSQL_UNKNOWN_HOST or (code == 2003 and _UNRESOLVED.search(text)):
+                return _FIX_HOST
+            return _MYSQL_PERMANENT.get(code) if isinstance(code, int) else None
+        return _FIX_SQLITE if _SQLITE_UNOPENABLE.search(text) else None
 
     def is_missing_table(self, exc: BaseException) -> bool:
         """True when ``exc`` says a table does not exist (and nothing else went wrong)."""

@@ -5,6 +5,13 @@ opens a new one per call outside workers). A prefork child notices it is
 not the process that built the engine and starts its own pool, after telling
 the inherited pool to forget its connections without closing them: closing
 would send a goodbye on sockets the parent still uses.
+
+A SQLite database is a file that test suites and operators delete and
+recreate under the same path. Pooled connections would go on writing into
+the deleted file, so an engine on a file remembers which file its first
+connection opened, and :func:`is_current` tells when the path now names
+another file (or none): the engine is then dropped and the next one opens
+what is there now.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import functools
 import json
 import os
 import threading
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,10 +31,22 @@ from . import fastpath
 from .dialects import dialect_for
 from .settings import Settings
 
-__all__ = ["dispose_all", "get_engine"]
+__all__ = ["dispose_all", "get_engine", "is_current"]
 
 _lock = threading.Lock()
 _engines: dict[str, tuple[int, Engine]] = {}
+
+
+@dataclass
+class _File:
+    """The database file an engine's connections opened: its path, and which file that was."""
+
+    path: str
+    #: ``(st_dev, st_ino)`` seen by the first connection; ``None`` until one connects.
+    identity: tuple[int, int] | None = None
+
+
+_files: weakref.WeakKeyDictionary[Engine, _File] = weakref.WeakKeyDictionary()
 
 
 def _after_fork_in_child() -> None:
@@ -51,18 +72,41 @@ def get_engine(settings: Settings) -> Engine:
     key = _key(settings)
     pid = os.getpid()
     found = _engines.get(key)
-    if found is not None and found[0] == pid:
+    if found is not None and found[0] == pid and is_current(found[1]):
         return found[1]
     with _lock:
         found = _engines.get(key)
-        if found is not None and found[0] == pid:
+        if found is not None and found[0] == pid and is_current(found[1]):
             return found[1]
-        if found is not None:
+        if found is not None and found[0] == pid:
+            # Its database file was replaced: these connections hold the old one.
+            fastpath.end_leases(found[1])
+            found[1].dispose()
+        elif found is not None:
             # Inherited from the parent: drop it without touching its sockets.
             found[1].dispose(close=False)
         engine = _create(settings)
         _engines[key] = (pid, engine)
         return engine
+
+
+def is_current(engine: Engine) -> bool:
+    """False when ``engine``'s SQLite file was deleted or replaced since it first connected.
+
+    One ``stat()`` for an engine on a file; nothing for any other engine.
+    """
+    watched = _files.get(engine)
+    if watched is None or watched.identity is None:
+        return True
+    return _identity(watched.path) == watched.identity
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
 
 
 def _create(settings: Settings) -> Engine:
@@ -80,12 +124,11 @@ def _create(settings: Settings) -> Engine:
     )
     if statements:
         sa.event.listen(engine, "connect", functools.partial(_session_setup, statements))
-    if settings.url.get_backend_name() == "sqlite" and settings.url.database not in (
-        None,
-        "",
-        ":memory:",
-    ):
+    path = dialect.database_file(settings.url)
+    if path is not None:
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+        watched = _files[engine] = _File(os.path.abspath(path))
+        sa.event.listen(engine, "connect", functools.partial(_remember_file, watched))
     if settings.engine_callback is not None:
         settings.engine_callback(engine)
     return engine
@@ -109,6 +152,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA journal_mode=WAL")
     finally:
         cur.close()
+
+
+def _remember_file(watched: _File, _dbapi_conn: Any, _record: Any) -> None:
+    """The first connection's file is the one this engine serves (the pragma created it)."""
+    if watched.identity is None:
+        watched.identity = _identity(watched.path)
 
 
 def dispose_all() -> None:

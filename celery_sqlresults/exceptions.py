@@ -8,9 +8,11 @@ involved and says what to do about it.
 
 from __future__ import annotations
 
+from celery.exceptions import ImproperlyConfigured
 from kombu.exceptions import EncodeError
 
 __all__ = [
+    "DatabaseMisconfigured",
     "DatabaseUnavailable",
     "LockTimeout",
     "ResultTooLarge",
@@ -25,6 +27,14 @@ class SQLResultsError(Exception):
 
 class DatabaseUnavailable(SQLResultsError):
     """The result database could not be reached within the start-up bound."""
+
+
+class DatabaseMisconfigured(SQLResultsError, ImproperlyConfigured):
+    """The database refused us for a reason waiting cannot fix: raised at once, not retried.
+
+    An unknown database, user or host, a wrong password or no right to connect:
+    the message names the setting to fix (``result_backend``).
+    """
 
 
 class SchemaMissing(SQLResultsError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -24,9 +25,16 @@ from celery import signals
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import migrate
-from .exceptions import DatabaseUnavailable, SchemaMissing, SQLResultsError
+from .exceptions import (
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    SchemaMissing,
+    SQLResultsError,
+)
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from .store import Store
 
 __all__ = [
@@ -38,13 +46,14 @@ __all__ = [
 
 logger = logging.getLogger("celery_sqlresults")
 
-_ready: set[str] = set()
+#: Table sets known to be ready, per engine: a new engine (another process, a replaced
+#: SQLite file) is a database to check again.
+_ready: weakref.WeakKeyDictionary[Engine, set[str]] = weakref.WeakKeyDictionary()
 _ready_lock = threading.Lock()
 
 
 def _target(store: Store) -> str:
-    names = ",".join(t.fullname for t in store.tables.all)
-    return f"{store.settings.url.render_as_string(hide_password=False)}|{names}"
+    return ",".join(t.fullname for t in store.tables.all)
 
 
 def create_schema(store: Store, trust_version: bool = False) -> list[str]:
@@ -207,13 +216,14 @@ def ensure_schema(store: Store, wait: float | None = None) -> None:
     ``sqlresults_startup_timeout``).
     """
     key = _target(store)
-    if key in _ready:
+    engine = store.engine
+    if key in _ready.get(engine, ()):
         return
     with _ready_lock:
-        if key in _ready:
+        if key in _ready.get(engine, ()):
             return
         wait_for_database(store, store.settings.startup_timeout if wait is None else wait)
-        _ready.add(key)
+        _ready.setdefault(store.engine, set()).add(key)
 
 
 def wait_for_database(store: Store, wait: float) -> None:
@@ -227,8 +237,14 @@ def wait_for_database(store: Store, wait: float) -> None:
             create_schema(store, trust_version=True)
             return
         except (OperationalError, TimeoutError) as exc:
-            left = deadline - time.monotonic()
             reason = _reason(exc)
+            fix = store.dialect.permanent_error_fix(exc)
+            if fix is not None:
+                raise DatabaseMisconfigured(
+                    f"the result database {store.settings.masked_url} refused the connection: "
+                    f"{reason}. Waiting will not fix this: {fix}."
+                ) from None
+            left = deadline - time.monotonic()
             if left <= 0:
                 raise DatabaseUnavailable(
                     f"result database {store.settings.masked_url} unreachable after "

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from . import fastpath
 from .dialects import NOTICE_LIMIT, Dialect, dialect_for
-from .engine import get_engine
+from .engine import get_engine, is_current
 from .exceptions import ResultTooLarge, SchemaMissing
 from .schema import DATE_COLUMNS, EXTENDED_COLUMNS, Tables, build_tables
 from .settings import Settings
@@ -82,8 +82,13 @@ class _Layout:
 class Store:
     """The result tables of one configuration, and every statement run against them."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_new_database: Callable[[Store], None] | None = None
+    ) -> None:
         self.settings = settings
+        #: Called when this store finds its database replaced (a SQLite file deleted and
+        #: recreated): the backend hands in its start-up creation here.
+        self.on_new_database = on_new_database
         self.tables: Tables = build_tables(settings.table_names, settings.table_schemas)
         self.dialect: Dialect = dialect_for(settings.url.get_backend_name())
         self.channel = _channel_name(self.tables.task)
@@ -97,11 +102,23 @@ class Store:
 
     @property
     def engine(self) -> Engine:
-        """This process's engine; remembered per process (a fork gets a new one)."""
+        """This process's engine; remembered per process (a fork gets a new one).
+
+        An engine whose SQLite file was replaced is given up for one on the file
+        there now, and the store treats that as a new database: the layout is
+        reflected again and :attr:`on_new_database` runs.
+        """
         pid = os.getpid()
-        if self._engine is None or self._engine[0] != pid:
-            self._engine = (pid, get_engine(self.settings))
-        return self._engine[1]
+        known = self._engine
+        if known is not None and known[0] == pid and is_current(known[1]):
+            return known[1]
+        engine = get_engine(self.settings)
+        self._engine = (pid, engine)
+        if known is not None and known[0] == pid and known[1] is not engine:
+            self.forget_layout()
+            if self.on_new_database is not None:
+                self.on_new_database(self)
+        return engine
 
     # ---- writes -------------------------------------------------------
     def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:

@@ -89,8 +89,8 @@ def test_failing_header_task_fails_the_body_with_chord_error(
     calls, errors = key(), key()
     header = [add.s(1, 1), fail.si("header broke"), add.s(2, 2)]
     res = chord(header)(collect.s(calls).on_error(on_error.s(errors)))
-    with pytest.raises((ValueError, ChordError), match="header broke"):
-        res.get(timeout=60)  # Celery may re-raise the failed parent (the header) first
+    with pytest.raises(ValueError, match="header broke"):
+        res.get(timeout=60)  # the failed parent (the header) is re-raised first, as in Celery
     body = app.AsyncResult(res.id)
     failing_id = res.parent.results[1].id
     with pytest.raises(ChordError, match=f"Dependency {failing_id} raised .*header broke"):
@@ -98,6 +98,34 @@ def test_failing_header_task_fails_the_body_with_chord_error(
     assert r.get(calls) is None
     logged = [e.decode() for e in r.lrange(errors, 0, -1)]
     assert len(logged) == 1 and logged[0].startswith("ChordError") and "header broke" in logged[0]
+
+
+def test_a_failed_header_raises_its_own_exception_from_get(
+    db_url: str, worker_factory: Callable[..., Worker]
+) -> None:
+    """As with Celery's db+ and Redis backends: ``.get()`` follows the parents, and the
+    header task's own exception wins over the body's ChordError."""
+    worker = worker_factory(db_url, concurrency=2)
+    app = client_app(db_url, worker.queue)
+    add, fail, tsum, _, _ = tasks(app)
+    shapes = {
+        "chord": chord([add.si(1, 1), fail.si("broke 1")], tsum.s()),
+        "one-task header": chord([fail.si("broke 2")], tsum.s()),
+        "chain ending in a chord": chain(
+            add.si(1, 1), chord([fail.si("broke 3"), add.si(2, 2)], tsum.s())
+        ),
+        "chain's tail after a chord": chain(
+            chord([add.si(1, 1), fail.si("broke 4")], tsum.s()), add.s(100)
+        ),
+        "chain as the body": chord([fail.si("broke 5")], chain(tsum.s(), add.s(1))),
+    }
+    raised = {}
+    for shape, sig in shapes.items():
+        try:
+            sig.apply_async().get(timeout=60)
+        except Exception as exc:
+            raised[shape] = repr(exc)
+    assert raised == {shape: f"ValueError('broke {i}')" for i, shape in enumerate(shapes, 1)}
 
 
 def test_canvas_shapes_from_celery_docs(db_url: str, worker_factory: Callable[..., Worker]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -158,3 +159,64 @@ def test_forked_child_leaves_the_parents_kept_connection_alone(
     sa.event.listen(parent_engine, "invalidate", lambda *a: invalidated.append(a))
     assert backend.get_task_meta("child", cache=False)["result"] == 2
     assert not invalidated  # the parent's connection survived the child
+
+
+# ---- a SQLite file deleted or replaced under the process --------------------------
+def _remove_sqlite(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
+def _rows_on_disk(path: str) -> list[str]:
+    """Task ids in the file at ``path``, read by a connection of its own."""
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("SELECT task_id FROM celery_taskmeta ORDER BY task_id")]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_replaced_sqlite_file_is_a_new_database(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    path = sa.engine.make_url(db_url).database
+    assert path is not None
+    make_app().backend.store_result("old", 1, states.SUCCESS)
+    _remove_sqlite(path)
+    second = make_app().backend  # same path: start-up creation runs against the new file
+    assert _rows_on_disk(path) == []
+    second.store_result("new", 2, states.SUCCESS)
+    assert _rows_on_disk(path) == ["new"]  # on disk, not in the deleted file
+    assert second.get_task_meta("old", cache=False)["status"] == states.PENDING
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_running_backend_follows_a_replaced_sqlite_file(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    path = sa.engine.make_url(db_url).database
+    assert path is not None
+    backend = make_app().backend
+    backend.store_result("old", 1, states.SUCCESS)
+    _remove_sqlite(path)
+    # Celery's db+ makes the new file and writes a result into it.
+    dbplus = Celery("dbplus", backend="db+" + db_url, set_as_current=False)
+    dbplus.backend.store_result("theirs", 3, states.SUCCESS)
+    dbplus.backend.ResultSession().get_bind().dispose()
+    assert backend.get_task_meta("theirs", cache=False)["result"] == 3
+    assert backend.get_task_meta("old", cache=False)["status"] == states.PENDING
+    backend.store_result("ours", 4, states.SUCCESS)
+    assert _rows_on_disk(path) == ["ours", "theirs"]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_deleted_sqlite_file_is_never_read(make_app: Callable[..., Celery], db_url: str) -> None:
+    path = sa.engine.make_url(db_url).database
+    assert path is not None
+    backend = make_app().backend
+    backend.store_result("old", 1, states.SUCCESS)
+    _remove_sqlite(path)
+    assert backend.get_task_meta("old", cache=False)["status"] == states.PENDING
+    assert _rows_on_disk(path) == []  # the tables were created in the file there now

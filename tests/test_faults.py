@@ -101,7 +101,7 @@ def test_database_down_past_the_retry_bound(
     wait_until(lambda: "Pool callback raised exception" in worker.output(), "the last give-up")
     private.start()
     log = worker.output()
-    assert "BackendStoreError" in log and "Gave up after" in log
+    assert "BackendStoreError" in log and "Still failing after" in log
     assert "sqlresults_retry_timeout=2s" in log and "postgres:***@127.0.0.1" in log
     assert "hunter2" not in log
     assert worker.proc is not None and worker.proc.poll() is None, "the worker must live on"

@@ -12,7 +12,13 @@ from celery import Celery
 from celery.result import GroupResult
 from sqlalchemy.engine import make_url
 
-from celery_sqlresults import DatabaseUnavailable, SchemaMissing, SessionManager, create_tables
+from celery_sqlresults import (
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    SchemaMissing,
+    SessionManager,
+    create_tables,
+)
 from celery_sqlresults.startup import ensure_schema
 
 from .conftest import (
@@ -134,6 +140,39 @@ def test_unreachable_database_is_retried_then_reported_with_masked_url() -> None
     attempts = int(message.split(" after ")[1].split(" attempt")[0])
     assert attempts > 1, "it should have retried with backoff"
     assert "hunter2" not in backend.as_uri()
+
+
+def refused_url(db_url: str, db_kind: str, what: str) -> str:
+    """A URL to the test's server that the server refuses for good: no such ``what``."""
+    url = make_url(db_url)
+    if db_kind == "sqlite":
+        return f"sqlite:///{Path(url.database or '').parent / 'no-such-dir' / 'results.db'}"
+    if what == "database":
+        return url.set(database="sqlr_no_such_database").render_as_string(hide_password=False)
+    if what == "user":
+        return url.set(username="sqlr_no_such_user").render_as_string(hide_password=False)
+    return url.set(host="no-such-host.invalid").render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("what", ["database", "user", "host"])
+def test_errors_waiting_cannot_fix_are_raised_at_once(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str, what: str, caplog: Any
+) -> None:
+    if db_kind == "sqlite" and what != "database":
+        pytest.skip("a SQLite URL names a file only")
+    app = make_app(refused_url(db_url, db_kind, what), sqlresults_retry_timeout=30)
+    with pytest.raises(DatabaseMisconfigured) as err:
+        _ = app.AsyncResult("t-unknown").state
+    message = str(err.value)
+    assert message.startswith("Reading the state of task t-unknown failed")
+    assert "Waiting will not fix this" in message and "result_backend" in message
+    assert "\n" not in message and err.value.__suppress_context__  # one line, no chain
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
+    with pytest.raises(DatabaseMisconfigured):
+        app.backend.store_result("t1", 1, "SUCCESS")
+    with pytest.raises(DatabaseMisconfigured, match="refused the connection"):
+        ensure_schema(app.backend.store, wait=30)  # a worker's start: no retry either
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]
 
 
 def test_create_tables_helper_and_session_manager(

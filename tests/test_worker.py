@@ -74,6 +74,21 @@ def test_worker_waits_for_a_database_that_is_down(
     w.stop()
 
 
+def test_worker_exits_at_once_on_a_database_that_does_not_exist(
+    tmp_path: Path, worker_factory: Callable[..., Worker]
+) -> None:
+    """No minute of retries for a typo: one line naming result_backend and the fix."""
+    missing = "postgresql+psycopg://postgres@127.0.0.1:5432/sqlr_no_such_database"
+    w = Worker(missing, tmp_path, SQLRESULTS_TEST_STARTUP_TIMEOUT="120")
+    with pytest.raises(RuntimeError, match="worker exited early") as err:
+        w.start(timeout=60)
+    out = str(err.value)
+    assert 'database "sqlr_no_such_database" does not exist' in out
+    assert "Waiting will not fix this: create the database, or fix its name in result_" in out
+    assert "retrying" not in out and "unreachable after" not in out
+    w.stop()
+
+
 def test_beat_creates_schema_at_startup(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'beat.db'}"
     env = {
