@@ -638,7 +638,8 @@ def _operation(func: Any, fallback_exc: Any) -> str:
     text = _OPERATIONS.get(name, "a result backend operation")
     if task_id is None:
         text = text.replace(" of task {task_id}", " of a task")
-    return text.format(task_id=task_id).capitalize() if text else "An operation"
+    text = text.format(task_id=task_id)
+    return text[:1].upper() + text[1:]  # not capitalize(): it would lower the task id
 
 
 def _recheck_schema(store: Store) -> None:

@@ -162,9 +162,9 @@ def test_errors_waiting_cannot_fix_are_raised_at_once(
         pytest.skip("a SQLite URL names a file only")
     app = make_app(refused_url(db_url, db_kind, what), sqlresults_retry_timeout=30)
     with pytest.raises(DatabaseMisconfigured) as err:
-        _ = app.AsyncResult("t-unknown").state
+        _ = app.AsyncResult("T-Unknown").state
     message = str(err.value)
-    assert message.startswith("Reading the state of task t-unknown failed")
+    assert message.startswith("Reading the state of task T-Unknown failed")
     assert "Waiting will not fix this" in message and "result_backend" in message
     assert "\n" not in message and err.value.__suppress_context__  # one line, no chain
     assert not [r for r in caplog.records if "retry" in r.getMessage()]
