@@ -159,11 +159,13 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
 
     store_ = backend.store
     store(backend, uuid())  # the tables and the layout exist
-    layout = store_.layout()
+    statements = store_.statements()
+    assert statements is not None
+    layout = statements.layout
     now = datetime.now(timezone.utc).replace(tzinfo=None)
 
     notify = backend._waiter.notifies
-    carry = notify and store_.rows_travel()
+    carry = notify and store_.notices.rows_travel()
 
     def row(task_id: str) -> dict[str, Any]:
         values = {
@@ -173,12 +175,13 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
             "queue": "bench", "stamps": None,
         }  # fmt: skip
         kept = {k: v for k, v in values.items() if k in layout.task_columns}
-        return {**kept, "notice": store_._notice(kept, carry)} if notify else kept
+        return {**kept, "notice": store_.notices.payload(kept, carry)} if notify else kept
 
     engine = store_.engine
     columns = tuple(k for k in row("x") if k != "notice")
-    write = fastpath._compile(engine, store_._task_upsert(layout, columns, notify))
-    read = fastpath._compile(engine, store_._task_select(layout, "one", backend.extended_result))
+    dialect = store_.dialect
+    write = fastpath._compile(engine, dialect, statements.task_upsert(columns, notify))
+    read = fastpath._compile(engine, dialect, statements.task_read(backend.extended_result))
 
     ids = [uuid() for _ in range(n + warmup)]
     writes = [write.args(row(task_id)) for task_id in ids]

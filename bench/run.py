@@ -201,7 +201,7 @@ def interleaved_figures(sql_url: str, sizes: Sizes, log_dir: Path) -> dict[str, 
 
 def rows_travel(sql_url: str) -> bool:
     """What ``sqlresults_notify_rows = "auto"`` decides on this database (for the report)."""
-    return bool(make_app(sql_url).backend.store.rows_travel())
+    return bool(make_app(sql_url).backend.store.notices.rows_travel())
 
 
 def publish_figures(urls: dict[str, str], sizes: Sizes) -> dict[str, float]:

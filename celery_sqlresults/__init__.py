@@ -7,6 +7,7 @@ as the backend is constructed.
 
 from __future__ import annotations
 
+from . import hooks as _hooks  # noqa: F401  (connects the worker and beat start-up hooks)
 from .backend import SQLResultsBackend
 from .compat import SessionManager, create_tables
 from .exceptions import (

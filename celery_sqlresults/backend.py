@@ -2,7 +2,8 @@
 
 Thin by design: this module turns Celery's calls into rows and rows back
 into Celery's meta dicts; the SQL lives in ``store.py``, waiting in
-``wait.py``, schema creation in ``startup.py``.
+``wait.py``, schema creation in ``startup.py``, the worker and beat hooks
+in ``hooks.py``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from typing import Any, Literal
 
 from celery import states
 from celery.backends.base import BaseBackend
-from celery.canvas import maybe_signature
-from celery.exceptions import ChordError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
-from celery.result import GroupResult, allow_join_result, result_from_tuple
-from celery.utils.time import get_exponential_backoff_interval, maybe_timedelta
+from celery.result import GroupResult, result_from_tuple
+from celery.utils.time import maybe_timedelta
 from kombu import serialization
 from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from .exceptions import DatabaseMisconfigured, LockTimeout, ResultTooLarge, SQLResultsError
+from .chords import ChordMixin
+from .exceptions import ResultTooLarge
+from .publish import expect_publish
+from .retries import RetryMixin
+from .schema import utc_now
 from .settings import Settings
-from .startup import _reason, ensure_schema
+from .startup import create_schema, try_schema
 from .store import Store
 from .wait import Notified, waiter_for
 
@@ -42,8 +44,8 @@ _PICKLE = "application/x-python-serialize"
 _SLOW_PREFIXES = (b"", b"\x00")
 #: kombu's decoders by content type (what kombu.serialization.loads calls).
 _DECODERS: Mapping[str, Any] = getattr(serialization.registry, "_decoders", {})
-#: kombu's JSON decoding with one kept decoder: its loads() builds a JSONDecoder per call
-#: (2 µs of a column's 3); the same object hook, so kombu's registered types still decode.
+#: kombu's JSON decoding with one kept decoder (its loads() builds a JSONDecoder per call,
+#: most of a column's cost); the same object hook, so kombu's registered types decode.
 _KOMBU_JSON_DECODE = json.JSONDecoder(object_hook=kombu_json.object_hook).decode
 #: kombu's codecs by serializer name: (content type, encoding, encoder), what dumps() calls.
 _ENCODERS: Mapping[str, Any] = getattr(serialization.registry, "_encoders", {})
@@ -51,7 +53,7 @@ _ENCODERS: Mapping[str, Any] = getattr(serialization.registry, "_encoders", {})
 _TRACEBACK_KEPT = 8000
 
 
-class SQLResultsBackend(BaseBackend):
+class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
     """Celery result backend storing results in SQL tables Celery's ``db+`` also reads.
 
     Select it with ``result_backend = "sql+<SQLAlchemy URL>"``.
@@ -87,135 +89,19 @@ class SQLResultsBackend(BaseBackend):
             self.max_retries = float("inf") if self.settings.retry_timeout else 10
         self._extended = bool(conf.find_value_for_key("extended", "result"))
         self._pickle_free = _PICKLE not in (self.accept or ())
+        create_on_startup = self.settings.create_tables_on_startup
         self.store = Store(
             self.settings,
-            on_new_database=_recheck_schema if self.settings.create_tables_on_startup else None,
+            create_schema=create_schema,
+            on_new_database=try_schema if create_on_startup else None,
         )
-        self._waiter = waiter_for(self.store, self.settings)
-        if self.settings.create_tables_on_startup:
-            try:
-                ensure_schema(self.store, wait=0)
-            except (SQLResultsError, DBAPIError) as exc:
-                # A process that only reads must not die here; workers and
-                # beat retry (bounded) and fail loudly in their start-up hook.
-                logger.warning("celery-sqlresults: schema not checked yet: %s", exc)
+        self._waiter = waiter_for(self.store)
+        if create_on_startup:
+            try_schema(self.store)
 
     @property
     def extended_result(self) -> bool:
         return self._extended
-
-    # ---- retries --------------------------------------------------------
-    def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        """Disconnects, refused connections, deadlocks and lock timeouts: worth another try.
-
-        Not errors that waiting cannot fix (an unknown database, user or host, a
-        refused login): those are raised at once.
-        """
-        if self.store.dialect.permanent_error_fix(exc) is not None:
-            return False
-        if isinstance(exc, (OperationalError, InterfaceError)):
-            return True
-        return isinstance(exc, DBAPIError) and exc.connection_invalidated
-
-    def _ensure_retryable(
-        self,
-        func: Any,
-        *args: Any,
-        fallback_exc: Any = None,
-        fallback_msg: str | None = None,
-        max_retries: float | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Run ``func`` with Celery's retry policy, bounded in time as well.
-
-        Celery bounds retries by count, with full-jitter backoff, so how long
-        a write keeps trying varies from run to run: a database restart of a
-        few seconds can outlast ten quick retries. Here transient errors are
-        retried with Celery's backoff (``result_backend_base_sleep_between_retries_ms``
-        up to ``result_backend_max_sleep_between_retries_ms``) for up to
-        ``sqlresults_retry_timeout`` seconds from the first failure, and at
-        most ``result_backend_max_retries`` times if that is set. Giving up
-        raises an error naming the operation, the masked URL and both bounds.
-        """
-        limit = self.max_retries if max_retries is None else max_retries
-        bound = self.settings.retry_timeout
-        started: float | None = None
-        retries = 0
-        while True:
-            try:
-                return func(*args, **kwargs)
-            except Exception as exc:
-                fix = self.store.dialect.permanent_error_fix(exc)
-                if fix is not None:
-                    raise DatabaseMisconfigured(
-                        f"{_operation(func, fallback_exc)} failed: the result database "
-                        f"{self.settings.masked_url} refused the connection: {_reason(exc)}. "
-                        f"Waiting will not fix this: {fix}."
-                    ) from None
-                now = time.monotonic()
-                started = now if started is None else started
-                retryable = self.always_retry and self.exception_safe_to_retry(exc)
-                left = (started + bound - now) if bound else float("inf")
-                if not retryable or retries >= limit or left <= 0:
-                    self._give_up(exc, func, retries, now - started, retryable, fallback_exc)
-                    raise
-                retries += 1
-                pause = min(
-                    left,
-                    get_exponential_backoff_interval(
-                        self.base_sleep_between_retries_ms,
-                        retries,
-                        self.max_sleep_between_retries_ms,
-                        True,
-                    )
-                    / 1000,
-                )
-                logger.warning(
-                    "celery-sqlresults: %s failed at %s (%s); retry %d in %.2fs",
-                    _operation(func, fallback_exc),
-                    self.settings.masked_url,
-                    _reason(exc),
-                    retries,
-                    pause,
-                )
-                hook = getattr(self, "on_backend_retryable_error", None)  # Celery >= 5.6
-                if hook is not None:
-                    try:
-                        hook(exc)
-                    except Exception:
-                        logger.exception("celery-sqlresults: on_backend_retryable_error failed")
-                self._sleep(pause)
-
-    def _give_up(
-        self,
-        exc: Exception,
-        func: Any,
-        retries: int,
-        elapsed: float,
-        retried: bool,
-        fallback_exc: Any,
-    ) -> None:
-        """Raise the error a caller sees once retrying is over (returns: re-raise ``exc``)."""
-        lock = self.store.dialect.is_lock_timeout(exc)
-        if not (lock or (retried and fallback_exc is not None)):
-            return
-        message = (
-            f"{_operation(func, fallback_exc)} failed at {self.settings.masked_url}: {_reason(exc)}"
-        )
-        if lock:
-            message += (
-                f". Another session held a lock longer than sqlresults_lock_timeout="
-                f"{self.settings.lock_timeout:g}s (a migration, a long transaction?)"
-            )
-        if retried:
-            message += (
-                f". Still failing after {retries} retr{'y' if retries == 1 else 'ies'} in "
-                f"{elapsed:.1f}s (sqlresults_retry_timeout={self.settings.retry_timeout:g}s, "
-                f"result_backend_max_retries={self.max_retries:g}): check that the database "
-                "is up and reachable; to ride out longer outages, raise "
-                "sqlresults_retry_timeout"
-            )
-        raise (fallback_exc or LockTimeout)(message) from exc
 
     # ---- tasks --------------------------------------------------------
     def _store_result(
@@ -230,17 +116,17 @@ class SQLResultsBackend(BaseBackend):
         # The row is built here rather than from Celery's _get_result_meta(): that
         # dict is made for backends storing one serialized blob, and building it
         # (the app's clock in its timezone, a settings lookup, the args encoded
-        # once more) took a fifth of a store's CPU. tests/test_backend.py checks
-        # the columns against Celery's meta for the same request.
-        now = _utc_now_naive()
+        # once more) is a large share of a store's CPU. tests/test_backend.py
+        # checks the columns against Celery's meta for the same request.
+        now = utc_now()
         children = self.current_task_children(request)
         row: dict[str, Any] = {
             "task_id": bytes_to_str(task_id),
             "status": state,
-            "result": self._encoded(result),
+            "result": self.encode_value(result),
             "traceback": traceback,
             "date_done": now if state in self.READY_STATES else None,
-            "children": self._encoded(children) if children else None,
+            "children": self.encode_value(children) if children else None,
             "date_created": now,  # only if this insert creates the row
         }
         if state == states.STARTED:
@@ -259,7 +145,7 @@ class SQLResultsBackend(BaseBackend):
             for column in exc.columns:
                 row[column] = None
             if "result" in exc.columns:
-                row["result"] = self._encoded(self.prepare_exception(exc))
+                row["result"] = self.encode_value(self.prepare_exception(exc))
             if "traceback" in exc.columns and traceback:
                 half = _TRACEBACK_KEPT // 2  # the frames, and the end of the error line
                 row["traceback"] = f"{traceback[:half]}\n… (cut to fit) …\n{traceback[-half:]}"
@@ -274,13 +160,13 @@ class SQLResultsBackend(BaseBackend):
         kept = {k: stamps[k] for k in stamped if k in stamps}
         return {
             "name": getattr(request, "task", None),
-            "args": self._encoded(getattr(request, "args", None)),
-            "kwargs": self._encoded(getattr(request, "kwargs", None)),
+            "args": self.encode_value(getattr(request, "args", None)),
+            "kwargs": self.encode_value(getattr(request, "kwargs", None)),
             "worker": getattr(request, "hostname", None),
             "retries": getattr(request, "retries", None),
             "queue": delivery_info.get("routing_key") if delivery_info else None,
             "stamps": (
-                self._encoded({"stamped_headers": stamped, "stamps": kept}) if stamped else None
+                self.encode_value({"stamped_headers": stamped, "stamps": kept}) if stamped else None
             ),
         }
 
@@ -309,7 +195,7 @@ class SQLResultsBackend(BaseBackend):
         With ``result_failure_expires`` (Celery >= 5.7), FAILURE results go by
         that age instead (0: never), even when ``result_expires`` is off.
         """
-        now = _utc_now_naive()
+        now = utc_now()
         cutoff = None if not self.expires else now - _as_timedelta(self.expires)
         failures: datetime | Literal["same", "keep"] = "same"
         keep_failed = self.settings.failure_expires
@@ -322,15 +208,15 @@ class SQLResultsBackend(BaseBackend):
 
     # ---- groups -------------------------------------------------------
     def _save_group(self, group_id: str, result: GroupResult) -> GroupResult:
-        payload = self._encoded(self.prepare_value(result))
-        self.store.save_group(bytes_to_str(group_id), payload, _utc_now_naive())
+        payload = self.encode_value(self.prepare_value(result))
+        self.store.save_group(bytes_to_str(group_id), payload, utc_now())
         return result
 
     def _restore_group(self, group_id: str) -> dict[str, Any] | None:
         row = self.store.get_group(bytes_to_str(group_id))
         if row is None:
             return None
-        value = self._decode_column(row["result"])
+        value = self.decode_value(row["result"])
         return {
             "taskset_id": row["taskset_id"],
             "result": None if value is None else result_from_tuple(value, self.app),
@@ -339,83 +225,6 @@ class SQLResultsBackend(BaseBackend):
 
     def _delete_group(self, group_id: str) -> None:
         self.store.delete_group(bytes_to_str(group_id))
-
-    # ---- chords -------------------------------------------------------
-    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
-        """Record the header group and a counter row; no ``celery.chord_unlock`` is ever sent."""
-        self.ensure_chords_allowed()
-        header = self.app.GroupResult(*header_result_args)
-        self.save_group(header.id, header)
-        self._ensure_retryable(self.store.chord_start, header.id, _utc_now_naive())
-
-    def set_chord_size(self, group_id: str, chord_size: int) -> None:
-        self._ensure_retryable(self.store.chord_set_size, group_id, chord_size)
-
-    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
-        """Count this header task; the worker whose count completes the chord calls the body."""
-        gid = getattr(request, "group", None)
-        if not gid or not getattr(request, "chord", None):
-            return
-        task_id = bytes_to_str(request.id)
-        counted = self._ensure_retryable(self.store.chord_part_done, gid, task_id, _utc_now_naive())
-        if counted is None:
-            # Counted before (a redelivered task), or the chord completed or expired:
-            # a repeat must not fire the body again.
-            logger.warning(
-                "celery-sqlresults: chord %s: part %s already counted or no counter row; ignored",
-                gid,
-                task_id,
-            )
-            return
-        done, size = counted
-        if size is None:
-            size = request.chord.get("chord_size")
-        if size is not None and done < size:
-            return
-        deps = GroupResult.restore(gid, backend=self)
-        if size is None and deps is not None and done < len(deps):
-            return
-        if size is not None and done > size:
-            logger.warning("celery-sqlresults: chord %s counted %d of %d parts", gid, done, size)
-            return
-        self._run_chord_body(gid, request, deps)
-
-    def _run_chord_body(self, gid: str, request: Any, deps: GroupResult | None) -> None:
-        app = self.app
-        callback = maybe_signature(request.chord, app=app)
-        try:
-            if deps is None:
-                raise ChordError(f"GroupResult {gid} no longer exists")
-            try:
-                with allow_join_result():
-                    values = deps.join_native(
-                        timeout=app.conf.result_chord_join_timeout, propagate=True
-                    )
-            except Exception as exc:
-                culprit = self._chord_culprit(deps)
-                reason = f"Dependency {culprit} raised {exc!r}" if culprit else repr(exc)
-                raise ChordError(reason) from exc
-            try:
-                app.amqp._retry_publish(callback.delay, values)
-            except Exception as exc:
-                raise ChordError(f"Callback error: {exc!r}") from exc
-        except ChordError as exc:
-            logger.error("celery-sqlresults: chord %s failed: %s", gid, exc)
-            self.chord_error_from_stack(callback, exc)
-        finally:
-            if deps is not None:
-                deps.delete(backend=self)
-            self._ensure_retryable(self.store.chord_delete, gid)
-
-    def _chord_culprit(self, deps: GroupResult) -> str | None:
-        """Id of the first header task (in header order) that failed: one batch read."""
-        ids = [r.id for r in deps.results if not isinstance(r, GroupResult)]
-        failed = {
-            task_id
-            for task_id, meta in self.get_many(ids, max_iterations=1)
-            if meta["status"] in states.PROPAGATE_STATES
-        }
-        return next((task_id for task_id in ids if task_id in failed), None)
 
     # ---- waiting ------------------------------------------------------
     def wait_for(
@@ -506,21 +315,15 @@ class SQLResultsBackend(BaseBackend):
                 notified = wait(_remaining(deadline))
 
     def _carried(self, task_id: str, notified: Notified | None) -> Mapping[str, Any] | None:
-        """The ready row a notification about ``task_id`` brought along, if it is taken.
-
-        Only where rows may travel for this process too (``sqlresults_notify_rows``,
-        :meth:`Store.rows_travel`), and never for an app that accepts pickle: a
-        notification is not a table, any session of the database can send one.
-        """
+        """The ready row a notification about ``task_id`` brought along, if it is taken."""
         body = notified.get(task_id) if notified else None
-        if not body or not self._pickle_free or not self.store.rows_travel():
-            return None
-        row = self.store.row_from_notice(task_id, body, self.extended_result)
-        return row if row is not None and row["status"] in states.READY_STATES else None
+        return self.store.notices.ready_row(
+            task_id, body, self.extended_result, accepts_pickle=not self._pickle_free
+        )
 
     # ---- rows <-> meta ------------------------------------------------
     def _meta_from_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        decode = self._decode_column
+        decode = self.decode_value
         meta: dict[str, Any] = {
             "task_id": row["task_id"],
             "status": row["status"],
@@ -545,13 +348,13 @@ class SQLResultsBackend(BaseBackend):
                     meta.update(stamps["stamps"])
         return self.meta_from_decoded(meta)
 
-    def _encoded(self, data: Any) -> bytes:
+    def encode_value(self, data: Any) -> bytes:
         """``encode(data)`` as bytes, for a column.
 
         Celery's encode() goes through kombu's dumps(): a registry lookup and a
-        context manager around the serializer's encoder, about 5 µs of the
-        three or four encodes a store makes. Without compression, straight to
-        that encoder; any error takes the full path, which raises kombu's own.
+        context manager around the serializer's encoder, for each of the three
+        or four encodes a store makes. Without compression, straight to that
+        encoder; any error takes the full path, which raises kombu's own.
         """
         codec = None if getattr(self, "compression", None) else _ENCODERS.get(self.serializer)
         if codec is not None:
@@ -563,7 +366,7 @@ class SQLResultsBackend(BaseBackend):
                 return payload if type(payload) is bytes else ensure_bytes(payload)
         return ensure_bytes(self.encode(data))
 
-    def _decode_column(self, payload: Any, quiet: bool = False) -> Any:
+    def decode_value(self, payload: Any, quiet: bool = False) -> Any:
         """Decode a stored value with the result serializer.
 
         Rows written by very old Celery versions hold a raw pickle whatever the
@@ -575,7 +378,7 @@ class SQLResultsBackend(BaseBackend):
             payload = ensure_bytes(payload)
         # Celery's decode() checks the payload for a compression marker and the
         # content type against accept_content on every call; most payloads need
-        # neither: straight to the serializer's decoder (a few µs per column).
+        # neither: straight to the serializer's decoder.
         if payload[:1] not in _SLOW_PREFIXES and self.content_type in (self.accept or ()):
             fast = _DECODERS.get(self.content_type)
             if fast is not None:
@@ -607,47 +410,8 @@ class SQLResultsBackend(BaseBackend):
         PENDING (see :mod:`celery_sqlresults.publish`); otherwise nothing happens.
         """
         if self.app.conf.get("sqlresults_record_on_publish"):
-            from .publish import expect_publish
-
             expect_publish(self, task_id)
         return {}
-
-
-#: What each retried operation does, for messages (by the function's name).
-_OPERATIONS = {
-    "_store_result": "storing the result of task {task_id}",
-    "_get_task_meta_for": "reading the state of task {task_id}",
-    "_forget": "forgetting a task result",
-    "_save_group": "saving a group result",
-    "_restore_group": "reading a group result",
-    "_delete_group": "deleting a group result",
-    "get_ready": "reading task results",
-    "task_exists": "looking up a task result",
-    "chord_start": "starting a chord",
-    "chord_set_size": "setting a chord's size",
-    "chord_part_done": "counting a finished chord part",
-    "chord_delete": "removing a finished chord's counter",
-    "cleanup": "deleting expired results",
-}
-
-
-def _operation(func: Any, fallback_exc: Any) -> str:
-    """What ``func`` was doing, as a sentence's start: "Reading the state of task …"."""
-    name = getattr(func, "__name__", "")
-    task_id = getattr(fallback_exc, "keywords", {}).get("task_id")
-    text = _OPERATIONS.get(name, "a result backend operation")
-    if task_id is None:
-        text = text.replace(" of task {task_id}", " of a task")
-    text = text.format(task_id=task_id)
-    return text[:1].upper() + text[1:]  # not capitalize(): it would lower the task id
-
-
-def _recheck_schema(store: Store) -> None:
-    """A replaced database file is a new database: start-up creation runs against it."""
-    try:
-        ensure_schema(store, wait=0)
-    except (SQLResultsError, DBAPIError) as exc:
-        logger.warning("celery-sqlresults: schema not checked yet: %s", exc)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -661,10 +425,6 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _as_timedelta(value: timedelta | float) -> timedelta:
     return value if isinstance(value, timedelta) else timedelta(seconds=float(value))
-
-
-def _utc_now_naive() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -27,10 +27,9 @@ from celery.exceptions import ImproperlyConfigured
 
 from . import migrate, startup
 from .backend import SQLResultsBackend
-from .compat import _app_url, _strip_prefix
-from .exceptions import SQLResultsError
+from .exceptions import SQLResultsError, one_line
 from .query import ResultQuery, TaskRecord, parse_when
-from .settings import Settings, mask_url
+from .settings import Settings, database_url, mask_url
 from .store import Store
 
 __all__ = ["results"]
@@ -44,7 +43,7 @@ def _app(ctx: click.Context) -> Celery:
 
 def _store(ctx: click.Context, url: str | None) -> Store:
     app = _app(ctx)
-    raw = _strip_prefix(url or _app_url(app))
+    raw = database_url(app, url)
     try:
         return Store(Settings.from_app(app, raw))
     except ImproperlyConfigured as exc:
@@ -59,7 +58,7 @@ def _query(ctx: click.Context, url: str | None) -> ResultQuery:
     must give one error line, not a start-up warning first.
     """
     app = _app(ctx)
-    raw = _strip_prefix(url or _app_url(app))
+    raw = database_url(app, url)
     app.conf.update(database_create_tables_on_startup=False, database_create_tables_at_setup=False)
     try:
         return ResultQuery(SQLResultsBackend(app=app, url=raw))
@@ -74,10 +73,9 @@ def _database_errors(query: ResultQuery) -> Iterator[None]:
         yield
     except sa.exc.SQLAlchemyError as exc:
         url = query.backend.settings.url
-        reason = _one_line(exc)
-        if url.password:
-            reason = reason.replace(str(url.password), "***")
-        raise click.ClickException(f"result database {mask_url(url)}: {reason}") from None
+        raise click.ClickException(
+            f"result database {mask_url(url)}: {one_line(exc, url)}"
+        ) from None
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
@@ -258,12 +256,10 @@ def _schema_errors(store: Store) -> Iterator[None]:
         RevisionError,
         TimeoutError,
     ) as exc:
-        reason = _one_line(exc)
-        password = store.settings.url.password
-        if password:
-            reason = reason.replace(str(password), "***")
-        where = store.settings.masked_url
-        raise click.ClickException(f"result database {where}: {reason}") from None
+        reason = one_line(exc, store.settings.url)
+        raise click.ClickException(
+            f"result database {store.settings.masked_url}: {reason}"
+        ) from None
 
 
 @results.command()
@@ -423,11 +419,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     for line in (headers, *rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-
-
-def _one_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return " ".join(str(orig).split())
 
 
 # ---- serve: the monitoring view (needs the "web" extra) -------------------------

@@ -19,7 +19,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .settings import Settings
+from .settings import Settings, database_url
 from .startup import create_schema
 from .store import Store
 
@@ -37,7 +37,7 @@ def create_tables(app: Celery | None = None, url: str | None = None) -> list[str
         from celery import current_app
 
         app = current_app
-    return create_schema(Store(Settings.from_app(app, _strip_prefix(url or _app_url(app)))))
+    return create_schema(Store(Settings.from_app(app, database_url(app, url))))
 
 
 class SessionManager:
@@ -50,7 +50,7 @@ class SessionManager:
         from celery import current_app
 
         app = self._app or current_app
-        return Settings.from_app(app, _strip_prefix(str(_render(url))), options or None)
+        return Settings.from_app(app, database_url(app, str(_render(url))), options or None)
 
     def get_engine(self, dburi: Any, **kwargs: Any) -> Engine:
         """The pooled engine this process uses for ``dburi``."""
@@ -70,19 +70,3 @@ class SessionManager:
 def _render(url: Any) -> Any:
     render = getattr(url, "render_as_string", None)
     return render(hide_password=False) if render else url
-
-
-def _app_url(app: Celery) -> str | None:
-    backend = app.conf.result_backend
-    if isinstance(backend, str) and "://" in backend:
-        return backend
-    return app.conf.get("database_url")
-
-
-def _strip_prefix(url: str | None) -> str | None:
-    """Accept ``sql+postgresql://…`` (the result_backend form) as well as the bare URL."""
-    if url and "://" in url:
-        scheme = url.split("://", 1)[0]
-        if "+" in scheme and scheme.split("+", 1)[0] in ("sql", "db", "database"):
-            return url.split("+", 1)[1]
-    return url

@@ -27,8 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import fastpath
-from .dialects import dialect_for
+from . import lease
 from .settings import Settings
 
 __all__ = ["dispose_all", "get_engine", "is_current"]
@@ -80,7 +79,7 @@ def get_engine(settings: Settings) -> Engine:
             return found[1]
         if found is not None and found[0] == pid:
             # Its database file was replaced: these connections hold the old one.
-            fastpath.end_leases(found[1])
+            lease.end_leases(found[1])
             found[1].dispose()
         elif found is not None:
             # Inherited from the parent: drop it without touching its sockets.
@@ -118,15 +117,14 @@ def _create(settings: Settings) -> Engine:
     if options["isolation_level"] == "AUTOCOMMIT":
         options.setdefault("pool_reset_on_return", None)
     engine = sa.create_engine(settings.url, **options)
-    dialect = dialect_for(settings.url.get_backend_name())
-    statements = dialect.lock_timeout_statements(settings.lock_timeout) + dialect.commit_statements(
-        settings.durable_commit
+    dialect = settings.dialect
+    statements = dialect.session_statements(
+        settings.url, settings.lock_timeout, settings.durable_commit
     )
     if statements:
         sa.event.listen(engine, "connect", functools.partial(_session_setup, statements))
     path = dialect.database_file(settings.url)
     if path is not None:
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
         watched = _files[engine] = _File(os.path.abspath(path))
         sa.event.listen(engine, "connect", functools.partial(_remember_file, watched))
     if settings.engine_callback is not None:
@@ -135,7 +133,7 @@ def _create(settings: Settings) -> Engine:
 
 
 def _session_setup(statements: list[str], dbapi_conn: Any, _record: Any) -> None:
-    """Bound lock waits on a new connection (``sqlresults_lock_timeout``)."""
+    """Each new connection's session settings (lock bound, commit durability, WAL)."""
     cur = dbapi_conn.cursor()
     try:
         for statement in statements:
@@ -145,17 +143,8 @@ def _session_setup(statements: list[str], dbapi_conn: Any, _record: Any) -> None
     dbapi_conn.commit()  # psycopg opened a transaction for the SET; end it
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """WAL lets readers (a monitoring page, ``.get()``) run while a worker writes."""
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cur.close()
-
-
 def _remember_file(watched: _File, _dbapi_conn: Any, _record: Any) -> None:
-    """The first connection's file is the one this engine serves (the pragma created it)."""
+    """The first connection's file is the one this engine serves (its set-up created it)."""
     if watched.identity is None:
         watched.identity = _identity(watched.path)
 
@@ -166,6 +155,6 @@ def dispose_all() -> None:
         pid = os.getpid()
         for key, (owner, engine) in list(_engines.items()):
             if owner == pid:
-                fastpath.end_leases(engine)
+                lease.end_leases(engine)
             engine.dispose(close=owner == pid)
             del _engines[key]

@@ -8,6 +8,8 @@ involved and says what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery.exceptions import ImproperlyConfigured
 from kombu.exceptions import EncodeError
 
@@ -18,7 +20,23 @@ __all__ = [
     "ResultTooLarge",
     "SQLResultsError",
     "SchemaMissing",
+    "one_line",
 ]
+
+#: Characters of a driver's message kept in a one-line error text.
+_KEPT = 300
+
+
+def one_line(exc: BaseException, url: Any = None) -> str:
+    """The driver's message of ``exc`` on one line, cut short, ``url``'s password masked.
+
+    What every log line and error message of this package quotes of an error.
+    """
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    password = getattr(url, "password", None)
+    if password:
+        text = text.replace(str(password), "***")
+    return text if len(text) <= _KEPT else text[: _KEPT - 1] + "…"
 
 
 class SQLResultsError(Exception):

@@ -18,7 +18,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import sqlalchemy as sa
 from alembic import command
@@ -30,9 +30,8 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-if TYPE_CHECKING:
-    from .schema import Tables
-    from .store import Store
+from .schema import Tables
+from .store import Store
 
 __all__ = ["SCRIPT_LOCATION", "Status", "head", "locked", "read_version", "status"]
 
@@ -139,8 +138,7 @@ def locked_status(store: Store, conn: Connection) -> Status:
     """
     ctx = MigrationContext.configure(conn, opts=_version_opts(store))
     heads = ctx.get_current_heads()
-    if store.dialect.name != "sqlite":
-        conn.commit()
+    store.dialect.end_version_read(conn)
     return Status(",".join(sorted(heads)) or None, head())
 
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from celery import states
 from celery.signals import before_task_publish
 from kombu.utils.encoding import ensure_bytes
+
+from .exceptions import one_line
+from .schema import utc_now
 
 if TYPE_CHECKING:
     from .backend import SQLResultsBackend
@@ -80,7 +82,7 @@ def _record(
         return
     if message_id != task_id:
         return
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = utc_now()
     row = {
         "task_id": task_id,
         "status": states.PENDING,
@@ -94,13 +96,9 @@ def _record(
     try:
         backend.store.insert_task_if_absent(row)
     except Exception as exc:
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        password = backend.settings.url.password
-        if password:
-            reason = reason.replace(str(password), "***")
         logger.warning(
             "celery-sqlresults: could not record task %s as PENDING at %s: %s",
             task_id,
             backend.settings.masked_url,
-            reason,
+            one_line(exc, backend.settings.url),
         )

@@ -25,7 +25,10 @@ from celery import Celery, states
 from sqlalchemy.engine import Connection, RowMapping
 
 from .backend import SQLResultsBackend
-from .store import BATCH_SIZE, Store, _Layout
+from .exceptions import one_line
+from .layout import Layout
+from .statements import Statements
+from .store import BATCH_SIZE, Store
 
 __all__ = [
     "ResultQuery",
@@ -219,7 +222,9 @@ class ResultQuery:
         """The matching results, newest first, decoded."""
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
+
+            layout = statements.layout
             cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
             stmt = sa.select(*cols).where(*self._clauses(layout))
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
@@ -232,7 +237,9 @@ class ResultQuery:
         """The stored result of ``task_id`` (if it also matches the filters), else ``None``."""
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> RowMapping | None:
+        def run(conn: Connection, statements: Statements) -> RowMapping | None:
+
+            layout = statements.layout
             cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
             stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
             return conn.execute(stmt).mappings().first()
@@ -244,7 +251,9 @@ class ResultQuery:
         """How many results match (at most the limit, if one is set)."""
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> int:
+        def run(conn: Connection, statements: Statements) -> int:
+
+            layout = statements.layout
             stmt = sa.select(sa.func.count()).select_from(t).where(*self._clauses(layout))
             return int(conn.execute(stmt).scalar_one())
 
@@ -263,7 +272,9 @@ class ResultQuery:
         """
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> list[tuple[str | None, str, int]]:
+        def run(conn: Connection, statements: Statements) -> list[tuple[str | None, str, int]]:
+
+            layout = statements.layout
             named = by_name and "name" in layout.task_columns
             keys = [t.c.name, t.c.status] if named else [t.c.status]
             stmt = (
@@ -293,7 +304,9 @@ class ResultQuery:
             raise ValueError(f"page size must be >= 1, got {size!r}")
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
+
+            layout = statements.layout
             cols = [t.c[c] for c in ("id", *_COLUMNS) if c in layout.task_columns]
             stmt = sa.select(*cols).where(*self._clauses(layout))
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(size + 1)
@@ -313,7 +326,9 @@ class ResultQuery:
         ids = list(dict.fromkeys(task_ids))
         t = self.store.tables.task
 
-        def run(conn: Connection, layout: _Layout) -> list[RowMapping]:
+        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
+
+            layout = statements.layout
             cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
             out: list[RowMapping] = []
             for start in range(0, len(ids), BATCH_SIZE):
@@ -334,7 +349,7 @@ class ResultQuery:
         for task_id in ids:
             self.backend._cache.pop(task_id, None)
 
-        def run(conn: Connection, _: _Layout) -> int:
+        def run(conn: Connection, _: Statements) -> int:
             deleted = 0
             for start in range(0, len(ids), BATCH_SIZE):
                 chunk = ids[start : start + BATCH_SIZE]
@@ -358,7 +373,7 @@ class ResultQuery:
         return self.store.cleanup(cutoff, dry_run=dry_run)
 
     # ---- internals ----------------------------------------------------
-    def _clauses(self, layout: _Layout) -> list[sa.ColumnElement[bool]]:
+    def _clauses(self, layout: Layout) -> list[sa.ColumnElement[bool]]:
         t = self.store.tables.task
         out: list[sa.ColumnElement[bool]] = []
         for key, value in self._where:
@@ -370,8 +385,8 @@ class ResultQuery:
                 out.append(t.c.date_done < _naive(value))
             elif key == "after":
                 done, row_id = value
-                pg = self.store.dialect.name == "postgresql"
-                out.append(_keyset(t, done, row_id, nulls_first=pg))
+                first = self.store.dialect.nulls_first_descending
+                out.append(_keyset(t, done, row_id, nulls_first=first))
             elif key in layout.task_columns:
                 out.append(_match(t.c[key], value))
             else:  # tables of an old Celery without the extended columns: nothing matches
@@ -408,9 +423,9 @@ class ResultQuery:
 
     def _decode(self, payload: Any) -> Any:
         try:
-            return self.backend._decode_column(payload)
+            return self.backend.decode_value(payload)
         except Exception as exc:
-            return Undecodable(" ".join(str(exc).split()) or type(exc).__name__)
+            return Undecodable(one_line(exc) or type(exc).__name__)
 
 
 def _match(column: sa.ColumnElement[Any], pattern: str) -> sa.ColumnElement[bool]:

@@ -15,13 +15,14 @@ the revisions get a database there, and a test checks they agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql
 
-__all__ = ["DATE_COLUMNS", "DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables"]
+__all__ = ["DATE_COLUMNS", "DEFAULT_NAMES", "EXTENDED_COLUMNS", "Tables", "build_tables", "utc_now"]
 
 #: Table names Celery uses unless ``database_table_names`` says otherwise.
 DEFAULT_NAMES = {
@@ -37,6 +38,12 @@ EXTENDED_COLUMNS = ("name", "args", "kwargs", "worker", "retries", "queue", "sta
 
 #: Our monitoring timestamps on the task table (not Celery's; revision 0003).
 DATE_COLUMNS = ("date_created", "date_started")
+
+
+def utc_now() -> datetime:
+    """Now, as the date columns hold it: UTC without a time zone, as Celery's ``db+`` writes."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
 
 _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 

@@ -20,9 +20,9 @@ from celery.utils.imports import symbol_by_name
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .dialects import SUPPORTED, dialect_for
+from .dialects import SUPPORTED, Dialect, dialect_for
 
-__all__ = ["DEFAULTS", "Settings", "mask_url"]
+__all__ = ["DEFAULTS", "Settings", "database_url", "mask_url"]
 
 #: Our settings and their defaults (Celery's ``database_*`` ones are documented by Celery).
 DEFAULTS: dict[str, Any] = {
@@ -45,9 +45,6 @@ _MAX_SECONDS = 7 * 24 * 3600.0
 _MAX_EXPIRES = 100 * 365 * 86400.0
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
-_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
-#: Our extras by SQLAlchemy driver name.
-_DRIVER_EXTRAS = {"psycopg": "postgresql", "pymysql": "mysql", "mysqldb": "mysqlclient"}
 
 
 def mask_url(url: str | URL) -> str:
@@ -58,11 +55,30 @@ def mask_url(url: str | URL) -> str:
         return "<unparseable database URL>"
 
 
+def database_url(app: Celery, url: str | None = None) -> str | None:
+    """``url``, else the app's ``result_backend`` (or ``database_url``), as a SQLAlchemy URL.
+
+    The ``sql+``/``db+`` prefix of the ``result_backend`` form is accepted and
+    taken off, so commands and helpers take either form.
+    """
+    if not url:
+        backend = app.conf.result_backend
+        url = backend if isinstance(backend, str) and "://" in backend else None
+        url = url or app.conf.get("database_url")
+    if url and "://" in url:
+        scheme = url.split("://", 1)[0]
+        if "+" in scheme and scheme.split("+", 1)[0] in ("sql", "db", "database"):
+            return url.split("+", 1)[1]
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """The validated configuration of one backend instance."""
 
     url: URL
+    #: What differs on this URL's database (:mod:`celery_sqlresults.dialects`).
+    dialect: Dialect
     engine_options: dict[str, Any] = field(default_factory=dict)
     engine_callback: Callable[[Any], None] | None = None
     table_names: dict[str, str] = field(default_factory=dict)
@@ -95,9 +111,10 @@ class Settings:
         engine_options: Mapping[str, Any] | None = None,
     ) -> Settings:
         conf = app.conf
-        parsed = _parse_url(url or conf.get("database_url"))
+        parsed, dialect = _parse_url(url or conf.get("database_url"))
         return cls(
             url=parsed,
+            dialect=dialect,
             engine_options=_engine_options(conf, engine_options),
             engine_callback=_engine_callback(conf.get("database_engine_callback")),
             table_names=_identifiers(conf.get("database_table_names"), "database_table_names"),
@@ -111,7 +128,7 @@ class Settings:
             retry_timeout=_seconds(conf, "sqlresults_retry_timeout"),
             notify=bool(_get(conf, "sqlresults_notify")),
             notify_rows=_notify_rows(conf),
-            durable_commit=_durable_commit(conf, parsed),
+            durable_commit=_durable_commit(conf, dialect),
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
         )
 
@@ -134,14 +151,11 @@ def _notify_rows(conf: Any) -> bool | Literal["auto"]:
     return value
 
 
-def _durable_commit(conf: Any, url: URL) -> bool:
+def _durable_commit(conf: Any, dialect: Dialect) -> bool:
     durable = _flag(conf, "sqlresults_durable_commit")
-    if not durable and dialect_for(url.get_backend_name()).name == "mysql":
-        raise ImproperlyConfigured(
-            "sqlresults_durable_commit = False is not available on MySQL/MariaDB (a session "
-            "cannot relax durability there): set innodb_flush_log_at_trx_commit = 2 on the "
-            "server instead, or remove the setting."
-        )
+    refusal = None if durable else dialect.relaxed_commit_refusal()
+    if refusal is not None:
+        raise ImproperlyConfigured(refusal)
     return durable
 
 
@@ -150,7 +164,7 @@ def _get(conf: Any, key: str) -> Any:
     return DEFAULTS[key] if value is None else value
 
 
-def _parse_url(raw: str | None) -> URL:
+def _parse_url(raw: str | None) -> tuple[URL, Dialect]:
     if not raw:
         raise ImproperlyConfigured(
             "No database URL for the SQL result backend: set result_backend to "
@@ -164,13 +178,14 @@ def _parse_url(raw: str | None) -> URL:
             f"result_backend/database_url is not a valid SQLAlchemy URL: {mask_url(raw)!r} "
             f"({exc}). Expected e.g. 'sql+postgresql+psycopg://user@host/db'."
         ) from None
-    family = url.get_backend_name()
-    if family not in SUPPORTED:
+    try:
+        dialect = dialect_for(url)
+    except LookupError as exc:
         raise ImproperlyConfigured(
-            f"Unknown database dialect {family!r} in result backend URL {mask_url(url)!r}: "
+            f"Unknown database dialect {exc.args[0]!r} in result backend URL {mask_url(url)!r}: "
             f"celery-sqlresults supports {', '.join(SUPPORTED)}. "
             "Fix the scheme, e.g. 'sql+postgresql+psycopg://…'."
-        )
+        ) from None
     try:
         url.get_dialect().import_dbapi()
     except NoSuchModuleError:
@@ -179,20 +194,11 @@ def _parse_url(raw: str | None) -> URL:
             f"{mask_url(url)!r}. Use e.g. postgresql+psycopg, mysql+pymysql or sqlite."
         ) from None
     except ImportError as exc:
-        driver = url.get_dialect().driver
-        if driver in _DRIVER_EXTRAS:  # a driver we install: name the extra
-            hint = f"pip install 'celery-sqlresults[{_DRIVER_EXTRAS[driver]}]'."
-        elif family in _EXTRAS:
-            hint = (
-                f"pip install 'celery-sqlresults[{_EXTRAS[family]}]' and use "
-                "'postgresql+psycopg://', 'mysql+pymysql://' or 'mysql+mysqldb://' in the URL."
-            )
-        else:
-            hint = "install the driver's package."
+        hint = dialect.install_hint(url.get_dialect().driver)
         raise ImproperlyConfigured(
             f"The database driver for {url.drivername!r} is not installed ({exc}): {hint}"
         ) from None
-    return url
+    return url, dialect
 
 
 def _engine_options(conf: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Three entry points:
 
 * :func:`ensure_schema` — what the backend runs when it is constructed and
-  what a worker/beat runs while starting (through the signals connected at
-  the bottom). Costs one query (the version table) when the schema is at head.
+  what a worker/beat runs while starting (:mod:`celery_sqlresults.hooks`).
+  Costs one query (the version table) when the schema is at head.
 * :func:`create_schema` — brings the schema to head with the migration
   scripts (additive revisions only), serialised across processes and hosts
   with the database's own lock; also what lazy mode runs on first write.
@@ -18,10 +18,9 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery import signals
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from . import migrate
@@ -30,18 +29,17 @@ from .exceptions import (
     DatabaseUnavailable,
     SchemaMissing,
     SQLResultsError,
+    one_line,
 )
-
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
-    from .store import Store
+from .store import Store
 
 __all__ = [
     "create_schema",
     "downgrade_schema",
     "ensure_schema",
+    "try_schema",
     "upgrade_schema",
+    "wait_for_database",
 ]
 
 logger = logging.getLogger("celery_sqlresults")
@@ -114,7 +112,7 @@ def create_schema(store: Store, trust_version: bool = False) -> list[str]:
             "with the existing tables. Run `celery -A proj results upgrade` as a user with "
             "CREATE/ALTER rights.",
             store.settings.masked_url,
-            _reason(exc),
+            one_line(exc, store.settings.url),
         )
         return []
     finally:
@@ -194,7 +192,9 @@ def _status(store: Store, conn: sa.Connection) -> migrate.Status | None:
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise
-        logger.debug("celery-sqlresults: version table not readable: %s", _reason(exc))
+        logger.debug(
+            "celery-sqlresults: version table not readable: %s", one_line(exc, store.settings.url)
+        )
         return None
 
 
@@ -226,6 +226,19 @@ def ensure_schema(store: Store, wait: float | None = None) -> None:
         _ready.setdefault(store.engine, set()).add(key)
 
 
+def try_schema(store: Store) -> None:
+    """:func:`ensure_schema` without waiting; a failure is logged, not raised.
+
+    What constructing a backend runs, and what a store runs on a database it
+    finds replaced: a process that only reads must not die here; workers and
+    beat retry (bounded) and fail loudly while starting.
+    """
+    try:
+        ensure_schema(store, wait=0)
+    except (SQLResultsError, DBAPIError) as exc:
+        logger.warning("celery-sqlresults: schema not checked yet: %s", exc)
+
+
 def wait_for_database(store: Store, wait: float) -> None:
     """Run :func:`create_schema`, retrying with backoff for up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
@@ -237,7 +250,7 @@ def wait_for_database(store: Store, wait: float) -> None:
             create_schema(store, trust_version=True)
             return
         except (OperationalError, TimeoutError) as exc:
-            reason = _reason(exc)
+            reason = one_line(exc, store.settings.url)
             fix = store.dialect.permanent_error_fix(exc)
             if fix is not None:
                 raise DatabaseMisconfigured(
@@ -303,7 +316,7 @@ def _add_missing_columns(store: Store, conn: sa.Connection) -> None:
                 "celery-sqlresults: could not add column %s.%s (%s); continuing without it",
                 table.fullname,
                 column.name,
-                _reason(exc),
+                one_line(exc, store.settings.url),
             )
             return
     store.forget_layout()
@@ -313,51 +326,8 @@ def _no_rights_message(store: Store, missing: list[sa.Table], exc: DBAPIError) -
     names = ", ".join(t.fullname for t in missing) or "(columns only)"
     return (
         f"result tables {names} are missing at {store.settings.masked_url} and could not be "
-        f"created: {_reason(exc)}. Create them once as a user with CREATE rights: "
+        f"created: {one_line(exc, store.settings.url)}. Create them once as a user with "
+        "CREATE rights: "
         "`celery -A proj results init` (or `celery_sqlresults.create_tables(app)`), "
         "or grant CREATE to this user."
     )
-
-
-def _reason(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return " ".join(str(orig).split())[:300]
-
-
-# ---- worker and beat start-up ---------------------------------------------
-def _ensure_for_app(app: Any, process: str) -> None:
-    """Create the schema for a starting worker/beat, or stop that process with a clear error.
-
-    Celery's signal dispatch logs and swallows exceptions, so a failure here
-    would let the worker consume tasks it cannot store; ``SystemExit`` is not
-    swallowed and makes the worker (or beat) exit with status 1.
-    """
-    from .backend import SQLResultsBackend
-
-    backend = app.backend
-    if not isinstance(backend, SQLResultsBackend) or not backend.settings.create_tables_on_startup:
-        return
-    try:
-        ensure_schema(backend.store)
-    except (SQLResultsError, DBAPIError) as exc:
-        reason = str(exc) if isinstance(exc, SQLResultsError) else _reason(exc)
-        logger.critical("celery-sqlresults: %s cannot start: %s", process, reason)
-        raise SystemExit(1) from exc
-    logger.info(
-        "celery-sqlresults: result schema ready (%s) at %s",
-        ", ".join(t.fullname for t in backend.store.tables.all),
-        backend.settings.masked_url,
-    )
-
-
-@signals.celeryd_after_setup.connect(weak=False)
-def _on_worker_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
-    """Worker: logging is configured and neither the pool nor the consumer has started."""
-    if instance is not None:
-        _ensure_for_app(instance.app, "worker")
-
-
-@signals.beat_init.connect(weak=False)
-def _on_beat_init(sender: Any = None, **_: Any) -> None:
-    if sender is not None:
-        _ensure_for_app(sender.app, "beat")

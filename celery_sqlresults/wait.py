@@ -11,7 +11,7 @@ or ``None``: re-check everything (polling, a timeout, a listener reconnect).
 * On PostgreSQL (psycopg 3) each ready-state write notifies the table's
   channel with the task id (and, where ``sqlresults_notify_rows`` lets rows
   travel, the row as written, when it fits), in the same statement (see
-  ``Dialect.notifying`` and ``Store.rows_travel``).
+  :mod:`celery_sqlresults.notices`).
   One listening connection per process, on a daemon thread, wakes exactly
   the waiters of that id. It listens only while someone waits: every
   notification wakes every listening session of the database (and its
@@ -32,15 +32,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import URL
+from .exceptions import one_line
+from .notices import split
+from .store import Store
 
-    from .settings import Settings
-    from .store import Store
-
-__all__ = ["Listener", "Poller", "waiter_for"]
+__all__ = ["Listener", "Notified", "Poller", "Wait", "waiter_for"]
 
 logger = logging.getLogger("celery_sqlresults")
 
@@ -237,7 +235,7 @@ class Listener:
                 self.reconnects += 1
                 logger.warning(
                     "celery-sqlresults: notification listener lost (%s); reconnecting in %.1fs",
-                    " ".join(str(exc).split())[:200],
+                    one_line(exc),
                     delay,
                 )
                 time.sleep(delay)
@@ -252,7 +250,7 @@ class Listener:
         checked = time.monotonic()
         while True:
             for note in conn.notifies(timeout=_LOOK_EVERY):
-                task_id, row = _split(note.payload)
+                task_id, row = split(note.payload)
                 with self._lock:
                     watches = list(self._watchers.get(task_id, ()))
                 for watch in watches:
@@ -295,45 +293,18 @@ class _Listening:
         self._watch.forget(task_ids)
 
 
-def _split(payload: str) -> tuple[str, str | None]:
-    """``<n>:<task_id><row>`` into the id and the row's JSON (``None`` if not carried).
-
-    Cheap on purpose: every process listening parses every notification, and
-    only its waiters' rows are ever decoded (by the waiter, from the JSON).
-    """
-    length, sep, rest = payload.partition(":")
-    if not (sep and length.isascii() and length.isdigit()) or int(length) > len(rest):
-        return payload, None  # not ours: a bare id, as NOTIFY sent by hand would be
-    n = int(length)
-    return rest[:n], rest[n:] or None
-
-
-def waiter_for(store: Store, settings: Settings) -> Poller | Listener:
-    """A :class:`Listener` on PostgreSQL with psycopg 3 (unless disabled), else a poller."""
-    url = settings.url
-    if not settings.notify or url.get_backend_name() != "postgresql":
+def waiter_for(store: Store) -> Poller | Listener:
+    """A :class:`Listener` where the database notifies (unless disabled), else a poller."""
+    settings = store.settings
+    connect = store.dialect.listener_connect(settings.url) if settings.notify else None
+    if connect is None:
         return Poller()
-    if url.get_dialect().driver != "psycopg":
-        return Poller()
-    key = (url.render_as_string(hide_password=False), store.channel)
+    key = (settings.url.render_as_string(hide_password=False), store.channel)
     with _listeners_lock:
         listener = _listeners.get(key)
         if listener is None:
-            listener = _listeners[key] = Listener(_raw_connect(url), store.channel)
+            listener = _listeners[key] = Listener(connect, store.channel)
     return listener
-
-
-def _raw_connect(url: URL) -> Callable[[], Any]:
-    """A connect function for a dedicated psycopg connection outside the pool."""
-
-    import psycopg
-
-    cargs, cparams = url.get_dialect()().create_connect_args(url)
-
-    def connect() -> Any:
-        return psycopg.connect(*cargs, **cparams)
-
-    return connect
 
 
 _listeners: dict[tuple[str, str], Listener] = {}

@@ -454,13 +454,13 @@ def test_columns_are_encoded_as_celery_encodes(
         result_serializer=serializer, result_accept_content=[serializer], result_extended=True
     ).backend
     for value in ({"a": [1, 2.5, None, "é"]}, "text", 7, [], None):
-        assert backend._encoded(value) == ensure_bytes(backend.encode(value)), value
+        assert backend.encode_value(value) == ensure_bytes(backend.encode(value)), value
     if serializer != "pickle":
         with pytest.raises(EncodeError):
-            backend._encoded(object())
+            backend.encode_value(object())
     compressed = make_app(result_compression="zlib").backend
-    assert compressed._encoded({"a": 1}) == ensure_bytes(compressed.encode({"a": 1}))
-    assert compressed._encoded({"a": 1})[:1] == b"\x00"  # compressed: Celery's own path
+    assert compressed.encode_value({"a": 1}) == ensure_bytes(compressed.encode({"a": 1}))
+    assert compressed.encode_value({"a": 1})[:1] == b"\x00"  # compressed: Celery's own path
     backend.store_result("enc", {"v": 1}, states.SUCCESS, request=request("proj.enc"))
     assert backend.get_task_meta("enc", cache=False)["result"] == {"v": 1}
 

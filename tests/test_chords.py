@@ -14,7 +14,7 @@ import redis
 from celery import Celery, chain, chord, group, signals
 from celery.exceptions import ChordError
 
-from celery_sqlresults.dialects import Dialect
+from celery_sqlresults.dialects import PostgreSQL
 
 from .conftest import REDIS_URL, Worker, client_app, raw_engine
 
@@ -166,7 +166,7 @@ def counting(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Both ways a part is counted: PostgreSQL's one statement (where the dialect
     has it) and the explicit transaction every database can run."""
     if request.param == "transaction":
-        monkeypatch.setattr(Dialect, "part_counter", lambda *_: None)
+        monkeypatch.setattr(PostgreSQL, "part_counter", lambda *_: None)
     return str(request.param)
 
 

@@ -136,25 +136,25 @@ def test_forked_child_leaves_the_parents_kept_connection_alone(
 ) -> None:
     """The parent's hot-path lease is neither used nor closed by a child, and a lock another
     parent thread held at the fork does not hang the child."""
-    from celery_sqlresults import fastpath
+    from celery_sqlresults import lease
 
     backend = make_app().backend
     backend.store_result("parent", 1, states.SUCCESS)
     parent_engine = get_engine(backend.settings)
-    parent_lease = fastpath._leases.get(parent_engine)
+    parent_lease = lease.leased(parent_engine)
     assert parent_lease is not None
 
     def in_child() -> bool:
         backend.store_result("child", 2, states.SUCCESS)  # takes a lease of its own
         child_engine = get_engine(backend.settings)
         return (
-            fastpath._leases.get(parent_engine) is None
-            and fastpath._leases.get(child_engine) is not None
+            lease.leased(parent_engine) is None
+            and lease.leased(child_engine) is not None
             and backend.get_task_meta("parent", cache=False)["result"] == 1
         )
 
-    assert fork_with_lock_held(fastpath._leases_lock, in_child) == 0
-    assert fastpath._leases.get(parent_engine) is parent_lease  # untouched in the parent
+    assert fork_with_lock_held(lease._leases_lock, in_child) == 0
+    assert lease.leased(parent_engine) is parent_lease  # untouched in the parent
     invalidated: list[object] = []
     sa.event.listen(parent_engine, "invalidate", lambda *a: invalidated.append(a))
     assert backend.get_task_meta("child", cache=False)["result"] == 2

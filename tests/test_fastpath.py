@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import ResultSet
 
-from celery_sqlresults import fastpath
+from celery_sqlresults import fastpath, lease, libpq
 from celery_sqlresults.query import ResultQuery
 
 from .conftest import kill_session, raw_engine, session_id, task_request
@@ -155,7 +155,7 @@ def test_autocommit_turned_off_still_commits(make_app: Callable[..., Celery], db
 
 def _lease(backend: Any) -> Any:
     """The hot path's kept connection on the backend's engine (None: none kept)."""
-    return fastpath._leases.get(backend.store.engine)
+    return lease.leased(backend.store.engine)
 
 
 def test_a_busy_thread_keeps_its_connection(
@@ -346,7 +346,7 @@ def test_postgresql_calls_libpq_with_statements_prepared_per_parameter_types(
 def _libpq_prepared(backend: Any) -> dict[Any, bytes]:
     """The libpq path's record of what it prepared on the pool's (only) connection."""
     dbapi_conn, info = _pool_info(backend.store.engine)
-    conn, prepared = info[fastpath._LIBPQ]  # KeyError: the path was not taken
+    conn, prepared = info[libpq.PREPARED]  # KeyError: the path was not taken
     assert conn is dbapi_conn
     return dict(prepared)
 
@@ -379,7 +379,7 @@ def test_prepare_threshold_none_prepares_nothing(make_app: Callable[..., Celery]
     assert _prepared_here(backend) == []
     info = _pool_info(backend.store.engine)[1]
     # The libpq path ran: no cursor kept (it records statements only when it prepares).
-    assert fastpath._LIBPQ not in info and fastpath._CURSOR not in info
+    assert libpq.PREPARED not in info and fastpath._CURSOR not in info
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
@@ -389,12 +389,12 @@ def test_libpq_errors_are_psycopgs_wrapped_by_sqlalchemy(make_app: Callable[...,
     backend = make_app(database_engine_options=_ONE_CONNECTION).backend
     engine = backend.store.engine
     number = sa.select(sa.cast(sa.bindparam("v", type_=sa.String), sa.Integer).label("n"))
-    assert fastpath.fetch_one(engine, number, {"v": "12"}) == {"n": 12}
+    assert fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "12"}) == {"n": 12}
     with pytest.raises(sa.exc.DataError) as caught:
-        fastpath.fetch_one(engine, number, {"v": "twelve"})
+        fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "twelve"})
     assert isinstance(caught.value.orig, psycopg.errors.InvalidTextRepresentation)
     assert not caught.value.connection_invalidated
-    assert fastpath.fetch_one(engine, number, {"v": "7"}) == {"n": 7}  # the session goes on
+    assert fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "7"}) == {"n": 7}  # the session goes on
     assert _libpq_prepared(backend)  # on the libpq path
 
 

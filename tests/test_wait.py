@@ -18,7 +18,9 @@ from celery import Celery, states
 from celery.result import ResultSet
 from kombu.utils.encoding import ensure_bytes
 
-from celery_sqlresults.wait import Listener, Poller, _split, _Watch
+from celery_sqlresults import notices
+from celery_sqlresults.notices import split
+from celery_sqlresults.wait import Listener, Poller, _Watch
 
 from .conftest import drop_role, fork_with_lock_held, kill_session, raw_engine, task_request
 
@@ -140,19 +142,19 @@ def test_notification_brings_the_row(make_app: Callable[..., Celery], db_url: st
     finally:
         listen.close()
     assert len(payloads) == 3
-    plain = _split(payloads.pop())
+    plain = split(payloads.pop())
     assert plain[0] == "plain" and plain[1] is not None
     # Only what a write stores travels; a reader that needs more reads the table.
-    assert backend.store.row_from_notice(*plain, extended=True) is None
-    assert backend.store.row_from_notice(*plain, extended=False) is not None
+    assert backend.store.notices.row(*plain, extended=True) is None
+    assert backend.store.notices.row(*plain, extended=False) is not None
     # Dates go as six-digit fractions, which Python 3.10's fromisoformat also parses.
     assert all(re.search(r'"date_done": ?"[0-9-]{10}T[0-9:]{8}\.[0-9]{6}"', p) for p in payloads)
     for extended in (True, False):
         reader = make_app(result_extended=extended).backend
         for payload in payloads:
-            task_id, body = _split(payload)
+            task_id, body = split(payload)
             assert body is not None
-            row = reader.store.row_from_notice(task_id, body, extended)
+            row = reader.store.notices.row(task_id, body, extended)
             assert row is not None
             carried = reader._meta_from_row(row)
             read = reader.get_task_meta(task_id, cache=False)
@@ -174,9 +176,9 @@ def test_a_row_too_large_to_carry_is_read(make_app: Callable[..., Celery], rows:
     store_later(app, "big", value, delay=0.3)
     assert app.AsyncResult("big").get(timeout=15, interval=60) == value
     assert len(reads) == 2  # the first check, and the read after the notification
-    assert _split("3:big") == ("big", None)
-    assert _split("not ours") == ("not ours", None)
-    assert _split("²:x") == ("²:x", None)  # a digit to isdigit(), not to int()
+    assert split("3:big") == ("big", None)
+    assert split("not ours") == ("not ours", None)
+    assert split("²:x") == ("²:x", None)  # a digit to isdigit(), not to int()
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
@@ -347,7 +349,6 @@ def test_auto_rows_follow_the_roles_that_can_connect(
     """``auto`` sends rows only while every role that may connect may read and write the
     task table, looks again after ROLES_CHECKED_FOR seconds, and a grant makes a role
     one of those."""
-    from celery_sqlresults import store as store_module
 
     store = make_app().backend.store
     assert store.settings.notify_rows == "auto"
@@ -360,29 +361,29 @@ def test_auto_rows_follow_the_roles_that_can_connect(
     def sent(task_id: str) -> str | None:
         make_app().backend.store_result(task_id, 1, states.SUCCESS)  # a fresh process's view
         (note,) = list(listen.notifies(timeout=5, stop_after=1))
-        found, row = _split(note.payload)
+        found, row = split(note.payload)
         assert found == task_id
         return row
 
     try:
         with _connect_granted_only(db_url):
-            assert store.rows_travel() and sent("before") is not None
+            assert store.notices.rows_travel() and sent("before") is not None
             with _outsider(db_url) as name:
-                assert store.rows_travel(), "looked at the roles less than a minute ago"
-                monkeypatch.setattr(store_module, "ROLES_CHECKED_FOR", 0.0)
-                assert not store.rows_travel()
+                assert store.notices.rows_travel(), "looked at the roles less than a minute ago"
+                monkeypatch.setattr(notices, "ROLES_CHECKED_FOR", 0.0)
+                assert not store.notices.rows_travel()
                 assert sent("outsider") is None
                 table = store.tables.task.name
                 with raw_engine(db_url).begin() as conn:
                     conn.exec_driver_sql(f"GRANT SELECT, INSERT ON {table} TO {name}")
-                assert not store.rows_travel(), "a role that may not UPDATE could forge"
+                assert not store.notices.rows_travel(), "a role that may not UPDATE could forge"
                 with raw_engine(db_url).begin() as conn:
                     conn.exec_driver_sql(f"GRANT UPDATE ON {table} TO {name}")
-                assert store.rows_travel() and sent("granted") is not None
-            assert store.rows_travel()
+                assert store.notices.rows_travel() and sent("granted") is not None
+            assert store.notices.rows_travel()
         # With PUBLIC's CONNECT back, a role with no grants can connect: rows stop.
         with _outsider(db_url):
-            assert not store.rows_travel()
+            assert not store.notices.rows_travel()
     finally:
         listen.close()
 
@@ -392,7 +393,7 @@ def test_a_row_that_is_not_ours_is_read_instead(make_app: Callable[..., Celery])
     """Notifications whose row is partial or malformed are not taken (no error either)."""
     store = make_app().backend.store
     good = {"status": "SUCCESS", "result": "Mg==", "traceback": None, "date_done": None}
-    read = store.row_from_notice  # a reader without result_extended
+    read = store.notices.row  # a reader without result_extended
     assert read("t", json.dumps(good), False) == {"task_id": "t", **good, "result": b"2"}
     assert read("t", json.dumps(good), True) is None  # an extended reader needs name, args…
     for bad in (
@@ -417,28 +418,28 @@ def test_notices_carry_only_what_a_reader_can_take_as_sent(
     now = datetime(2026, 1, 2, 3, 4, 5, 6)
     row = {"task_id": "t", "status": "SUCCESS", "result": b"2", "traceback": None}
     row.update(date_done=now, date_created=now)
-    task_id, body = _split(store._notice(row, carry=True))
+    task_id, body = split(store.notices.payload(row, carry=True))
     assert task_id == "t" and body is not None
     assert json.loads(body) == {
         "status": "SUCCESS", "result": "Mg==", "traceback": None, "date_done": now.isoformat()
     }  # fmt: skip
-    assert store.row_from_notice("t", body, extended=False) == {
+    assert store.notices.row("t", body, extended=False) == {
         "task_id": "t", "status": "SUCCESS", "result": b"2", "traceback": None, "date_done": now
     }  # fmt: skip
-    assert store._notice(row, carry=False) == "1:t"
+    assert store.notices.payload(row, carry=False) == "1:t"
     for odd in (
         {"date_done": now.replace(tzinfo=timezone.utc)},  # a zone: stored as the session sees it
         {"result": memoryview(b"2")},  # not bytes in a binary column
         {"result": "2"},
         {"traceback": object()},  # nothing JSON can hold
     ):
-        assert store._notice({**row, **odd}, carry=True) == "1:t", odd
+        assert store.notices.payload({**row, **odd}, carry=True) == "1:t", odd
     # Largest ASCII payload under the limit; the same with a two-byte-per-character id is over.
-    carried = {n: store._notice(_big(row, "a", n), True) for n in range(5000, 6000)}
-    size = max(n for n, notice in carried.items() if _split(notice)[1] is not None)
+    carried = {n: store.notices.payload(_big(row, "a", n), True) for n in range(5000, 6000)}
+    size = max(n for n, notice in carried.items() if split(notice)[1] is not None)
     assert len(carried[size].encode()) in range(7900, 8000)
-    assert store._notice(_big(row, "é", size), True) == f"100:{'é' * 100}"
-    assert store._notice(_big(row, "a", 10_000), True) == f"100:{'a' * 100}"
+    assert store.notices.payload(_big(row, "é", size), True) == f"100:{'é' * 100}"
+    assert store.notices.payload(_big(row, "a", 10_000), True) == f"100:{'a' * 100}"
 
 
 def _big(row: dict[str, object], char: str, size: int) -> dict[str, object]:
@@ -462,7 +463,7 @@ def test_a_refused_write_notifies_nothing(make_app: Callable[..., Celery], db_ur
     finally:
         listen.close()
     assert len(payloads) == 1
-    task_id, body = _split(payloads[0])
+    task_id, body = split(payloads[0])
     assert task_id == "once" and body is not None and json.loads(body)["status"] == states.SUCCESS
     assert backend.get_task_meta("once", cache=False)["result"] == 1
 

@@ -41,6 +41,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..backend import SQLResultsBackend
+from ..exceptions import one_line
 from ..query import ResultQuery, TaskRecord, parse_when
 from ..settings import mask_url
 from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
@@ -53,9 +54,9 @@ STATIC = Path(__file__).with_name("static")
 #: Rows per page of ``/api/tasks``: default and maximum.
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 #: Seconds a ``/api/stats`` answer is reused for the same query. Counting a whole
-#: table is the one request that reads every row (about 0.25 s on a million rows,
-#: docs/monitoring-benchmarks.md); every open page asks every 2 s, so all of
-#: them together now cost one count per this many seconds.
+#: table is the one request that reads every row (docs/monitoring-benchmarks.md);
+#: every open page asks every 2 s, so all of them together cost one count per
+#: this many seconds.
 STATS_TTL = 2.0
 _STATS_KEEP = 64  # distinct stats queries remembered
 # The document's patterns, matched whole (``$`` would also allow a trailing newline).
@@ -240,10 +241,7 @@ class _Api:
 
     def _log_error(self, what: str, exc: BaseException) -> None:
         url = self.query.backend.settings.url
-        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
-        if url.password:
-            reason = reason.replace(str(url.password), "***")
-        logger.warning("%s: result database %s: %s", what, mask_url(url), reason)
+        logger.warning("%s: result database %s: %s", what, mask_url(url), one_line(exc, url))
 
 
 # ---- request parsing -----------------------------------------------------------

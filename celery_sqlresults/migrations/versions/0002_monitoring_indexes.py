@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.schema import CreateIndex, DropIndex
 
+from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.schema import Tables
 
 revision = "0002"
@@ -56,7 +57,7 @@ def upgrade() -> None:
             wanted = [indexes[c] for c in _NEW]
         else:
             bind = op.get_bind()
-            if bind.dialect.name == "postgresql":
+            if dialect_for(bind).builds_indexes_online:
                 _drop_invalid(bind, tables.task)
             existing = sa.inspect(bind).get_indexes(tables.task.name, schema=tables.task.schema)
             first = {ix["column_names"][0] for ix in existing if ix["column_names"]}
@@ -84,7 +85,7 @@ def downgrade() -> None:
 def _outside_transaction() -> contextlib.AbstractContextManager[Any]:
     """PostgreSQL builds concurrently, which it refuses inside a transaction block."""
     ctx = op.get_context()
-    if ctx.dialect.name == "postgresql":
+    if dialect_for(ctx.dialect).builds_indexes_online:
         return ctx.autocommit_block()
     return contextlib.nullcontext()
 

@@ -23,6 +23,7 @@ from alembic import context, op
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 
+from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.schema import Tables
 
 revision = "0004"
@@ -30,7 +31,6 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-_MYSQL = ("mysql", "mariadb")  # SQLAlchemy names the dialect of mariadb:// URLs "mariadb"
 _BINARY = {
     "task": ("result", "children", "args", "kwargs", "stamps"),
     "group": ("result",),
@@ -45,7 +45,7 @@ def additive(conn: Connection, tables: Tables) -> bool:
 def upgrade() -> None:
     tables: Tables = context.config.attributes["tables"]
     if context.is_offline_mode():
-        if op.get_context().dialect.name not in _MYSQL:
+        if not dialect_for(op.get_context().dialect).has_narrow_blobs:
             return
         todo = [(getattr(tables, key), c) for key, cols in _BINARY.items() for c in cols]
     else:
@@ -66,7 +66,7 @@ def downgrade() -> None:
 
 def _to_convert(conn: Connection, tables: Tables) -> list[tuple[sa.Table, str]]:
     """The binary columns that are narrower than ``LONGBLOB`` (MySQL/MariaDB only)."""
-    if conn.dialect.name not in _MYSQL:
+    if not dialect_for(conn).has_narrow_blobs:
         return []
     insp = sa.inspect(conn)
     out: list[tuple[sa.Table, str]] = []

@@ -6,8 +6,8 @@ Revises: 0005
 ``--name 'proj.*'`` and ``?name=proj.*`` become ``name LIKE 'proj.%'``.
 PostgreSQL uses a plain b-tree for ``LIKE 'prefix%'`` only under the C
 collation; most databases use another (``en_US.UTF-8``, ``C.UTF-8``), and a
-glob matching few rows then reads the whole table (0.3 s on a million rows,
-docs/monitoring-benchmarks.md). A ``varchar_pattern_ops`` index serves the
+glob matching few rows then reads the whole table
+(docs/monitoring-benchmarks.md). A ``varchar_pattern_ops`` index serves the
 prefix under any collation. Built with ``CREATE INDEX CONCURRENTLY``, so it
 runs at start-up without blocking writes. MySQL/MariaDB already use the
 ``name`` index for prefixes; SQLite's ``LIKE`` ignores case and uses none:
@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.schema import CreateIndex, DropIndex
 
+from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.schema import Tables
 
 revision = "0006"
@@ -46,7 +47,7 @@ def _index(tables: Tables) -> sa.Index:
 
 
 def upgrade() -> None:
-    if op.get_context().dialect.name != "postgresql":
+    if not dialect_for(op.get_context().dialect).has_pattern_index:
         return
     index = _index(context.config.attributes["tables"])
     with op.get_context().autocommit_block():
@@ -56,7 +57,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_context().dialect.name != "postgresql":
+    if not dialect_for(op.get_context().dialect).has_pattern_index:
         return
     index = _index(context.config.attributes["tables"])
     with op.get_context().autocommit_block():

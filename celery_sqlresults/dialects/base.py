@@ -1,0 +1,368 @@
+"""What every database does alike, and the questions each subclass answers its own way."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+__all__ = ["Dialect", "Expiry"]
+
+#: Deletes the next batch of expired rows: ``(rows deleted, whether that was the last batch)``.
+Expiry = Callable[[Connection], tuple[int, bool]]
+
+#: What :meth:`Dialect.constant` writes into SQL text as it is.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_]+")
+
+# What to do about a connection error that waiting cannot fix.
+FIX_DATABASE = "create the database, or fix its name in result_backend"
+FIX_LOGIN = "fix the user name or password in result_backend, or create that user"
+FIX_HOST = "fix the host name in result_backend"
+FIX_GRANT = "grant that user access to the database (CONNECT), or use another user"
+
+
+class Dialect(abc.ABC):
+    """One database family's way of doing the few things SQL does not standardise."""
+
+    #: SQLAlchemy's names for this database (``url.get_backend_name()``).
+    names: ClassVar[tuple[str, ...]]
+    #: Our pip extra for this database's drivers, and the extra of each driver we ship.
+    extra: ClassVar[str | None] = None
+    driver_extras: ClassVar[Mapping[str, str]] = {}
+    #: The DBAPI drivers the fast path runs on (:mod:`celery_sqlresults.fastpath`).
+    fast_drivers: ClassVar[frozenset[str]] = frozenset()
+    #: Whether writers can wake waiters (``LISTEN/NOTIFY``).
+    notifies: ClassVar[bool] = False
+    #: Whether rows without ``date_done`` come first in ``ORDER BY date_done DESC``.
+    nulls_first_descending: ClassVar[bool] = False
+    #: Whether indexes are built without blocking writers, outside a transaction
+    #: (PostgreSQL's ``CREATE INDEX CONCURRENTLY``), by the schema revisions.
+    builds_indexes_online: ClassVar[bool] = False
+    #: Whether the binary columns Celery's ``db+`` creates hold only 64 KB (MySQL ``BLOB``).
+    has_narrow_blobs: ClassVar[bool] = False
+    #: Whether name globs need an index of their own to be prefix matches (PostgreSQL).
+    has_pattern_index: ClassVar[bool] = False
+    #: Statement that opens a transaction which writes (and so takes its locks at once).
+    begin_write: ClassVar[str] = "START TRANSACTION"
+    #: Whether ``id`` must be written explicitly (the sequence's ``nextval``, or ``DEFAULT``).
+    writes_id: ClassVar[bool] = True
+
+    # ---- writes -------------------------------------------------------
+    @abc.abstractmethod
+    def upsert(
+        self,
+        table: sa.Table,
+        columns: Sequence[str],
+        id_seq: bool,
+        insert_only: Sequence[str] = (),
+    ) -> sa.Insert:
+        """INSERT … or UPDATE the row for ``task_id``, unless it already holds SUCCESS.
+
+        The SUCCESS rule lives in the statement, so it holds against any
+        concurrent writer without a read first or a row lock held by Python.
+        Columns in ``insert_only`` are written by the insert, never updated.
+        """
+
+    @abc.abstractmethod
+    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        """Plain upsert on ``key`` (group rows: the newest save wins)."""
+
+    @abc.abstractmethod
+    def insert_if_absent(
+        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
+    ) -> sa.Insert:
+        """INSERT a row unless one with the same ``key`` exists; an existing row is untouched."""
+
+    def constant(self, value: str) -> sa.ColumnElement[str]:
+        """``value`` written into the statement's text instead of bound to it.
+
+        A bound constant is a parameter the driver converts and sends on every
+        execution (the SUCCESS guard of every store, the channel of every
+        notification); in the text, the server's prepared statement holds it
+        once. Only plain words are accepted: quoted the same way by every
+        database, with nothing a driver or ``NO_BACKSLASH_ESCAPES`` reads
+        differently (``%``, ``\\``, quotes).
+        """
+        if not _PLAIN_WORD.fullmatch(value):
+            raise ValueError(f"not a plain word, cannot be written into SQL: {value!r}")
+        return sa.literal_column(f"'{value}'", sa.String())
+
+    def values(self, table: sa.Table, columns: Sequence[str], id_seq: bool) -> dict[str, Any]:
+        """Bound parameters for ``columns``, and ``id`` as this database needs it written."""
+        values: dict[str, Any] = {c: sa.bindparam(c) for c in columns}
+        if self.writes_id and "id" in table.c:
+            values["id"] = _id_value(table, id_seq)
+        return values
+
+    def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
+        """The upsert plus a notification of waiters, still one statement (where there is one)."""
+        return upsert
+
+    # ---- chords -------------------------------------------------------
+    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+        """The one statement that counts a part, where the database has one.
+
+        Elsewhere ``None``: counting takes a transaction (:meth:`count_part`).
+        """
+        return None
+
+    def count_part(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        parts: sa.Table | None,
+        part: Mapping[str, Any],
+    ) -> tuple[int, int | None] | None:
+        """Atomically add one finished part to a chord; return ``(done, chord_size)``.
+
+        ``part`` (``group_id``, ``task_id``, ``date_created``) is recorded in
+        ``parts`` with the count, atomically, so the same task reported again
+        is not counted again: the insert and the count in one explicit
+        transaction. ``None`` when the part was counted already or the chord
+        has no counter row. Without ``parts`` (a schema before revision 0005
+        and no rights to upgrade it) parts are counted as they come.
+        """
+        if parts is None:
+            return self.add_one(conn, table, part["group_id"])
+        conn.exec_driver_sql(self.begin_write)
+        try:
+            try:
+                conn.execute(sa.insert(parts).values(dict(part)))
+            except IntegrityError:
+                conn.exec_driver_sql("ROLLBACK")
+                return None
+            counted = self.add_one(conn, table, part["group_id"])
+        except BaseException:
+            with contextlib.suppress(DBAPIError):
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
+        return counted
+
+    def add_one(
+        self, conn: Connection, table: sa.Table, group_id: str
+    ) -> tuple[int, int | None] | None:
+        """``done = done + 1`` on a chord's counter, returning the new count and the size."""
+        row = conn.execute(
+            sa.update(table)
+            .where(table.c.group_id == group_id)
+            .values(done=table.c.done + 1)
+            .returning(table.c.done, table.c.chord_size)
+        ).first()
+        return None if row is None else (int(row[0]), row[1])
+
+    # ---- reading the layout -----------------------------------------------
+    @abc.abstractmethod
+    def id_from_sequence(self, id_column: Mapping[str, Any]) -> bool:
+        """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).
+
+        Decided from the reflected table, so tables made by any Celery or
+        SQLAlchemy version (sequence or auto-increment) are written correctly.
+        """
+
+    def only_writers_connect(self, conn: Connection, table: sa.Table) -> bool:
+        """Whether every role that may connect may also read and write ``table``.
+
+        Asked before notifications carry rows; ``False`` where there are none.
+        """
+        return False
+
+    # ---- expiry -----------------------------------------------------------
+    def expiry(
+        self,
+        table: sa.Table,
+        timestamp: sa.Column[Any],
+        old: sa.ColumnElement[bool],
+        limit: int,
+        filtered: bool = False,
+    ) -> Expiry:
+        """A function deleting the next batch of about ``limit`` of the ``old`` rows.
+
+        ``old`` is an age on ``timestamp`` (``filtered``: and more, failed
+        tasks only, say). Each batch is its own short statement (autocommit),
+        so locks are held for one batch at a time, and every DELETE checks
+        ``old`` itself: a row written meanwhile (a task re-run under its id)
+        stays. Filtered passes walk the timestamp index: "the oldest N that
+        match" would wade through the old rows kept (failures kept longer)
+        each time.
+        """
+        if filtered:
+            return walk_expired(table, timestamp, old, limit)
+        key = list(table.primary_key.columns)
+        target = key[0] if len(key) == 1 else sa.tuple_(*key)  # row values, composite key
+        stmt = sa.delete(table).where(target.in_(sa.select(*key).where(old).limit(limit)), old)
+
+        def step(conn: Connection) -> tuple[int, bool]:
+            n = int(conn.execute(stmt).rowcount)
+            return n, n < limit
+
+        return step
+
+    # ---- schema -------------------------------------------------------
+    @abc.abstractmethod
+    def schema_lock(
+        self, conn: Connection, timeout: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold the database's own lock for schema changes while the block runs.
+
+        Any number of processes may start at once: the lock makes them change
+        each object exactly once. Raises :class:`TimeoutError` after ``timeout``.
+        """
+
+    def end_version_read(self, conn: Connection) -> None:
+        """End the transaction reading the version left open (SQLite keeps its lock)."""
+        conn.commit()
+
+    # ---- connections --------------------------------------------------
+    @abc.abstractmethod
+    def lock_timeout_statements(self, seconds: float) -> list[str]:
+        """Statements that bound, for one session, how long a statement waits for a lock.
+
+        Run on every new connection, so a table or row locked by someone else
+        (a long migration, a stuck transaction) makes a write fail after
+        ``seconds`` instead of hanging the worker; the backend's retry policy
+        then takes over. ``0`` keeps the server's default.
+        """
+
+    def commit_statements(self, durable: bool) -> list[str]:
+        """Statements that relax, for one session, how a commit reaches the disk."""
+        return []
+
+    def relaxed_commit_refusal(self) -> str | None:
+        """Why ``sqlresults_durable_commit = False`` cannot work here (``None``: it can)."""
+        return None
+
+    def session_statements(self, url: URL, lock_timeout: float, durable: bool) -> list[str]:
+        """Everything run on each new connection: lock bound, then commit durability."""
+        return self.lock_timeout_statements(lock_timeout) + self.commit_statements(durable)
+
+    def install_hint(self, driver: str) -> str:
+        """How to install the missing DBAPI module of ``driver``."""
+        if driver in self.driver_extras:
+            return f"pip install 'celery-sqlresults[{self.driver_extras[driver]}]'."
+        if self.extra is not None:
+            return (
+                f"pip install 'celery-sqlresults[{self.extra}]' and use "
+                "'postgresql+psycopg://', 'mysql+pymysql://' or 'mysql+mysqldb://' in the URL."
+            )
+        return "install the driver's package."
+
+    def database_file(self, url: URL) -> str | None:
+        """The path of the file holding the database, if it is one (SQLite on disk)."""
+        return None
+
+    def in_autocommit(self, dbapi_conn: Any) -> bool:
+        """Whether a raw connection of one of :attr:`fast_drivers` commits each statement."""
+        return bool(dbapi_conn.get_autocommit())
+
+    def uses_libpq(self, driver: str) -> bool:
+        """Whether the fast path sends statements through libpq itself (psycopg)."""
+        return False
+
+    def listener_connect(self, url: URL) -> Callable[[], Any] | None:
+        """A function opening a dedicated connection for notifications, where there are any."""
+        return None
+
+    # ---- value sizes ----------------------------------------------------
+    def packet_limit(self, conn: Connection) -> int | None:
+        """Bytes one statement may take on the wire, where the server caps it."""
+        return None
+
+    def column_capacity(self, column_type: Any) -> int | None:
+        """Bytes a reflected binary/text column holds, or ``None`` for "more than we'd send"."""
+        return None
+
+    def check_sizes(
+        self,
+        row: Mapping[str, Any],
+        capacity: Mapping[str, int],
+        packet_limit: int | None,
+        table: str,
+        where: str,
+    ) -> None:
+        """Refuse (:class:`ResultTooLarge`) a row the database would reject or cut.
+
+        Nothing to check where columns hold more than a result message can carry.
+        """
+        return None
+
+    # ---- errors -------------------------------------------------------
+    @abc.abstractmethod
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        """True when ``exc`` says a statement gave up waiting for another session's lock."""
+
+    @abc.abstractmethod
+    def is_missing_table(self, exc: BaseException) -> bool:
+        """True when ``exc`` says a table does not exist (and nothing else went wrong)."""
+
+    @abc.abstractmethod
+    def permanent_error_fix(self, exc: BaseException) -> str | None:
+        """What to do about ``exc`` if waiting cannot fix it (else ``None``: worth a retry).
+
+        An unknown database, role or host, a refused login or no right to
+        connect stays so however long one waits: such errors are reported at
+        once, not retried for ``sqlresults_retry_timeout``.
+        """
+
+
+def driver_error(exc: BaseException) -> BaseException | None:
+    """The DBAPI error under an SQLAlchemy error (``None`` if there is none)."""
+    return getattr(exc, "orig", None)
+
+
+def error_text(exc: BaseException) -> str:
+    """The driver's message of ``exc``, whitespace collapsed."""
+    return " ".join(str(driver_error(exc) or exc).split())
+
+
+def error_number(exc: BaseException) -> Any:
+    """The first argument of the driver's error: MySQL's error number."""
+    args: tuple[Any, ...] = tuple(getattr(driver_error(exc) or exc, "args", ()))
+    return args[0] if args else None
+
+
+def _id_value(table: sa.Table, from_sequence: bool) -> Any:
+    """What to insert into ``id``: Celery's sequence, or the column's own default.
+
+    Celery's layout gives ``id`` a named sequence (PostgreSQL, MariaDB): its
+    ``nextval`` is drawn inline so the write stays one statement. Tables whose
+    ``id`` is SERIAL/IDENTITY/AUTO_INCREMENT get ``DEFAULT`` explicitly, or
+    SQLAlchemy would still draw from the (absent) sequence our ``Table`` names.
+    """
+    if not from_sequence:
+        return sa.literal_column("DEFAULT")
+    seq = table.c.id.default
+    assert isinstance(seq, sa.Sequence)
+    return seq.next_value()
+
+
+def walk_expired(
+    table: sa.Table, timestamp: sa.Column[Any], old: sa.ColumnElement[bool], limit: int
+) -> Expiry:
+    """Batches as ranges of the timestamp index, each starting where the last one ended.
+
+    Asking for "the oldest N" again and again would wade through every earlier
+    batch's leftovers (InnoDB keeps deleted index entries until its purge
+    catches up; a filter keeps rows): instead find where the next ``limit``
+    rows end (an index-only read) and delete that range.
+    """
+    since: Any = None  # where the previous batch ended (an old row's timestamp, never NULL)
+
+    def walk(conn: Connection) -> tuple[int, bool]:
+        nonlocal since
+        after = () if since is None else (timestamp >= since,)
+        pick = sa.select(timestamp).where(old, *after).order_by(timestamp)
+        last = conn.execute(pick.offset(limit - 1).limit(1)).scalar()
+        if last is None:  # fewer than `limit` left: the rest in one go
+            return int(conn.execute(sa.delete(table).where(old, *after)).rowcount), True
+        since = last
+        batch = sa.delete(table).where(old, *after, timestamp <= last)
+        return int(conn.execute(batch).rowcount), False
+
+    return walk

@@ -1,0 +1,219 @@
+"""PostgreSQL: ``ON CONFLICT`` upserts, ``LISTEN/NOTIFY``, advisory locks, psycopg 3."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from celery import states
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
+
+from .base import FIX_DATABASE, FIX_GRANT, FIX_HOST, FIX_LOGIN, Dialect, driver_error, error_text
+
+__all__ = ["PostgreSQL"]
+
+#: Stable key of the advisory lock that serialises schema changes ("SQLR").
+SCHEMA_LOCK_KEY = 0x53514C52
+_UNDEFINED_TABLE = "42P01"
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
+#: Connection errors waiting cannot fix. They arrive as text only: libpq has no SQLSTATE
+#: before a session exists (the server's English messages).
+_PERMANENT = (
+    (re.compile(r'database "[^"]*" does not exist'), FIX_DATABASE),
+    (re.compile(r'role "[^"]*" does not exist'), FIX_LOGIN),
+    (re.compile(r"password authentication failed|no password supplied", re.I), FIX_LOGIN),
+    (re.compile(r"no pg_hba\.conf entry|(peer|ident) authentication failed", re.I), FIX_LOGIN),
+    (re.compile(r"permission denied for database", re.I), FIX_GRANT),
+    (re.compile(r"failed to resolve host|could not translate host name", re.I), FIX_HOST),
+)
+
+
+class PostgreSQL(Dialect):
+    names = ("postgresql",)
+    extra = "postgresql"
+    driver_extras = {"psycopg": "postgresql"}
+    fast_drivers = frozenset({"psycopg"})
+    notifies = True
+    nulls_first_descending = True
+    builds_indexes_online = True
+    has_pattern_index = True
+
+    # ---- writes -------------------------------------------------------
+    def upsert(
+        self,
+        table: sa.Table,
+        columns: Sequence[str],
+        id_seq: bool,
+        insert_only: Sequence[str] = (),
+    ) -> sa.Insert:
+        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
+        updated = [c for c in columns if c != "task_id" and c not in insert_only]
+        return ins.on_conflict_do_update(
+            index_elements=[table.c.task_id],
+            set_={c: ins.excluded[c] for c in updated},
+            where=sa.or_(table.c.status.is_(None), table.c.status != self.constant(states.SUCCESS)),
+        )
+
+    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in columns if c != key}
+        )
+
+    def insert_if_absent(
+        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
+    ) -> sa.Insert:
+        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
+
+    def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
+        """The upsert plus a ``pg_notify`` of the written row, still one statement.
+
+        The payload is the statement's ``notice`` parameter, sent at commit and
+        only if the row was written (a stored SUCCESS refuses the write, and
+        the notification with it). The writer composes the payload from the
+        values it sends: building JSON from ``RETURNING`` in the statement
+        made a store slower (docs/benchmarks.md, "notifications").
+        """
+        written = upsert.returning(table.c.task_id).cte("written")
+        notice = sa.bindparam("notice", type_=sa.Text)
+        return sa.select(sa.func.pg_notify(self.constant(channel), notice)).select_from(written)
+
+    # ---- chords -------------------------------------------------------
+    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+        """The part's insert in a CTE, and the counter's ``UPDATE … RETURNING done,
+        chord_size`` only if it inserted; parameters ``group_id``, ``task_id`` and
+        ``date_created``."""
+        inserted = (
+            postgresql.insert(parts)
+            .values({c: sa.bindparam(c) for c in ("group_id", "task_id", "date_created")})
+            .on_conflict_do_nothing()
+            .returning(parts.c.group_id)
+            .cte("part")
+        )
+        return (
+            sa.update(table)
+            .where(table.c.group_id == inserted.c.group_id)
+            .values(done=table.c.done + 1)
+            .returning(table.c.done, table.c.chord_size)
+        )
+
+    # ---- reading the layout -----------------------------------------------
+    def id_from_sequence(self, id_column: Mapping[str, Any]) -> bool:
+        return id_column.get("default") is None and not id_column.get("identity")
+
+    def only_writers_connect(self, conn: Connection, table: sa.Table) -> bool:
+        """Whether every role that may log in to this database may read and write ``table``.
+
+        Then a notification that carries a row shows no role anything it could
+        not read, and a forged one gives no role a power it lacks: what
+        ``sqlresults_notify_rows = "auto"`` asks before rows travel (any
+        session may ``LISTEN``/``NOTIFY`` on any channel: PostgreSQL has no
+        grants on them). Superusers hold every privilege.
+        """
+        name = conn.dialect.identifier_preparer.format_table(table)
+        outsiders = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_roles r WHERE r.rolcanlogin"
+                " AND has_database_privilege(r.oid, current_database(), 'CONNECT')"
+                " AND NOT (has_table_privilege(r.oid, CAST(:t AS regclass), 'SELECT')"
+                " AND has_table_privilege(r.oid, CAST(:t AS regclass), 'INSERT')"
+                " AND has_table_privilege(r.oid, CAST(:t AS regclass), 'UPDATE'))"
+            ),
+            {"t": name},
+        ).scalar()
+        return outsiders == 0
+
+    # ---- schema -------------------------------------------------------
+    @contextlib.contextmanager
+    def schema_lock(self, conn: Connection, timeout: float) -> Iterator[None]:
+        """A session-level advisory lock, taken by polling ``pg_try_advisory_lock``.
+
+        Session-level, so it survives the commits between revisions (``CREATE
+        INDEX CONCURRENTLY`` needs them); polling, so a waiting process holds
+        no snapshot an index build would wait for. DDL gives up after
+        ``timeout`` instead of queueing writers behind it.
+        """
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        try_lock = sa.text("SELECT pg_try_advisory_lock(:k)")
+        while not conn.execute(try_lock, {"k": SCHEMA_LOCK_KEY}).scalar():
+            conn.commit()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"waited {timeout:.0f}s for the PostgreSQL schema lock")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        conn.commit()
+        # The session's own lock_timeout (sqlresults_lock_timeout) is put back afterwards.
+        previous = conn.exec_driver_sql("SHOW lock_timeout").scalar()
+        conn.commit()
+        try:
+            conn.exec_driver_sql(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+            conn.commit()
+            conn.execution_options(isolation_level="READ COMMITTED")
+            yield
+            conn.commit()
+        finally:
+            try:
+                conn.rollback()
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.execute(
+                    sa.text("SELECT set_config('lock_timeout', :v, false)"), {"v": previous}
+                )
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+                conn.commit()
+            except DBAPIError:
+                conn.invalidate()  # closing the session releases the lock
+
+    # ---- connections --------------------------------------------------
+    def lock_timeout_statements(self, seconds: float) -> list[str]:
+        return [] if seconds <= 0 else [f"SET lock_timeout = {max(1, round(seconds * 1000))}"]
+
+    def commit_statements(self, durable: bool) -> list[str]:
+        """``synchronous_commit = off``: a commit is confirmed before its WAL is flushed.
+
+        A crash of the database server may then lose the last fraction of a
+        second of results; it never corrupts anything.
+        """
+        return [] if durable else ["SET synchronous_commit = off"]
+
+    def in_autocommit(self, dbapi_conn: Any) -> bool:
+        return bool(dbapi_conn.autocommit)
+
+    def uses_libpq(self, driver: str) -> bool:
+        return driver == "psycopg"
+
+    def listener_connect(self, url: URL) -> Callable[[], Any] | None:
+        """A dedicated psycopg connection outside the pool (psycopg 3 only)."""
+        if url.get_dialect().driver != "psycopg":
+            return None
+        import psycopg
+
+        cargs, cparams = url.get_dialect()().create_connect_args(url)
+
+        def connect() -> Any:
+            return psycopg.connect(*cargs, **cparams)
+
+        return connect
+
+    # ---- errors -------------------------------------------------------
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == _UNDEFINED_TABLE
+
+    def permanent_error_fix(self, exc: BaseException) -> str | None:
+        text = error_text(exc)
+        return next((fix for pattern, fix in _PERMANENT if pattern.search(text)), None)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(driver_error(exc), "sqlstate", None)

@@ -1,0 +1,150 @@
+"""SQLite: one file, one write lock for the whole database, errors known by their text."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from celery import states
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import URL, Connection
+
+from .base import Dialect, Expiry, error_text
+
+__all__ = ["SQLite"]
+
+_MISSING_TABLE = re.compile(r"no such table|doesn't exist|does not exist|undefined_?table", re.I)
+_BUSY = re.compile(r"database is locked|database table is locked", re.I)
+_UNOPENABLE = re.compile(r"unable to open database file", re.I)
+_FIX_PATH = (
+    "fix the path in result_backend: its directory must exist and this user must be "
+    "able to write there"
+)
+
+
+class SQLite(Dialect):
+    names = ("sqlite",)
+    fast_drivers = frozenset({"pysqlite"})
+    begin_write = "BEGIN IMMEDIATE"
+    writes_id = False  # INTEGER PRIMARY KEY: the rowid
+
+    # ---- writes -------------------------------------------------------
+    def upsert(
+        self,
+        table: sa.Table,
+        columns: Sequence[str],
+        id_seq: bool,
+        insert_only: Sequence[str] = (),
+    ) -> sa.Insert:
+        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
+        updated = [c for c in columns if c != "task_id" and c not in insert_only]
+        return ins.on_conflict_do_update(
+            index_elements=[table.c.task_id],
+            set_={c: ins.excluded[c] for c in updated},
+            where=sa.or_(table.c.status.is_(None), table.c.status != self.constant(states.SUCCESS)),
+        )
+
+    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in columns if c != key}
+        )
+
+    def insert_if_absent(
+        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
+    ) -> sa.Insert:
+        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
+
+    # ---- reading the layout -----------------------------------------------
+    def id_from_sequence(self, id_column: Mapping[str, Any]) -> bool:
+        return False
+
+    # ---- expiry -----------------------------------------------------------
+    def expiry(
+        self,
+        table: sa.Table,
+        timestamp: sa.Column[Any],
+        old: sa.ColumnElement[bool],
+        limit: int,
+        filtered: bool = False,
+    ) -> Expiry:
+        """Batches with a pause between them as long as the batch took.
+
+        SQLite has one write lock for the whole database, and a writer waiting
+        for it sleeps between tries: without a pause the next batch would take
+        the lock again before that writer wakes.
+        """
+        step = super().expiry(table, timestamp, old, limit, filtered)
+
+        def paced(conn: Connection) -> tuple[int, bool]:
+            started = time.monotonic()
+            n, last = step(conn)
+            if not last:
+                time.sleep(time.monotonic() - started)
+            return n, last
+
+        return paced
+
+    # ---- schema -------------------------------------------------------
+    @contextlib.contextmanager
+    def schema_lock(self, conn: Connection, timeout: float) -> Iterator[None]:
+        """``BEGIN IMMEDIATE``, the database's write lock, with everything in that transaction.
+
+        The pysqlite driver opens transactions lazily and never for DDL: take
+        manual control so the DDL runs inside the lock.
+        """
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
+
+    def end_version_read(self, conn: Connection) -> None:
+        """Nothing to end: the read runs inside the write lock's own transaction."""
+
+    # ---- connections --------------------------------------------------
+    def lock_timeout_statements(self, seconds: float) -> list[str]:
+        return [] if seconds <= 0 else [f"PRAGMA busy_timeout = {max(1, round(seconds * 1000))}"]
+
+    def commit_statements(self, durable: bool) -> list[str]:
+        """``synchronous = NORMAL``: in WAL mode, syncs at checkpoints only (a power
+        loss may lose the last commits)."""
+        return [] if durable else ["PRAGMA synchronous = NORMAL"]
+
+    def session_statements(self, url: URL, lock_timeout: float, durable: bool) -> list[str]:
+        """Also WAL on a file, so readers (a monitoring page, ``.get()``) run while a
+        worker writes."""
+        wal = ["PRAGMA journal_mode=WAL"] if self.database_file(url) else []
+        return super().session_statements(url, lock_timeout, durable) + wal
+
+    def database_file(self, url: URL) -> str | None:
+        database = url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return str(database)
+
+    def in_autocommit(self, dbapi_conn: Any) -> bool:
+        return dbapi_conn.isolation_level is None
+
+    # ---- errors -------------------------------------------------------
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        return _driver_says(exc, _BUSY)
+
+    def is_missing_table(self, exc: BaseException) -> bool:
+        return _driver_says(exc, _MISSING_TABLE)
+
+    def permanent_error_fix(self, exc: BaseException) -> str | None:
+        return _FIX_PATH if _UNOPENABLE.search(error_text(exc)) else None
+
+
+def _driver_says(exc: BaseException, pattern: re.Pattern[str]) -> bool:
+    orig = getattr(exc, "orig", None)
+    return orig is not None and bool(pattern.search(str(orig)))

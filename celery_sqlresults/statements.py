@@ -1,0 +1,170 @@
+"""Every statement the store runs, each built by a method named after it, once per layout.
+
+A statement depends on the tables as they are (:class:`~celery_sqlresults.layout.Layout`:
+which columns exist, how ``id`` is made) and on the dialect; building and
+compiling one costs far more than running it, so each is built on first use
+and kept with the layout it was built for. ``Statements(...).task_upsert(cols,
+notify=True)`` reads as what it runs; the parameters each statement binds are
+in its docstring.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from celery import states
+
+from .dialects import Dialect
+from .layout import Layout
+from .schema import DATE_COLUMNS, EXTENDED_COLUMNS, Tables
+
+__all__ = ["Statements"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_READY = sorted(states.READY_STATES)
+
+
+def _kept(
+    build: Callable[Concatenate[Statements, P], R],
+) -> Callable[Concatenate[Statements, P], R]:
+    """Build the statement on the first call with these arguments, then return that one."""
+    name = build.__name__
+
+    @functools.wraps(build)
+    def kept(self: Statements, *args: P.args, **kwargs: P.kwargs) -> R:
+        key = (name, *args) if not kwargs else (name, args, tuple(sorted(kwargs.items())))
+        try:
+            found: R = self._built[key]
+        except KeyError:
+            found = self._built[key] = build(self, *args, **kwargs)
+        return found
+
+    return kept
+
+
+class Statements:
+    """The statements for ``tables`` as ``layout`` found them, on ``dialect``."""
+
+    def __init__(self, tables: Tables, dialect: Dialect, layout: Layout, channel: str) -> None:
+        self.tables = tables
+        self.dialect = dialect
+        self.layout = layout
+        self.channel = channel
+        self._built: dict[Any, Any] = {}
+
+    # ---- tasks ----------------------------------------------------------
+    @_kept
+    def task_upsert(self, columns: tuple[str, ...], notify: bool) -> sa.Executable:
+        """Insert or update a task's row (``columns``), never over a stored SUCCESS.
+
+        ``date_created`` is written by the insert only. With ``notify`` it also
+        notifies the waiters (parameter ``notice``: the payload).
+        """
+        t = self.tables.task
+        stmt = self.dialect.upsert(t, columns, self.layout.task_seq, insert_only=("date_created",))
+        return self.dialect.notifying(stmt, t, self.channel) if notify else stmt
+
+    @_kept
+    def task_insert_if_absent(self, columns: tuple[str, ...]) -> sa.Executable:
+        """Insert a task's row unless its ``task_id`` has one (record on publish)."""
+        t = self.tables.task
+        return self.dialect.insert_if_absent(t, "task_id", columns, self.layout.task_seq)
+
+    @_kept
+    def task_read(self, extended: bool) -> sa.Executable:
+        """One task's meta columns (parameter ``task_id``, not selected: it is known)."""
+        t = self.tables.task
+        # A column the caller knows costs a driver's metadata parsing per query.
+        cols = [c for c in self.meta_columns(extended) if c.name != "task_id"]
+        return sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
+
+    @_kept
+    def ready_tasks(self, extended: bool) -> sa.Executable:
+        """The meta of those of ``ids`` (an expanding list) that are in a ready state."""
+        t = self.tables.task
+        return sa.select(*self.meta_columns(extended)).where(
+            t.c.task_id.in_(sa.bindparam("ids", expanding=True)), t.c.status.in_(_READY)
+        )
+
+    @_kept
+    def task_exists(self) -> sa.Executable:
+        """1 if ``task_id`` has a row."""
+        t = self.tables.task
+        return sa.select(sa.literal(1)).where(t.c.task_id == sa.bindparam("task_id"))
+
+    @_kept
+    def task_delete(self) -> sa.Executable:
+        """Delete the row of ``task_id``."""
+        t = self.tables.task
+        return sa.delete(t).where(t.c.task_id == sa.bindparam("task_id"))
+
+    def meta_columns(self, extended: bool) -> list[sa.Column[Any]]:
+        """The task columns Celery's meta is made of (those the table has).
+
+        The monitoring timestamps are not part of Celery's meta: left to ResultQuery.
+        """
+        skip = {"id", *DATE_COLUMNS, *(() if extended else EXTENDED_COLUMNS)}
+        kept = self.layout.task_columns - skip
+        return [c for c in self.tables.task.c if c.name in kept]
+
+    # ---- groups ---------------------------------------------------------
+    @_kept
+    def group_upsert(self) -> sa.Executable:
+        """Insert or replace a group's row: ``taskset_id``, ``result``, ``date_done``."""
+        columns = ("taskset_id", "result", "date_done")
+        return self.dialect.replace(self.tables.group, "taskset_id", columns, self.layout.group_seq)
+
+    @_kept
+    def group_read(self) -> sa.Executable:
+        """The row of group ``taskset_id``."""
+        g = self.tables.group
+        return sa.select(g.c.taskset_id, g.c.result, g.c.date_done).where(
+            g.c.taskset_id == sa.bindparam("taskset_id")
+        )
+
+    @_kept
+    def group_delete(self) -> sa.Executable:
+        """Delete the row of group ``taskset_id``."""
+        g = self.tables.group
+        return sa.delete(g).where(g.c.taskset_id == sa.bindparam("taskset_id"))
+
+    # ---- chords ---------------------------------------------------------
+    @_kept
+    def chord_start(self) -> sa.Executable:
+        """(Re)start a chord's counter: ``group_id``, ``chord_size``, ``done``, ``date_created``."""
+        columns = ("group_id", "chord_size", "done", "date_created")
+        return self.dialect.replace(self.tables.chord, "group_id", columns, id_seq=False)
+
+    @_kept
+    def chord_set_size(self) -> sa.Executable:
+        """Set the size (``size``) of chord ``chord``."""
+        c = self.tables.chord
+        return (
+            sa.update(c)
+            .where(c.c.group_id == sa.bindparam("chord"))
+            .values(chord_size=sa.bindparam("size"))
+        )
+
+    @_kept
+    def chord_count(self) -> sa.Executable | None:
+        """Count a finished part in one statement, where the dialect has one
+        (``group_id``, ``task_id``, ``date_created``; returns ``done``, ``chord_size``)."""
+        if not self.layout.has_chord_part:
+            return None
+        return self.dialect.part_counter(self.tables.chord, self.tables.chord_part)
+
+    @_kept
+    def chord_delete(self) -> sa.Executable:
+        """Delete the counter of chord ``group_id``."""
+        c = self.tables.chord
+        return sa.delete(c).where(c.c.group_id == sa.bindparam("group_id"))
+
+    @_kept
+    def chord_parts_delete(self) -> sa.Executable:
+        """Delete the counted parts of chord ``group_id``."""
+        p = self.tables.chord_part
+        return sa.delete(p).where(p.c.group_id == sa.bindparam("group_id"))
