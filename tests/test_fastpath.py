@@ -394,7 +394,8 @@ def test_libpq_errors_are_psycopgs_wrapped_by_sqlalchemy(make_app: Callable[...,
         fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "twelve"})
     assert isinstance(caught.value.orig, psycopg.errors.InvalidTextRepresentation)
     assert not caught.value.connection_invalidated
-    assert fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "7"}) == {"n": 7}  # the session goes on
+    seven = fastpath.fetch_one(engine, backend.store.dialect, number, {"v": "7"})
+    assert seven == {"n": 7}  # the session goes on
     assert _libpq_prepared(backend)  # on the libpq path
 
 

@@ -584,9 +584,11 @@ def test_start_up_waits_for_a_long_upgrade_then_uses_the_tables(
     with eng.connect() as holder:
         holder = holder.execution_options(isolation_level="AUTOCOMMIT")
         if db_kind == "postgresql":
-            holder.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": dialects.postgresql.SCHEMA_LOCK_KEY})
+            key = dialects.postgresql.SCHEMA_LOCK_KEY
+            holder.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         else:
-            holder.execute(sa.text("SELECT GET_LOCK(:n, 1)"), {"n": dialects.mysql.SCHEMA_LOCK_NAME})
+            name = dialects.mysql.SCHEMA_LOCK_NAME
+            holder.execute(sa.text("SELECT GET_LOCK(:n, 1)"), {"n": name})
         startup._ready.clear()
         with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
             backend = make_app(sqlresults_schema_lock_timeout=1).backend
