@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: starts the servers if needed, installs into .venv, runs lint, types and tests.
+# The test command: starts the servers if needed, installs into .venv, runs lint, types,
+# the import layers and tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
@@ -12,4 +13,5 @@ source scripts/venv.sh
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check celery_sqlresults
 "$VENV/bin/mypy"
+"$VENV/bin/lint-imports" --no-cache
 exec "$VENV/bin/python" -m pytest "$@"
