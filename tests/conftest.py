@@ -233,6 +233,26 @@ def fork_with_lock_held(lock: Any, child: Callable[[], bool]) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+#: A pool of one connection: the fast path's records on it can be looked at between calls.
+ONE_CONNECTION = {"pool_size": 1, "max_overflow": 0}
+
+
+def pool_info(engine: sa.Engine) -> tuple[Any, dict[str, Any]]:
+    """The pool's (only) connection and what the fast path recorded with it."""
+    pooled = engine.raw_connection()
+    try:
+        return pooled.dbapi_connection, dict(pooled.info)
+    finally:
+        pooled.close()
+
+
+def leased(backend: Any) -> Any:
+    """The hot path's kept connection on the backend's engine (None: none kept)."""
+    from celery_sqlresults import lease
+
+    return lease.leased(backend.store.engine)
+
+
 def task_request(
     task: str = "proj.add", args: tuple = (1, 2), worker: str = "w1@host", retries: int = 2
 ) -> SimpleNamespace:
@@ -272,6 +292,41 @@ def table_names(db_url: str, schema: str | None = None) -> set[str]:
             return set(sa.inspect(conn).get_table_names(schema=schema))
     finally:
         eng.dispose()
+
+
+# ---- waiting ---------------------------------------------------------------------
+def store_later(
+    app: Celery, task_id: str, value: object, delay: float = 0.3, request: object = None
+) -> threading.Thread:
+    """Store ``value`` as the SUCCESS of ``task_id`` from another thread, after ``delay``."""
+
+    def run() -> None:
+        time.sleep(delay)
+        app.backend.store_result(task_id, value, "SUCCESS", request=request)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def task_reads(app: Celery) -> list[str]:
+    """Every statement reading the task table from now on (listeners force the normal path)."""
+    reads: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "celery_taskmeta" in statement:
+            reads.append(statement)
+
+    sa.event.listen(app.backend.store.engine, "before_cursor_execute", seen)
+    return reads
+
+
+def listening(app: Celery) -> Any:
+    """The app's PostgreSQL listener, started and listening."""
+    listener = app.backend._waiter
+    listener._start()
+    assert listener._listening.wait(30)
+    return listener
 
 
 # ---- many processes at once ----------------------------------------------------
