@@ -84,8 +84,8 @@ def test_a_locked_row_makes_the_write_fail_clearly_and_never_blocks_reads(
         with pytest.raises(LockTimeout, match="sqlresults_lock_timeout=1s"):
             backend.forget("t")  # other writes: our own error type
     message = str(err.value)
-    assert "sqlresults_lock_timeout=1s" in message and "store result" in message
-    assert "Gave up" not in message  # retries are off here
+    assert "sqlresults_lock_timeout=1s" in message and "Storing the result of task" in message
+    assert "Still failing after" not in message  # retries are off here
     assert backend.store.dialect.is_lock_timeout(err.value.__cause__)
     # the lock is gone: the same write now goes through
     backend.store_result("t", "done", states.SUCCESS)
@@ -123,7 +123,7 @@ def test_a_lock_held_past_the_retry_bound_is_a_clear_store_error(
     message = str(err.value)
     assert retries, "the lock timeout should have been retried"
     assert "sqlresults_lock_timeout=0.5s" in message
-    assert "sqlresults_retry_timeout=1.5s" in message and "Gave up after" in message
+    assert "sqlresults_retry_timeout=1.5s" in message and "Still failing after" in message
     assert (err.value.task_id, err.value.state) == ("t", states.SUCCESS)
 
 
