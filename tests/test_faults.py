@@ -80,7 +80,7 @@ def test_restart_mid_burst_loses_no_result(
     log = worker.output()
     met = "Storing the result of task" in log and " failed at " in log
     assert met, "no write met the outage: not a mid-burst restart"
-    assert "Gave up" not in log and "BackendStoreError" not in log
+    assert "Still failing after" not in log and "BackendStoreError" not in log
     assert count_rows(url, states.SUCCESS) == BURST == count_rows(url)
 
 
