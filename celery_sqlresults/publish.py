@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from celery import states
 from celery.signals import before_task_publish
@@ -36,20 +36,29 @@ from kombu.utils.encoding import ensure_bytes
 
 from .exceptions import one_line
 from .schema import utc_now
-
-if TYPE_CHECKING:
-    from .backend import SQLResultsBackend
+from .settings import Settings
+from .store import Store
 
 __all__ = ["expect_publish"]
 
 logger = logging.getLogger("celery_sqlresults")
+
+
+class Recorder(Protocol):
+    """What recording needs of the backend: its store, settings and serializer."""
+
+    store: Store
+    settings: Settings
+
+    def encode(self, data: Any) -> Any: ...
+
 
 _local = threading.local()
 _connect_lock = threading.Lock()
 _connected = False
 
 
-def expect_publish(backend: SQLResultsBackend, task_id: str) -> None:
+def expect_publish(backend: Recorder, task_id: str) -> None:
     """Record ``task_id`` through ``backend`` when this thread publishes it next."""
     global _connected
     if not _connected:

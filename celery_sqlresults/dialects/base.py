@@ -9,10 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
+from celery import states
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-__all__ = ["Dialect", "Expiry"]
+__all__ = ["Dialect", "Expiry", "OnConflict"]
 
 #: Deletes the next batch of expired rows: ``(rows deleted, whether that was the last batch)``.
 Expiry = Callable[[Connection], tuple[int, bool]]
@@ -309,6 +310,41 @@ class Dialect(abc.ABC):
         connect stays so however long one waits: such errors are reported at
         once, not retried for ``sqlresults_retry_timeout``.
         """
+
+
+class OnConflict(Dialect):
+    """Upserts written ``INSERT … ON CONFLICT`` (PostgreSQL and SQLite share the syntax)."""
+
+    @abc.abstractmethod
+    def insert(self, table: sa.Table) -> Any:
+        """The database's own ``insert()``, the one with ``on_conflict_do_update``."""
+
+    def upsert(
+        self,
+        table: sa.Table,
+        columns: Sequence[str],
+        id_seq: bool,
+        insert_only: Sequence[str] = (),
+    ) -> sa.Insert:
+        ins = self.insert(table).values(self.values(table, columns, id_seq))
+        updated = [c for c in columns if c != "task_id" and c not in insert_only]
+        return ins.on_conflict_do_update(
+            index_elements=[table.c.task_id],
+            set_={c: ins.excluded[c] for c in updated},
+            where=sa.or_(table.c.status.is_(None), table.c.status != self.constant(states.SUCCESS)),
+        )
+
+    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
+        ins = self.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_update(
+            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in columns if c != key}
+        )
+
+    def insert_if_absent(
+        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
+    ) -> sa.Insert:
+        ins = self.insert(table).values(self.values(table, columns, id_seq))
+        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
 
 
 def driver_error(exc: BaseException) -> BaseException | None:

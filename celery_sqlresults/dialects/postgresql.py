@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from celery import states
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
-from .base import FIX_DATABASE, FIX_GRANT, FIX_HOST, FIX_LOGIN, Dialect, driver_error, error_text
+from .base import (
+    FIX_DATABASE,
+    FIX_GRANT,
+    FIX_HOST,
+    FIX_LOGIN,
+    OnConflict,
+    driver_error,
+    error_text,
+)
 
 __all__ = ["PostgreSQL"]
 
@@ -34,7 +41,7 @@ _PERMANENT = (
 )
 
 
-class PostgreSQL(Dialect):
+class PostgreSQL(OnConflict):
     names = ("postgresql",)
     extra = "postgresql"
     driver_extras = {"psycopg": "postgresql"}
@@ -45,32 +52,8 @@ class PostgreSQL(Dialect):
     has_pattern_index = True
 
     # ---- writes -------------------------------------------------------
-    def upsert(
-        self,
-        table: sa.Table,
-        columns: Sequence[str],
-        id_seq: bool,
-        insert_only: Sequence[str] = (),
-    ) -> sa.Insert:
-        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
-        updated = [c for c in columns if c != "task_id" and c not in insert_only]
-        return ins.on_conflict_do_update(
-            index_elements=[table.c.task_id],
-            set_={c: ins.excluded[c] for c in updated},
-            where=sa.or_(table.c.status.is_(None), table.c.status != self.constant(states.SUCCESS)),
-        )
-
-    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
-        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
-        return ins.on_conflict_do_update(
-            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in columns if c != key}
-        )
-
-    def insert_if_absent(
-        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
-    ) -> sa.Insert:
-        ins = postgresql.insert(table).values(self.values(table, columns, id_seq))
-        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
+    def insert(self, table: sa.Table) -> Any:
+        return postgresql.insert(table)
 
     def notifying(self, upsert: sa.Insert, table: sa.Table, channel: str) -> sa.Executable:
         """The upsert plus a ``pg_notify`` of the written row, still one statement.

@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
-from celery import states
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Connection
 
-from .base import Dialect, Expiry, error_text
+from .base import Expiry, OnConflict, error_text
 
 __all__ = ["SQLite"]
 
@@ -26,39 +25,15 @@ _FIX_PATH = (
 )
 
 
-class SQLite(Dialect):
+class SQLite(OnConflict):
     names = ("sqlite",)
     fast_drivers = frozenset({"pysqlite"})
     begin_write = "BEGIN IMMEDIATE"
     writes_id = False  # INTEGER PRIMARY KEY: the rowid
 
     # ---- writes -------------------------------------------------------
-    def upsert(
-        self,
-        table: sa.Table,
-        columns: Sequence[str],
-        id_seq: bool,
-        insert_only: Sequence[str] = (),
-    ) -> sa.Insert:
-        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
-        updated = [c for c in columns if c != "task_id" and c not in insert_only]
-        return ins.on_conflict_do_update(
-            index_elements=[table.c.task_id],
-            set_={c: ins.excluded[c] for c in updated},
-            where=sa.or_(table.c.status.is_(None), table.c.status != self.constant(states.SUCCESS)),
-        )
-
-    def replace(self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool) -> sa.Insert:
-        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
-        return ins.on_conflict_do_update(
-            index_elements=[table.c[key]], set_={c: ins.excluded[c] for c in columns if c != key}
-        )
-
-    def insert_if_absent(
-        self, table: sa.Table, key: str, columns: Sequence[str], id_seq: bool
-    ) -> sa.Insert:
-        ins = sqlite.insert(table).values(self.values(table, columns, id_seq))
-        return ins.on_conflict_do_nothing(index_elements=[table.c[key]])
+    def insert(self, table: sa.Table) -> Any:
+        return sqlite.insert(table)
 
     # ---- reading the layout -----------------------------------------------
     def id_from_sequence(self, id_column: Mapping[str, Any]) -> bool:
