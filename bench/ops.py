@@ -180,8 +180,10 @@ def driver_rates(backend: Any, n: int, warmup: int = 10) -> Rates:
     engine = store_.engine
     columns = tuple(k for k in row("x") if k != "notice")
     dialect = store_.dialect
-    write = fastpath._compile(engine, dialect, statements.task_upsert(columns, notify))
-    read = fastpath._compile(engine, dialect, statements.task_read(backend.extended_result))
+    write = fastpath.compile_statement(engine, dialect, statements.task_upsert(columns, notify))
+    read = fastpath.compile_statement(
+        engine, dialect, statements.task_read(backend.extended_result)
+    )
 
     ids = [uuid() for _ in range(n + warmup)]
     writes = [write.args(row(task_id)) for task_id in ids]
