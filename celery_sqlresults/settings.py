@@ -43,7 +43,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {"pool_recycle": 3600}
 
 _MAX_SECONDS = 7 * 24 * 3600.0
 _MAX_EXPIRES = 100 * 365 * 86400.0
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+#: Matched with ``fullmatch``: ``match`` and ``$`` would also take a trailing newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _TABLE_KEYS = ("task", "group", "chord", "chord_part", "version")
 
 
@@ -249,7 +250,7 @@ def _identifiers(value: Any, setting: str) -> dict[str, Any]:
         if name is None and setting == "database_table_schemas":
             out[key] = None
             continue
-        if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
             raise ImproperlyConfigured(
                 f"{setting}[{key!r}] = {name!r} is not a valid SQL identifier: use letters, "
                 "digits and underscores, starting with a letter or underscore, at most 63 long."

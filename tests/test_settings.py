@@ -74,6 +74,7 @@ def test_unparseable_url() -> None:
         {"group": '"quoted"'},
         {"task": "a" * 64},
         {"task": 42},
+        {"task": "celery_taskmeta\n"},  # `$` alone would let a trailing newline through
     ],
 )
 def test_invalid_table_names(names: dict[str, object]) -> None:
@@ -91,6 +92,8 @@ def test_unknown_table_key() -> None:
 def test_invalid_schema_name() -> None:
     with pytest.raises(ImproperlyConfigured, match="database_table_schemas"):
         Settings.from_app(app_with(database_table_schemas={"task": "a-b"}), "sqlite://")
+    with pytest.raises(ImproperlyConfigured, match="database_table_schemas"):
+        Settings.from_app(app_with(database_table_schemas={"task": "public\n"}), "sqlite://")
 
 
 def test_conflicting_create_switches_name_both() -> None:
