@@ -213,6 +213,31 @@ def test_stats_are_counted_once_for_every_open_page(
     assert len(counts) == 3
 
 
+@sqlite_only
+def test_stats_cache_is_keyed_on_the_filters(
+    app: Celery, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parameters the route ignores, or another spelling of a time, are not another count."""
+    counts: list[str] = []
+    sa.event.listen(
+        app.backend.store.engine,
+        "before_cursor_execute",
+        lambda c, cur, s, *a: counts.append(s) if "count(" in s.lower() else None,
+    )
+    monkeypatch.setattr(web_app.time, "monotonic", lambda: 1000.0)
+    for i in range(5):
+        assert client.get("/api/stats", params={"x": f"unique-{i}"}).status_code == 200
+    assert len(counts) == 1
+    for since in ("1h", "60m", "3600s"):
+        client.get("/api/stats", params={"since": since, "token": since})
+    assert len(counts) == 2
+    for since in ("2024-05-01T00:00:00Z", "2024-05-01T02:00:00+02:00"):
+        client.get("/api/stats", params={"since": since})
+    assert len(counts) == 3
+    client.get("/api/stats", params={"name": "proj.*"})  # another filter: its own count
+    assert len(counts) == 4
+
+
 def test_group(app: Celery, client: TestClient) -> None:
     members = [app.AsyncResult(i) for i in ("g-a", "g-b", "g-c")]
     app.GroupResult("grp", members).save(backend=app.backend)

@@ -25,8 +25,9 @@ import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ class _Api:
 
     def __init__(self, query: ResultQuery) -> None:
         self.query = query
-        self._stats: dict[tuple[tuple[str, str], ...], tuple[float, dict[str, Any]]] = {}
+        self._stats: OrderedDict[tuple[Any, ...], tuple[float, dict[str, Any]]] = OrderedDict()
         self._stats_lock = threading.Lock()
         self.js = (STATIC / "app.js").read_text(encoding="utf-8")
         html = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -180,8 +181,15 @@ class _Api:
         return JSONResponse(_task(record), headers=_headers())
 
     def stats(self, request: Request) -> Response:
-        query = _filtered(self.query, request.query_params, state=False)
-        key = tuple(sorted((k, v) for k, v in request.query_params.items() if k != "token"))
+        params = request.query_params
+        query = _filtered(self.query, params, state=False)
+        # Keyed on what is counted, so parameters the route ignores (?x=…) or another
+        # spelling of the same time (1h, 60m) cannot make every request a full count.
+        key = (
+            params.get("name") or None,
+            params.get("worker") or None,
+            *(_time_key(params.get(k) or None) for k in ("since", "until")),
+        )
         now = time.monotonic()
         with self._stats_lock:
             cached = self._stats.get(key)
@@ -189,9 +197,10 @@ class _Api:
             return JSONResponse(cached[1], headers=_headers())
         body = self._count(query)
         with self._stats_lock:
-            if len(self._stats) >= _STATS_KEEP:
-                self._stats.clear()
             self._stats[key] = (now, body)
+            self._stats.move_to_end(key)
+            while len(self._stats) > _STATS_KEEP:  # the least recently counted go first
+                self._stats.popitem(last=False)
         return JSONResponse(body, headers=_headers())
 
     def _count(self, query: ResultQuery) -> dict[str, Any]:
@@ -271,6 +280,22 @@ def _time(params: Mapping[str, str], key: str) -> datetime | None:
         return None if value is None else parse_when(value)
     except ValueError as exc:
         raise BadRequest(f"{key}: {exc}") from None
+
+
+_ANCHOR = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def _time_key(value: str | None) -> tuple[str, Any] | None:
+    """What a (valid) time filter means, however it is written: an age or a moment.
+
+    Read at two different "now"s: a moment stays put, an age moves with them.
+    """
+    if value is None:
+        return None
+    at = parse_when(value, now=_ANCHOR)
+    if at == parse_when(value, now=_ANCHOR + timedelta(days=1)):
+        return ("at", at)
+    return ("ago", _ANCHOR - at)
 
 
 def _text(value: str, name: str) -> str:
