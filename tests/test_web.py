@@ -275,6 +275,50 @@ def test_healthz_up_and_down(
     assert listing.json() == {"error": "result database unavailable"}
 
 
+@sqlite_only
+def test_every_answer_carries_the_safety_headers_and_echoes_little(
+    make_app: Callable[..., Celery], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors too: 400, 401, 404, 405, 500, 503 get nosniff, no-store and no-referrer, and
+    a huge id or value is not echoed back whole."""
+
+    def bug(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ResultQuery, "stats", bug)
+    app = make_app(sqlresults_web_token="tok")
+    client = TestClient(create_app(app), raise_server_exceptions=False)
+    down = make_app(url=UNREACHABLE["sqlite"], database_create_tables_on_startup=False)
+    down_client = TestClient(create_app(down, token="tok"))
+    auth = {"Authorization": "Bearer tok"}
+    huge = "x" * 60_000  # httpx refuses longer URLs
+    answers = {
+        "page": (200, client.get("/?token=tok")),
+        "list": (200, client.get("/api/tasks", headers=auth)),
+        "health": (200, client.get("/healthz")),
+        "bad since": (400, client.get("/api/tasks", params={"since": huge}, headers=auth)),
+        "bad until": (400, client.get("/api/stats", params={"until": huge}, headers=auth)),
+        "no token": (401, client.get("/api/tasks")),
+        "no task": (404, client.get(f"/api/tasks/{huge}", headers=auth)),
+        "no group": (404, client.get(f"/api/groups/{huge}", headers=auth)),
+        "no route": (404, client.get("/nope", headers=auth)),
+        "method": (405, client.post("/api/tasks", headers=auth)),
+        "bug": (500, client.get("/api/stats", headers=auth)),
+        "down": (503, down_client.get("/api/tasks", headers=auth)),
+        "down health": (503, down_client.get("/healthz")),
+    }
+    for what, (status, response) in answers.items():
+        assert response.status_code == status, what
+        assert response.headers["x-content-type-options"] == "nosniff", what
+        assert response.headers["cache-control"] == "no-store", what
+        assert response.headers["referrer-policy"] == "no-referrer", what
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"], what
+        if status != 200:
+            assert len(response.content) < 1000, what
+    assert "script-src 'sha256-" in answers["page"][1].headers["content-security-policy"]
+    assert answers["bad since"][1].json()["error"].startswith("since: invalid time 'xxx")
+
+
 # ---- auth ----------------------------------------------------------------------
 @sqlite_only
 def test_no_auth_by_default(client: TestClient) -> None:

@@ -35,11 +35,12 @@ import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import ResultSet
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backend import SQLResultsBackend
 from ..exceptions import one_line
@@ -108,10 +109,12 @@ def create_app(
             BadRequest: _bad_request,
             sa.exc.SQLAlchemyError: api.database_error,
             HTTPException: _http_error,
+            Exception: _server_error,
         },
     )
     if token or basic_auth:
         app.add_middleware(_Auth, token=token, basic_auth=basic_auth)
+    app.add_middleware(_SafetyHeaders)  # added last: the outermost
     app.state.query = query
     return app
 
@@ -137,13 +140,13 @@ class _Api:
 
     # ---- page ------------------------------------------------------------
     def page(self, request: Request) -> Response:
-        return HTMLResponse(self.html, headers=_headers({"Content-Security-Policy": self.csp}))
+        return HTMLResponse(self.html, headers={"Content-Security-Policy": self.csp})
 
     def script(self, request: Request) -> Response:
-        return Response(self.js, media_type="text/javascript", headers=_headers())
+        return Response(self.js, media_type="text/javascript")
 
     def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document(), headers=_headers())
+        return JSONResponse(openapi_document())
 
     # ---- API -------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
@@ -153,7 +156,7 @@ class _Api:
         except Exception as exc:
             self._log_error("health check", exc)
             return JSONResponse({"ok": False, "error": "result database unreachable"}, 503)
-        return JSONResponse({"ok": True}, headers=_headers())
+        return JSONResponse({"ok": True})
 
     def tasks(self, request: Request) -> Response:
         params = request.query_params
@@ -169,16 +172,14 @@ class _Api:
         except ValueError as exc:
             raise BadRequest(f"cursor: {exc}") from None
         records, cursor = query.page(limit)
-        return JSONResponse(
-            {"tasks": [_task(r) for r in records], "next_cursor": cursor}, headers=_headers()
-        )
+        return JSONResponse({"tasks": [_task(r) for r in records], "next_cursor": cursor})
 
     def task(self, request: Request) -> Response:
         task_id = _text(request.path_params["task_id"], "task_id")
         record = self.query.get(task_id)
         if record is None:
-            return JSONResponse({"error": f"no result stored for task {task_id}"}, 404)
-        return JSONResponse(_task(record), headers=_headers())
+            return JSONResponse({"error": f"no result stored for task {_shown(task_id)}"}, 404)
+        return JSONResponse(_task(record))
 
     def stats(self, request: Request) -> Response:
         params = request.query_params
@@ -194,14 +195,14 @@ class _Api:
         with self._stats_lock:
             cached = self._stats.get(key)
         if cached is not None and now - cached[0] < STATS_TTL:
-            return JSONResponse(cached[1], headers=_headers())
+            return JSONResponse(cached[1])
         body = self._count(query)
         with self._stats_lock:
             self._stats[key] = (now, body)
             self._stats.move_to_end(key)
             while len(self._stats) > _STATS_KEEP:  # the least recently counted go first
                 self._stats.popitem(last=False)
-        return JSONResponse(body, headers=_headers())
+        return JSONResponse(body)
 
     def _count(self, query: ResultQuery) -> dict[str, Any]:
         by_name = query.stats(by_name=True)
@@ -217,7 +218,7 @@ class _Api:
         group_id = _text(request.path_params["group_id"], "group_id")
         group = self.query.backend.restore_group(group_id, cache=False)
         if group is None:
-            return JSONResponse({"error": f"no group stored with id {group_id}"}, 404)
+            return JSONResponse({"error": f"no group stored with id {_shown(group_id)}"}, 404)
         ids = _leaves(group)
         records = self.query.get_many(ids)
         members: list[dict[str, Any]] = []
@@ -241,7 +242,7 @@ class _Api:
             "states": counts,
             "progress": {"done": done, "total": len(members)},
         }
-        return JSONResponse(body, headers=_headers())
+        return JSONResponse(body)
 
     # ---- errors ----------------------------------------------------------
     async def database_error(self, request: Request, exc: Exception) -> Response:
@@ -278,8 +279,11 @@ def _time(params: Mapping[str, str], key: str) -> datetime | None:
     value = params.get(key) or None
     try:
         return None if value is None else parse_when(value)
-    except ValueError as exc:
-        raise BadRequest(f"{key}: {exc}") from None
+    except ValueError:  # parse_when's message repeats the whole value
+        raise BadRequest(
+            f"{key}: invalid time {_shown(value or '')}: use a relative time like 30m, 1h, 7d "
+            "or 2w, or an ISO-8601 time like 2024-05-01T12:00:00Z"
+        ) from None
 
 
 _ANCHOR = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -323,9 +327,39 @@ def _shown(value: str, limit: int = 60) -> str:
 
 
 # ---- responses -----------------------------------------------------------------
-def _headers(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Headers on every successful response: no sniffing, no caching of task data."""
-    return {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **(extra or {})}
+#: Headers on every answer, errors included: no sniffing, no caching of task data, no
+#: ``Referer`` carrying the page's ``?token=`` anywhere, no framing; a page sets its own CSP.
+SAFETY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+class _SafetyHeaders:
+    """Add :data:`SAFETY_HEADERS` to every answer that does not set them itself.
+
+    Outermost of the app's middleware, so refusals (host, auth) and error answers get
+    them too; a handler's own value (the page's CSP) wins.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SAFETY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def _task(record: TaskRecord) -> dict[str, Any]:
@@ -375,6 +409,11 @@ def _leaves(group: ResultSet) -> list[str]:
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, 400)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug's answer; it bypasses the middleware, so it carries the safety headers itself."""
+    return JSONResponse({"error": "internal server error"}, 500, headers=SAFETY_HEADERS)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
