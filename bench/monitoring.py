@@ -317,7 +317,7 @@ def measure(app: Celery, groups: dict[int, str], rows: int, runs: int) -> list[C
     engine = query.store.engine
     # Every HTTP run counts for real: the app's short stats cache would answer repeats.
     web_app.STATS_TTL = 0.0
-    client = TestClient(create_app(query))
+    client = TestClient(create_app(query), base_url="http://localhost")
     out = cases(app, groups, rows)
     for case in out:
         with captured(engine) as statements:

@@ -433,6 +433,9 @@ def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
     """Serve the read-only monitoring page and JSON API over the stored results.
 
     Auth comes from the app's sqlresults_web_token / sqlresults_web_basic_auth.
+    Only requests for --host (and the loopback names when it is a loopback
+    address) are answered; sqlresults_web_allowed_hosts adds names, such as a
+    proxy's.
     """
     import logging
     import re
@@ -440,14 +443,14 @@ def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
     try:
         import uvicorn
 
-        from .web import create_app
+        from .web import create_app, serve_hosts
     except ImportError as exc:
         raise click.ClickException(
             f"'results serve' needs the web extra ({exc}): pip install 'celery-sqlresults[web]'"
         ) from None
     query = _query(ctx, url)
     try:
-        web = create_app(query)
+        web = create_app(query, allowed_hosts=serve_hosts(host))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     secret = re.compile(r"(?<=[?&]token=)[^&\s]*")
@@ -465,6 +468,7 @@ def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
     guarded = bool(conf.get("sqlresults_web_token") or conf.get("sqlresults_web_basic_auth"))
     click.echo(
         f"celery-sqlresults: results of {query.backend.settings.masked_url} at "
-        f"http://{host}:{port}/ ({'auth required' if guarded else 'no auth'})"
+        f"http://{host}:{port}/ ({'auth required' if guarded else 'no auth'}; "
+        f"hosts {', '.join(web.state.allowed_hosts)}, more with sqlresults_web_allowed_hosts)"
     )
     uvicorn.run(web, host=host, port=port, log_level="info")

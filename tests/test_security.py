@@ -134,7 +134,7 @@ def test_password_never_in_the_web_view_or_the_cli(
     app.backend.store_result("t", {"v": 1}, states.FAILURE, traceback="Traceback: boom")
     seen: list[str] = []
     for target in (app, make_app(down)):
-        with TestClient(create_app(target)) as client:
+        with TestClient(create_app(target), base_url="http://localhost") as client:
             for path in ("/", "/api/tasks", "/api/tasks/t", "/api/stats", "/healthz",
                          "/api/groups/g", "/openapi.json"):  # fmt: skip
                 response = client.get(path)

@@ -27,8 +27,8 @@ with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still wo
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+from celery_sqlresults.web import LOOPBACK_HOSTS, create_app, serve_hosts
 from celery_sqlresults.web import app as web_app
-from celery_sqlresults.web import create_app
 
 HTML = '<b id="pwn">x</b><script>window.pwned = 1</script>'
 BASE = datetime(2024, 5, 1, 12, 0, 0)
@@ -63,9 +63,19 @@ def app(make_app: Callable[..., Celery]) -> Celery:
     return make_app(result_extended=True)
 
 
+def web_client(target: Any, raise_server_exceptions: bool = True, **options: Any) -> TestClient:
+    """A client of ``create_app(target, **options)`` sending ``Host: localhost``, one of the
+    names the app answers by default (the TestClient's own ``testserver`` is not)."""
+    return TestClient(
+        create_app(target, **options),
+        base_url="http://localhost",
+        raise_server_exceptions=raise_server_exceptions,
+    )
+
+
 @pytest.fixture
 def client(app: Celery) -> TestClient:
-    return TestClient(create_app(app))
+    return web_client(app)
 
 
 sqlite_only = pytest.mark.parametrize("db_kind", ["sqlite"])
@@ -266,7 +276,7 @@ def test_healthz_up_and_down(
     assert client.get("/healthz").json() == {"ok": True}
 
     down = make_app(url=UNREACHABLE[db_kind], database_create_tables_on_startup=False)
-    down_client = TestClient(create_app(down))
+    down_client = web_client(down)
     response = down_client.get("/healthz")
     assert response.status_code == 503
     assert response.json()["ok"] is False
@@ -287,9 +297,9 @@ def test_every_answer_carries_the_safety_headers_and_echoes_little(
 
     monkeypatch.setattr(ResultQuery, "stats", bug)
     app = make_app(sqlresults_web_token="tok")
-    client = TestClient(create_app(app), raise_server_exceptions=False)
+    client = web_client(app, raise_server_exceptions=False)
     down = make_app(url=UNREACHABLE["sqlite"], database_create_tables_on_startup=False)
-    down_client = TestClient(create_app(down, token="tok"))
+    down_client = web_client(down, token="tok")
     auth = {"Authorization": "Bearer tok"}
     huge = "x" * 60_000  # httpx refuses longer URLs
     answers = {
@@ -319,6 +329,49 @@ def test_every_answer_carries_the_safety_headers_and_echoes_little(
     assert answers["bad since"][1].json()["error"].startswith("since: invalid time 'xxx")
 
 
+# ---- hosts ---------------------------------------------------------------------
+@sqlite_only
+def test_only_the_hosts_served_are_answered(make_app: Callable[..., Celery]) -> None:
+    """Another Host (a DNS name rebound to 127.0.0.1, say) gets 400, before auth or data."""
+    app = make_app()
+
+    def status(host: str, **options: Any) -> int:
+        client = TestClient(create_app(app, **options), base_url=f"http://{host}")
+        response = client.get("/api/tasks")
+        assert response.headers["x-content-type-options"] == "nosniff"
+        return response.status_code
+
+    for host in ("localhost", "LOCALHOST:5566", "127.0.0.1", "127.0.0.1:80", "[::1]:5566"):
+        assert status(host) == 200, host
+    for host in ("evil.example", "testserver", "127.0.0.1.evil.example", "localhost.evil"):
+        assert status(host) == 400, host
+    assert status("evil.example", token="t") == 400  # refused before auth is asked for
+
+    named = {"allowed_hosts": ["Results.example.com", "*.internal"]}
+    assert status("results.example.com", **named) == 200
+    assert status("a.b.internal:8443", **named) == 200
+    assert status("localhost", **named) == 400  # the list given replaces the default
+    assert status("anything.example", allowed_hosts=["*"]) == 200
+
+    proxied = make_app(sqlresults_web_allowed_hosts="monitor.example.com, [2001:db8::1]")
+    for host in ("monitor.example.com", "[2001:db8::1]:443", "localhost"):
+        client = TestClient(create_app(proxied), base_url=f"http://{host}")
+        assert client.get("/").status_code == 200, host
+    for bad in ("https://monitor.example.com", "monitor.example.com:443", "*monitor", ""):
+        with pytest.raises(ValueError, match=r"sqlresults_web_allowed_hosts: .*not a host"):
+            create_app(make_app(sqlresults_web_allowed_hosts=[bad]))
+    with pytest.raises(ValueError, match=r"^allowed_hosts: 'a/b'"):
+        create_app(app, allowed_hosts=["a/b"])
+
+
+def test_serve_hosts_follow_the_address_listened_on() -> None:
+    assert serve_hosts("127.0.0.1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert serve_hosts("::1") == ["[::1]", "localhost", "127.0.0.1"]
+    assert serve_hosts("0.0.0.0") == serve_hosts("::") == list(LOOPBACK_HOSTS)
+    assert serve_hosts("192.0.2.7") == ["192.0.2.7"]
+    assert serve_hosts("results.example.com") == ["results.example.com"]
+
+
 # ---- auth ----------------------------------------------------------------------
 @sqlite_only
 def test_no_auth_by_default(client: TestClient) -> None:
@@ -329,7 +382,7 @@ def test_no_auth_by_default(client: TestClient) -> None:
 @sqlite_only
 def test_token_auth(make_app: Callable[..., Celery]) -> None:
     app = make_app(sqlresults_web_token="s3cret-token")
-    client = TestClient(create_app(app))
+    client = web_client(app)
     for path in (
         "/",
         "/api/tasks",
@@ -353,7 +406,7 @@ def test_token_auth(make_app: Callable[..., Celery]) -> None:
 @sqlite_only
 def test_basic_auth(make_app: Callable[..., Celery]) -> None:
     app = make_app(sqlresults_web_basic_auth="admin:pa55word")
-    client = TestClient(create_app(app))
+    client = web_client(app)
     denied = client.get("/api/tasks")
     assert denied.status_code == 401
     assert denied.headers["www-authenticate"].startswith("Basic")
@@ -534,9 +587,14 @@ def test_cli_serve_runs(db_url: str, tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert httpx.get(f"{base}/api/tasks").status_code == 401
         assert httpx.get(f"{base}/api/tasks?token=tok-123").json()["tasks"] == []
+        rebound = httpx.get(f"{base}/api/tasks?token=tok-123", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400
+        named = httpx.get(f"http://localhost:{port}/healthz")
+        assert named.status_code == 200
     finally:
         proc.terminate()
         proc.wait(10)
     text = log.read_text()
     assert f"http://127.0.0.1:{port}/" in text and "auth required" in text
+    assert "hosts 127.0.0.1, localhost, [::1], more with sqlresults_web_allowed_hosts" in text
     assert "token=***" in text and "tok-123" not in text

@@ -77,7 +77,7 @@ def web_app(make_app: Callable[..., Celery]) -> Starlette:
     put(app, "running", "STARTED", date=None, name="proj.slow", worker="w2@h")
     members = [app.AsyncResult(i) for i in ("ok", "bad", "running", "never")]
     app.GroupResult("grp", members).save(backend=app.backend)
-    return create_app(app)
+    return create_app(app, allowed_hosts=["testserver"])  # schemathesis' Host
 
 
 @schema.parametrize()

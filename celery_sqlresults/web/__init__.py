@@ -7,6 +7,6 @@ server. Needs the ``web`` extra: ``pip install "celery-sqlresults[web]"``.
 
 from __future__ import annotations
 
-from .app import create_app
+from .app import LOOPBACK_HOSTS, create_app, serve_hosts
 
-__all__ = ["create_app"]
+__all__ = ["LOOPBACK_HOSTS", "create_app", "serve_hosts"]

@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import re
@@ -37,6 +38,7 @@ from celery.result import ResultSet
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -48,7 +50,7 @@ from ..query import ResultQuery, TaskRecord, parse_when
 from ..settings import mask_url
 from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
 
-__all__ = ["create_app"]
+__all__ = ["LOOPBACK_HOSTS", "create_app", "serve_hosts"]
 
 logger = logging.getLogger("celery_sqlresults.web")
 
@@ -68,6 +70,51 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _MAX_DEPTH = 20
 
 
+#: The ``Host`` names of this machine's loopback interface, the default ``allowed_hosts``.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_HOST_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def serve_hosts(bind: str) -> list[str]:
+    """The ``Host`` names a server listening on address ``bind`` is asked to serve.
+
+    That address itself, and the loopback names too when it is a loopback
+    address; listening on every address (``0.0.0.0``, ``::``) gives only the
+    loopback names, since the names clients use cannot be known here: they go
+    in ``sqlresults_web_allowed_hosts``.
+    """
+    try:
+        ip = ipaddress.ip_address(bind.strip("[]"))
+    except ValueError:
+        return list(dict.fromkeys([bind.lower(), *(LOOPBACK_HOSTS if bind == "localhost" else ())]))
+    if ip.is_unspecified:
+        return list(LOOPBACK_HOSTS)
+    named = f"[{ip}]" if ip.version == 6 else str(ip)
+    return list(dict.fromkeys([named, *(LOOPBACK_HOSTS if ip.is_loopback else ())]))
+
+
+def _hosts(value: str | Iterable[str], setting: str) -> list[str]:
+    """Host names as the ``Host`` header carries them (IPv6 in brackets, no port), checked."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for raw in names:
+        name = raw.strip().lower() if isinstance(raw, str) else raw
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{setting}: {raw!r} is not a host name")
+        try:
+            ip = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            if name != "*" and not _HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{setting}: {name!r} is not a host name, an IP address or a "
+                    "'*.example.com' pattern: give the name alone, without scheme, port or path"
+                ) from None
+        else:
+            name = f"[{ip}]" if ip.version == 6 else str(ip)
+        out.append(name)
+    return out
+
+
 class BadRequest(ValueError):
     """A query value the API cannot use; answered with 400 and this message."""
 
@@ -77,6 +124,7 @@ def create_app(
     *,
     token: str | None = None,
     basic_auth: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> Starlette:
     """The monitoring application over the results ``source`` stores.
 
@@ -85,6 +133,12 @@ def create_app(
     ``basic_auth`` (``"user:password"``) default to the app's
     ``sqlresults_web_token`` and ``sqlresults_web_basic_auth`` settings;
     when either is set, every route but ``/healthz`` requires one of them.
+
+    Requests naming another ``Host`` than ``allowed_hosts`` (default:
+    :data:`LOOPBACK_HOSTS`) or the app's ``sqlresults_web_allowed_hosts``
+    are refused with 400, so a page on some other site cannot reach the view
+    through a DNS name that points at it (DNS rebinding). Names may be
+    ``*.example.com`` patterns; ``"*"`` accepts any host.
     """
     query = source if isinstance(source, ResultQuery) else ResultQuery(source)
     conf = query.backend.app.conf
@@ -92,6 +146,10 @@ def create_app(
     basic_auth = basic_auth or conf.get("sqlresults_web_basic_auth") or None
     if basic_auth is not None and ":" not in basic_auth:
         raise ValueError("sqlresults_web_basic_auth must be 'user:password'")
+    hosts = [
+        *_hosts(LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts, "allowed_hosts"),
+        *_hosts(conf.get("sqlresults_web_allowed_hosts") or (), "sqlresults_web_allowed_hosts"),
+    ]
     api = _Api(query)
     routes = [
         Route("/", api.page),
@@ -114,8 +172,10 @@ def create_app(
     )
     if token or basic_auth:
         app.add_middleware(_Auth, token=token, basic_auth=basic_auth)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     app.add_middleware(_SafetyHeaders)  # added last: the outermost
     app.state.query = query
+    app.state.allowed_hosts = hosts
     return app
 
 
