@@ -438,12 +438,11 @@ def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
     proxy's.
     """
     import logging
-    import re
 
     try:
         import uvicorn
 
-        from .web import create_app, serve_hosts
+        from .web import create_app, mask_token, serve_hosts
     except ImportError as exc:
         raise click.ClickException(
             f"'results serve' needs the web extra ({exc}): pip install 'celery-sqlresults[web]'"
@@ -453,17 +452,14 @@ def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
         web = create_app(query, allowed_hosts=serve_hosts(host))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    secret = re.compile(r"(?<=[?&]token=)[^&\s]*")
 
-    def mask_token(record: logging.LogRecord) -> bool:
-        """Access-log lines must not show a ?token= value."""
+    def mask_tokens(record: logging.LogRecord) -> bool:
+        """Access-log lines must not show a ?token= value, however its name is encoded."""
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                secret.sub("***", a) if isinstance(a, str) else a for a in record.args
-            )
+            record.args = tuple(mask_token(a) if isinstance(a, str) else a for a in record.args)
         return True
 
-    logging.getLogger("uvicorn.access").addFilter(mask_token)
+    logging.getLogger("uvicorn.access").addFilter(mask_tokens)
     conf = query.backend.app.conf
     guarded = bool(conf.get("sqlresults_web_token") or conf.get("sqlresults_web_basic_auth"))
     click.echo(

@@ -27,7 +27,7 @@ with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still wo
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from celery_sqlresults.web import LOOPBACK_HOSTS, create_app, serve_hosts
+from celery_sqlresults.web import LOOPBACK_HOSTS, create_app, mask_token, serve_hosts
 from celery_sqlresults.web import app as web_app
 
 HTML = '<b id="pwn">x</b><script>window.pwned = 1</script>'
@@ -544,6 +544,13 @@ def test_record_on_publish_survives_database_errors(
     assert "could not record task" in caplog.text
 
 
+def test_mask_token_compares_names_decoded() -> None:
+    assert mask_token("/api/tasks?tok%65n=S&x=1") == "/api/tasks?tok%65n=***&x=1"
+    assert mask_token("/?a=1&token=S&token=T") == "/?a=1&token=***&token=***"
+    assert mask_token("/?x=token=S&tokens=1") == "/?x=token=S&tokens=1"  # not the parameter
+    assert mask_token("/api/tasks") == "/api/tasks"
+
+
 def test_cli_serve_is_registered() -> None:
     from click.testing import CliRunner
 
@@ -587,6 +594,9 @@ def test_cli_serve_runs(db_url: str, tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert httpx.get(f"{base}/api/tasks").status_code == 401
         assert httpx.get(f"{base}/api/tasks?token=tok-123").json()["tasks"] == []
+        # The app decodes parameter names: so must the log's mask.
+        for query in ("tok%65n=tok-123", "%74oken=tok-123&x=1", "token=no&token=tok-123"):
+            assert httpx.get(f"{base}/api/tasks?{query}").status_code == 200, query
         rebound = httpx.get(f"{base}/api/tasks?token=tok-123", headers={"Host": "evil.example"})
         assert rebound.status_code == 400
         named = httpx.get(f"http://localhost:{port}/healthz")
@@ -597,4 +607,4 @@ def test_cli_serve_runs(db_url: str, tmp_path: Path) -> None:
     text = log.read_text()
     assert f"http://127.0.0.1:{port}/" in text and "auth required" in text
     assert "hosts 127.0.0.1, localhost, [::1], more with sqlresults_web_allowed_hosts" in text
-    assert "token=***" in text and "tok-123" not in text
+    assert "token=***" in text and "tok%65n=***" in text and "tok-123" not in text

@@ -7,6 +7,6 @@ server. Needs the ``web`` extra: ``pip install "celery-sqlresults[web]"``.
 
 from __future__ import annotations
 
-from .app import LOOPBACK_HOSTS, create_app, serve_hosts
+from .app import LOOPBACK_HOSTS, create_app, mask_token, serve_hosts
 
-__all__ = ["LOOPBACK_HOSTS", "create_app", "serve_hosts"]
+__all__ = ["LOOPBACK_HOSTS", "create_app", "mask_token", "serve_hosts"]

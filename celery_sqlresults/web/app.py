@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
 
 import sqlalchemy as sa
 from celery import Celery, states
@@ -50,7 +51,7 @@ from ..query import ResultQuery, TaskRecord, parse_when
 from ..settings import mask_url
 from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
 
-__all__ = ["LOOPBACK_HOSTS", "create_app", "serve_hosts"]
+__all__ = ["LOOPBACK_HOSTS", "create_app", "mask_token", "serve_hosts"]
 
 logger = logging.getLogger("celery_sqlresults.web")
 
@@ -113,6 +114,22 @@ def _hosts(value: str | Iterable[str], setting: str) -> list[str]:
             name = f"[{ip}]" if ip.version == 6 else str(ip)
         out.append(name)
     return out
+
+
+def mask_token(target: str) -> str:
+    """``target`` (a path and query, as access logs show it) with every ``token`` value as ``***``.
+
+    Names are compared decoded, as the app reads them, so ``?tok%65n=…`` is masked too.
+    """
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        name = part.partition("=")[0]
+        if unquote_plus(name) == "token":
+            parts[i] = f"{name}=***"
+    return f"{path}?{'&'.join(parts)}"
 
 
 class BadRequest(ValueError):
