@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -74,7 +75,7 @@ def _database_errors(query: ResultQuery) -> Iterator[None]:
     except sa.exc.SQLAlchemyError as exc:
         url = query.backend.settings.url
         raise click.ClickException(
-            f"result database {mask_url(url)}: {one_line(exc, url)}"
+            f"result database {mask_url(url)}: {_printable(one_line(exc, url))}"
         ) from None
 
 
@@ -256,7 +257,7 @@ def _schema_errors(store: Store) -> Iterator[None]:
         RevisionError,
         TimeoutError,
     ) as exc:
-        reason = one_line(exc, store.settings.url)
+        reason = _printable(one_line(exc, store.settings.url))  # it may quote a value
         raise click.ClickException(
             f"result database {store.settings.masked_url}: {reason}"
         ) from None
@@ -273,7 +274,7 @@ def show(ctx: click.Context, url: str | None, task_id: str, as_json: bool) -> No
     with _database_errors(query):
         record = query.get(task_id)
     if record is None:
-        raise click.ClickException(f"no result stored for task {task_id}")
+        raise click.ClickException(f"no result stored for task {_printable(task_id)}")
     if as_json:
         click.echo(_json(_as_dict(record)))
         return
@@ -284,7 +285,7 @@ def show(ctx: click.Context, url: str | None, task_id: str, as_json: bool) -> No
             click.echo(f"{label + ':':<14}{_text(value, key)}{utc}")
     if record.traceback:
         click.echo("traceback:")
-        click.echo(record.traceback.rstrip())
+        click.echo(_printable(record.traceback.rstrip(), keep_newlines=True))
 
 
 @results.command(name="list")
@@ -398,12 +399,33 @@ def _as_dict(record: TaskRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in TaskRecord.__dataclass_fields__}
 
 
+#: What a terminal may act on or reorder: C0 and C1 controls (ESC, CSI, OSC's BEL…), DEL,
+#: and the bidirectional marks and overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str, keep_newlines: bool = False) -> str:
+    """``text`` from the database with its control characters written as escapes (``\\x1b``).
+
+    A stored id, name or traceback holding ``ESC [2J`` or an OSC sequence must not
+    clear the screen or retitle the terminal of whoever lists it.
+    """
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        return char.encode("unicode_escape").decode("ascii")
+
+    return _CONTROL.sub(escape, text)
+
+
 def _text(value: Any, key: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return repr(value) if key in _REPR else str(value)
+    return _printable(repr(value) if key in _REPR else str(value))
 
 
 def _json(value: Any) -> str:
@@ -416,6 +438,7 @@ def _json(value: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
     for line in (headers, *rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())

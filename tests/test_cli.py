@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from celery_sqlresults.cli import results
 
-from .conftest import ROOT, table_names
+from .conftest import ROOT, table_names, task_request
 from .test_query import seed
 
 UNREACHABLE = [
@@ -93,6 +93,47 @@ def test_show(seeded: str) -> None:
     assert out.rstrip().endswith("traceback:\nTraceback (most recent call last):\nValueError: boom")
     record = json.loads(run("show", "--url", seeded, "--json", "add-new").stdout)
     assert (record["status"], record["result"], record["args"]) == ("SUCCESS", 3, [1, 2])
+
+
+#: Screen clear, an OSC title change ended by BEL, a C1 CSI and a right-to-left override.
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202e\r\t"
+
+
+def test_control_characters_from_the_database_are_escaped(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """Whatever list, show and stats print from the database reaches the terminal as escapes;
+    a traceback keeps its lines."""
+    app = make_app(result_extended=True)
+    task_id = "evil" + HOSTILE
+    traceback = f"Traceback (most recent call last):\n  File 'x.py'\nValueError: {HOSTILE}!\n"
+    app.backend.store_result(
+        task_id,
+        {"v": HOSTILE},
+        "PROGRESS" + HOSTILE,
+        traceback=traceback,
+        request=task_request("proj.evil" + HOSTILE, (HOSTILE,), worker="w" + HOSTILE),
+    )
+    outputs = [
+        run("list", "--url", db_url),
+        run("show", "--url", db_url, "--", task_id),
+        run("stats", "--url", db_url, "--by-name"),
+        run("stats", "--url", db_url),
+        run("show", "--url", db_url, "--", "nope" + HOSTILE),
+    ]
+    for result in outputs:
+        for char in "\x1b\x07\x9b\u202e\r\t":
+            assert char not in result.output, (char, result.output)
+    listing, shown, by_name, _, missing = (r.output for r in outputs)
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202e\\r\\t" in listing
+    assert "proj.evil\\x1b[2J" in listing and "w\\x1b[2J" in listing
+    assert len(listing.splitlines()) == 2  # header and one row: nothing broke the table
+    assert "state:        PROGRESS\\x1b[2J" in shown and "proj.evil\\x1b[2J" in by_name
+    assert shown.rstrip().endswith(
+        "traceback:\nTraceback (most recent call last):\n  File 'x.py'\n"
+        "ValueError: \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m\\u202e\\r\\t!"
+    )
+    assert "no result stored for task nope\\x1b[2J" in missing
 
 
 def test_show_unknown_task_exits_1(seeded: str) -> None:
