@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import sqlalchemy as sa
 from celery import Celery, states
+from celery.result import GroupResult, result_from_tuple
 from sqlalchemy.engine import Connection, RowMapping
 
 from .backend import SQLResultsBackend
@@ -339,6 +340,36 @@ class ResultQuery:
 
         rows: list[RowMapping] = self.store.run(run, []) if ids else []
         return {row["task_id"]: self._record(row) for row in rows}
+
+    def group(self, group_id: str) -> GroupResult | Undecodable | None:
+        """The stored group ``group_id`` (its members' results), ``None`` if none is stored.
+
+        One read, never retried, as every read here: ``backend.restore_group``
+        goes through the backend's retry loop, which keeps a caller waiting for
+        ``sqlresults_retry_timeout`` while the database is down. Filters do not apply.
+        """
+        g = self.store.tables.group
+        stmt = sa.select(g.c.result).where(g.c.taskset_id == group_id)
+
+        def run(conn: Connection, _: Statements) -> tuple[bytes | None] | None:
+            row = conn.execute(stmt).first()
+            return None if row is None else (row[0],)
+
+        found = self.store.run(run, None)
+        if found is None:
+            return None
+        value = self._decode(found[0])
+        if isinstance(value, Undecodable):
+            return value
+        if value is None:
+            return GroupResult(group_id, [], app=self.backend.app)
+        try:
+            group = result_from_tuple(value, self.backend.app)
+        except Exception as exc:
+            return Undecodable(f"not a group result: {type(exc).__name__}")
+        if not isinstance(group, GroupResult):
+            return Undecodable(f"not a group result: {type(group).__name__}")
+        return group
 
     # ---- deleting -----------------------------------------------------
     def forget(self, task_ids: str | Iterable[str]) -> int:

@@ -257,6 +257,23 @@ def test_accept_content_is_honoured(make_app: Callable[..., Celery], db_url: str
     assert ResultQuery(trusting).all()[0].result == {"x": 1}
 
 
+def test_group_is_read_and_decoded(make_app: Callable[..., Celery], db_url: str) -> None:
+    app = make_app()
+    members = [app.AsyncResult(i) for i in ("a", "b")]
+    inner = app.GroupResult("inner", [app.AsyncResult("c")])
+    app.GroupResult("grp", [*members, inner]).save(backend=app.backend)
+    group = ResultQuery(app).group("grp")
+    assert isinstance(group, GroupResult) and group.id == "grp"
+    assert [r.id for r in group.results] == ["a", "b", "inner"]
+    assert ResultQuery(app).group("nope") is None
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.execute(sa.text("UPDATE celery_tasksetmeta SET result = :r"), {"r": pickle.dumps("x")})
+    eng.dispose()
+    undecodable = ResultQuery(make_app(accept_content=["json"])).group("grp")
+    assert isinstance(undecodable, Undecodable)
+
+
 def test_needs_our_backend() -> None:
     app = Celery("other", set_as_current=False)
     app.conf.result_backend = "cache+memory://"

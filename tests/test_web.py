@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import socket
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from kombu.utils.encoding import ensure_bytes
 
 from celery_sqlresults import ResultQuery, SQLResultsBackend
 from tests.conftest import ROOT
+from tests.servers import PrivateMariaDB, PrivatePostgres
 
 pytest.importorskip("starlette")
 with warnings.catch_warnings():  # Starlette >= 1 prefers httpx2; httpx still works
@@ -261,6 +263,11 @@ def test_group(app: Celery, client: TestClient) -> None:
     assert body["states"] == {"SUCCESS": 1, "FAILURE": 1, "PENDING": 1}
     assert client.get("/api/groups/nope").status_code == 404
 
+    app.backend.store.save_group("pickled", pickle.dumps(("x", [])), BASE)
+    undecodable = client.get("/api/groups/pickled")
+    assert undecodable.status_code == 422
+    assert undecodable.json()["error"].startswith("group 'pickled' cannot be decoded")
+
 
 # ---- health --------------------------------------------------------------------
 UNREACHABLE = {
@@ -327,6 +334,45 @@ def test_every_answer_carries_the_safety_headers_and_echoes_little(
             assert len(response.content) < 1000, what
     assert "script-src 'sha256-" in answers["page"][1].headers["content-security-policy"]
     assert answers["bad since"][1].json()["error"].startswith("since: invalid time 'xxx")
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def private(request: pytest.FixtureRequest) -> Iterator[PrivatePostgres | PrivateMariaDB]:
+    """A private server of each kind, for tests that take it down (never the shared ones)."""
+    server: PrivatePostgres | PrivateMariaDB
+    server = PrivatePostgres() if request.param == "postgresql" else PrivateMariaDB()
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+def test_every_route_answers_at_once_when_the_database_is_down(
+    private: PrivatePostgres | PrivateMariaDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503 from every route, the group's too, without entering the backend's retry loop
+    (which kept /api/groups waiting for sqlresults_retry_timeout)."""
+    app = Celery("down", set_as_current=False)
+    app.conf.update(result_backend="sql+" + private.url(), result_extended=True)
+    put(app, "t1", "SUCCESS", 1, name="proj.add")
+    app.GroupResult("grp", [app.AsyncResult("t1"), app.AsyncResult("t2")]).save(backend=app.backend)
+    client = web_client(app)
+    routes = ["/healthz", "/api/tasks", "/api/tasks/t1", "/api/stats", "/api/groups/grp"]
+    assert [client.get(path).status_code for path in routes] == [200] * len(routes)
+
+    retried: list[str] = []
+    retry = app.backend._ensure_retryable
+
+    def spy(func: Any, *args: Any, **kwargs: Any) -> Any:
+        retried.append(getattr(func, "__name__", repr(func)))
+        return retry(func, *args, **kwargs)
+
+    monkeypatch.setattr(app.backend, "_ensure_retryable", spy)
+    private.stop()
+    for path in [*routes, "/api/stats?name=x"]:  # (the first stats may come from the cache)
+        response = client.get(path)
+        assert response.status_code in ((200, 503) if path == "/api/stats" else (503,)), path
+    assert retried == []
 
 
 # ---- hosts ---------------------------------------------------------------------

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backend import SQLResultsBackend
 from ..exceptions import one_line
-from ..query import ResultQuery, TaskRecord, parse_when
+from ..query import ResultQuery, TaskRecord, Undecodable, parse_when
 from ..settings import mask_url
 from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
 
@@ -293,9 +293,12 @@ class _Api:
 
     def group(self, request: Request) -> Response:
         group_id = _text(request.path_params["group_id"], "group_id")
-        group = self.query.backend.restore_group(group_id, cache=False)
+        group = self.query.group(group_id)  # not backend.restore_group: that one retries
         if group is None:
             return JSONResponse({"error": f"no group stored with id {_shown(group_id)}"}, 404)
+        if isinstance(group, Undecodable):
+            reason = f"cannot be decoded by this app: {group.reason}"
+            return JSONResponse({"error": f"group {_shown(group_id)} {reason}"}, 422)
         ids = _leaves(group)
         records = self.query.get_many(ids)
         members: list[dict[str, Any]] = []

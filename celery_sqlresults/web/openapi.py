@@ -113,6 +113,11 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json("Group", "The group."),
                         "404": _json("Error", "No group is stored with this id."),
+                        "422": _json(
+                            "Error",
+                            "The stored group cannot be decoded by this app (a serializer "
+                            "outside its accept_content).",
+                        ),
                         **_ERRORS,
                     },
                 }
