@@ -315,7 +315,8 @@ def list_(
         state=wanted or None, name=name, worker=worker, since=since, until=until
     )
     with _database_errors(query):
-        records = query.limit(limit or None).all()
+        # The table shows no values: do not read them (a result may be megabytes).
+        records = query.limit(limit or None).all(values_up_to=None if as_json else 0)
     if as_json:
         click.echo(_json([_as_dict(r) for r in records]))
     elif records:

@@ -15,15 +15,15 @@ import contextlib
 import copy
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from celery import Celery, states
 from celery.result import GroupResult, result_from_tuple
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 
 from .backend import SQLResultsBackend
 from .exceptions import one_line
@@ -34,6 +34,7 @@ from .store import BATCH_SIZE, Store
 __all__ = [
     "ResultQuery",
     "TaskRecord",
+    "Truncated",
     "Undecodable",
     "decode_cursor",
     "encode_cursor",
@@ -62,6 +63,11 @@ _COLUMNS = (
     "result",
     "traceback",
 )
+
+#: The columns that can be large: what ``values_up_to`` bounds.
+_VALUES = ("args", "kwargs", "result", "traceback")
+#: Suffix of the label of a value's stored size in a bounded read.
+_SIZE = "__size"
 
 
 def parse_when(value: When, now: datetime | None = None) -> datetime:
@@ -137,6 +143,23 @@ class Undecodable:
 
     def __repr__(self) -> str:
         return f"<undecodable: {self.reason}>"
+
+
+@dataclass(frozen=True, repr=False)
+class Truncated:
+    """Stands in for a stored value larger than the read asked for (``values_up_to``).
+
+    ``size`` is what is stored: bytes for ``args``, ``kwargs`` and ``result``
+    (the serializer's output), characters for ``traceback``. ``head`` is its
+    first ``values_up_to`` of them, undecoded (a serialized prefix cannot be
+    decoded); :meth:`ResultQuery.read_value` reads the rest piece by piece.
+    """
+
+    size: int
+    head: bytes | str
+
+    def __repr__(self) -> str:
+        return f"<truncated: {self.size} stored>"
 
 
 class ResultQuery:
@@ -219,34 +242,73 @@ class ResultQuery:
         return new
 
     # ---- reading ------------------------------------------------------
-    def all(self) -> list[TaskRecord]:
-        """The matching results, newest first, decoded."""
+    def all(self, values_up_to: int | None = None) -> list[TaskRecord]:
+        """The matching results, newest first, decoded.
+
+        With ``values_up_to``, a value stored larger than that is not read
+        whole: it comes back as a :class:`Truncated` holding its first part
+        (see :meth:`page`).
+        """
         t = self.store.tables.task
 
-        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
-
+        def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
-            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
+            cols = self._columns(layout, values_up_to)
             stmt = sa.select(*cols).where(*self._clauses(layout))
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
-            return list(conn.execute(stmt).mappings())
+            return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[RowMapping] = self.store.run(run, [])
-        return [self._record(row) for row in rows]
+        rows: list[Mapping[str, Any]] = self.store.run(run, [])
+        return [self._record(row, values_up_to) for row in rows]
 
-    def get(self, task_id: str) -> TaskRecord | None:
-        """The stored result of ``task_id`` (if it also matches the filters), else ``None``."""
+    def get(self, task_id: str, values_up_to: int | None = None) -> TaskRecord | None:
+        """The stored result of ``task_id`` (if it also matches the filters), else ``None``.
+
+        ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
+        """
         t = self.store.tables.task
 
-        def run(conn: Connection, statements: Statements) -> RowMapping | None:
-
+        def run(conn: Connection, statements: Statements) -> Mapping[str, Any] | None:
             layout = statements.layout
-            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
+            cols = self._columns(layout, values_up_to)
             stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
-            return conn.execute(stmt).mappings().first()
+            return next(iter(self._fetch(conn, stmt, values_up_to)), None)
 
         row = self.store.run(run, None)
-        return None if row is None else self._record(row)
+        return None if row is None else self._record(row, values_up_to)
+
+    def read_value(
+        self, task_id: str, column: str, start: int, size: int
+    ) -> tuple[bytes | str, int] | None:
+        """Part of one stored value, and the whole value's size; ``None`` if nothing is stored.
+
+        ``column`` is ``args``, ``kwargs``, ``result`` (bytes, as the serializer
+        wrote them) or ``traceback`` (text); ``start`` and ``size`` count bytes,
+        or characters for ``traceback``, from 0. Reading a large value piece by
+        piece this way never holds more than one piece. Filters do not apply.
+        """
+        if column not in _VALUES:
+            raise ValueError(f"column must be one of {', '.join(_VALUES)}, got {column!r}")
+        if start < 0 or size < 1:
+            raise ValueError(f"start must be >= 0 and size >= 1, got {start!r} and {size!r}")
+        t = self.store.tables.task
+        col = t.c[column]
+        by_blob = self._by_blob(col)
+        part = t.c.id if by_blob else sa.func.substr(col, start + 1, size, type_=col.type)
+        stmt = sa.select(part, _length(col)).where(t.c.task_id == task_id)
+
+        def run(conn: Connection, statements: Statements) -> tuple[bytes | str, int] | None:
+            if column not in statements.layout.task_columns:
+                return None
+            row = conn.execute(stmt).first()
+            if row is None or row[1] is None:
+                return None
+            piece = (
+                self.store.dialect.read_blob(conn, col, row[0], start, size) if by_blob else row[0]
+            )
+            return piece, int(row[1])
+
+        return self.store.run(run, None)
 
     def count(self) -> int:
         """How many results match (at most the limit, if one is set)."""
@@ -295,51 +357,60 @@ class ResultQuery:
             out.setdefault(name, {})[status] = n
         return out
 
-    def page(self, size: int) -> tuple[list[TaskRecord], str | None]:
+    def page(
+        self, size: int, values_up_to: int | None = None
+    ) -> tuple[list[TaskRecord], str | None]:
         """Up to ``size`` matching results (newest first) and the cursor of the next page.
 
         The cursor is ``None`` on the last page; pass it to :meth:`after` for
         the next one. The query's own :meth:`limit` does not apply here.
+
+        With ``values_up_to``, each of ``args``, ``kwargs``, ``result`` and
+        ``traceback`` stored larger than that many bytes (characters for the
+        traceback) is read only that far, in SQL (``substr``, with ``length``
+        for its size), and comes back as a :class:`Truncated`: one large
+        result then costs a listing no more than a small one.
         """
         if size < 1:
             raise ValueError(f"page size must be >= 1, got {size!r}")
         t = self.store.tables.task
 
-        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
-
+        def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
-            cols = [t.c[c] for c in ("id", *_COLUMNS) if c in layout.task_columns]
+            cols = self._columns(layout, values_up_to, ("id",))
             stmt = sa.select(*cols).where(*self._clauses(layout))
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(size + 1)
-            return list(conn.execute(stmt).mappings())
+            return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[RowMapping] = self.store.run(run, [])
+        rows: list[Mapping[str, Any]] = self.store.run(run, [])
         more = len(rows) > size
         rows = rows[:size]
         cursor = encode_cursor(rows[-1]["date_done"], rows[-1]["id"]) if more else None
-        return [self._record(row) for row in rows], cursor
+        return [self._record(row, values_up_to) for row in rows], cursor
 
-    def get_many(self, task_ids: Iterable[str]) -> dict[str, TaskRecord]:
+    def get_many(
+        self, task_ids: Iterable[str], values_up_to: int | None = None
+    ) -> dict[str, TaskRecord]:
         """The stored results of ``task_ids`` (those that also match the filters), by id.
 
         One query per batch of ids; ids with nothing stored are left out.
+        ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
         """
         ids = list(dict.fromkeys(task_ids))
         t = self.store.tables.task
 
-        def run(conn: Connection, statements: Statements) -> list[RowMapping]:
-
+        def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
-            cols = [t.c[c] for c in _COLUMNS if c in layout.task_columns]
-            out: list[RowMapping] = []
+            cols = self._columns(layout, values_up_to)
+            out: list[Mapping[str, Any]] = []
             for start in range(0, len(ids), BATCH_SIZE):
                 chunk = ids[start : start + BATCH_SIZE]
                 stmt = sa.select(*cols).where(t.c.task_id.in_(chunk), *self._clauses(layout))
-                out.extend(conn.execute(stmt).mappings())
+                out.extend(self._fetch(conn, stmt, values_up_to))
             return out
 
-        rows: list[RowMapping] = self.store.run(run, []) if ids else []
-        return {row["task_id"]: self._record(row) for row in rows}
+        rows: list[Mapping[str, Any]] = self.store.run(run, []) if ids else []
+        return {row["task_id"]: self._record(row, values_up_to) for row in rows}
 
     def group(self, group_id: str) -> GroupResult | Undecodable | None:
         """The stored group ``group_id`` (its members' results), ``None`` if none is stored.
@@ -429,9 +500,70 @@ class ResultQuery:
         if self._where or self._limit is not None:
             raise ValueError(f"{what}() works on whole tables: call it on an unfiltered query")
 
-    def _record(self, row: RowMapping) -> TaskRecord:
+    def _columns(
+        self, layout: Layout, values_up_to: int | None, extra: tuple[str, ...] = ()
+    ) -> list[sa.ColumnElement[Any]]:
+        """The task columns to select: values cut to ``values_up_to``, with their sizes."""
+        t = self.store.tables.task
+        if values_up_to is not None and not self.store.dialect.cuts_blobs_in_sql:
+            extra = (*extra, "id")  # for the blob reads
+        out: list[sa.ColumnElement[Any]] = []
+        for name in dict.fromkeys((*extra, *_COLUMNS)):
+            if name not in layout.task_columns:
+                continue
+            col = t.c[name]
+            if values_up_to is None or name not in _VALUES:
+                out.append(col)
+                continue
+            if self._by_blob(col):  # whole if small; the head of a large one: _fetch
+                whole = sa.case((_length(col) <= values_up_to, col), else_=sa.null())
+                out.append(sa.type_coerce(whole, col.type).label(name))
+            else:
+                out.append(sa.func.substr(col, 1, values_up_to, type_=col.type).label(name))
+            out.append(_length(col).label(name + _SIZE))
+        return out
+
+    def _by_blob(self, col: sa.Column[Any]) -> bool:
+        """Whether parts of ``col`` are read by ``dialect.read_blob`` rather than ``substr``.
+
+        Where ``substr`` would load the whole value into this process (SQLite).
+        """
+        return not self.store.dialect.cuts_blobs_in_sql and isinstance(col.type, sa.LargeBinary)
+
+    def _fetch(
+        self, conn: Connection, stmt: sa.Select[Any], values_up_to: int | None
+    ) -> list[Mapping[str, Any]]:
+        """Run a select built by :meth:`_columns`, reading the heads :meth:`_by_blob` left out."""
+        rows = cast("list[Mapping[str, Any]]", list(conn.execute(stmt).mappings()))
+        if values_up_to is None or self.store.dialect.cuts_blobs_in_sql:
+            return rows
+        t = self.store.tables.task
+        out = []
+        for row in rows:
+            big = [
+                name
+                for name in _VALUES
+                if self._by_blob(t.c[name]) and (row.get(name + _SIZE) or 0) > values_up_to
+            ]
+            if big:
+                row = dict(row)
+                for name in big:
+                    head = self.store.dialect.read_blob(conn, t.c[name], row["id"], 0, values_up_to)
+                    row[name] = head
+            out.append(row)
+        return out
+
+    def _value(self, row: Mapping[str, Any], name: str, values_up_to: int | None) -> Any:
+        """A value column decoded, or a :class:`Truncated` if it was cut short."""
+        value = row.get(name)
+        size = row.get(name + _SIZE)
+        if values_up_to is not None and size is not None and size > values_up_to:
+            return Truncated(int(size), value if value is not None else b"")
+        return value if name == "traceback" else self._decode(value)
+
+    def _record(self, row: Mapping[str, Any], values_up_to: int | None = None) -> TaskRecord:
         status = row["status"]
-        result = self._decode(row["result"])
+        result = self._value(row, "result", values_up_to)
         if status in states.EXCEPTION_STATES and isinstance(result, dict):
             # A payload that is no safe exception stays the plain dict it was stored as.
             with contextlib.suppress(Exception):
@@ -446,10 +578,10 @@ class ResultQuery:
             date_created=_utc_or_none(row.get("date_created")),
             date_started=_utc_or_none(row.get("date_started")),
             date_done=_utc_or_none(row["date_done"]),
-            args=self._decode(row.get("args")),
-            kwargs=self._decode(row.get("kwargs")),
+            args=self._value(row, "args", values_up_to),
+            kwargs=self._value(row, "kwargs", values_up_to),
             result=result,
-            traceback=row["traceback"],
+            traceback=self._value(row, "traceback", values_up_to),
         )
 
     def _decode(self, payload: Any) -> Any:
@@ -457,6 +589,13 @@ class ResultQuery:
             return self.backend.decode_value(payload)
         except Exception as exc:
             return Undecodable(one_line(exc) or type(exc).__name__)
+
+
+def _length(column: sa.Column[Any]) -> sa.ColumnElement[int]:
+    """Stored size: bytes of a binary column, characters of a text one (every database)."""
+    if isinstance(column.type, sa.LargeBinary):
+        return sa.func.length(column, type_=sa.BigInteger)
+    return sa.func.char_length(column, type_=sa.BigInteger)
 
 
 def _match(column: sa.ColumnElement[Any], pattern: str) -> sa.ColumnElement[bool]:

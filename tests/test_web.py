@@ -21,7 +21,7 @@ from celery import Celery
 from kombu.utils.encoding import ensure_bytes
 
 from celery_sqlresults import ResultQuery, SQLResultsBackend
-from tests.conftest import ROOT
+from tests.conftest import ROOT, raw_engine
 from tests.servers import PrivateMariaDB, PrivatePostgres
 
 pytest.importorskip("starlette")
@@ -103,6 +103,84 @@ def test_task_detail_and_404(app: Celery, client: TestClient) -> None:
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/json"
     assert "nope" in missing.json()["error"]
+
+
+def stored(db_url: str, task_id: str, column: str) -> Any:
+    """A column of a task row as the database holds it (bytes; text for the traceback)."""
+    eng = raw_engine(db_url)
+    with eng.connect() as conn:
+        value = conn.execute(
+            sa.text(f"SELECT {column} FROM celery_taskmeta WHERE task_id = :t"), {"t": task_id}
+        ).scalar_one()
+    eng.dispose()
+    return bytes(value) if isinstance(value, (bytes, memoryview)) else value
+
+
+def test_large_values_are_previewed_with_their_size_and_streamed_whole(
+    app: Celery, client: TestClient, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing reads at most LIST_VALUE_BYTES of each value, in SQL; one task's answer at
+    most DETAIL_VALUE_BYTES; /api/raw streams the stored value whole, piece by piece."""
+    text = "aé€😀" * (web_app.DETAIL_VALUE_BYTES // 4)  # cuts fall inside characters
+    # A traceback is TEXT on MySQL (64 KB): over the listing's bound, within the task's.
+    tb_text = "Tb " + "é€" * (2 * web_app.LIST_VALUE_BYTES)
+    put(app, "big", "FAILURE", text, args=[text], kwargs={"k": "v"}, traceback=tb_text)
+    put(app, "small", "SUCCESS", {"n": 1}, args=[1], date=BASE + timedelta(seconds=1))
+    result, args = stored(db_url, "big", "result"), stored(db_url, "big", "args")
+    traceback = stored(db_url, "big", "traceback")
+    assert len(result) > web_app.DETAIL_VALUE_BYTES and traceback == tb_text
+
+    statements: list[str] = []
+    sa.event.listen(
+        app.backend.store.engine,
+        "before_cursor_execute",
+        lambda c, cur, sql, *a: statements.append(sql.lower()),
+    )
+    listing = client.get("/api/tasks")
+    assert len(listing.content) < 10 * web_app.LIST_VALUE_BYTES  # not the 2 MB stored
+    assert "length(celery_taskmeta.result)" in statements[-1]  # sizes from SQL, values cut
+    small, big = listing.json()["tasks"]
+    assert (small["result"], small["args"], small["truncated"]) == ({"n": 1}, [1], {})
+    assert big["result"] is None and big["args"] is None and big["traceback"] is None
+    assert big["kwargs"] == {"k": "v"}  # small enough: whole
+    cut = big["truncated"]
+    assert set(cut) == {"result", "args", "traceback"}
+    assert cut["result"]["size"] == len(result) and cut["args"]["size"] == len(args)
+    assert cut["traceback"]["size"] == len(traceback)  # characters
+    preview = cut["result"]["preview"]
+    assert 0 < len(preview.encode()) <= web_app.LIST_VALUE_BYTES
+    assert result.startswith(preview.encode())
+    assert traceback.startswith(cut["traceback"]["preview"])
+    assert len(cut["traceback"]["preview"]) == web_app.LIST_VALUE_BYTES
+
+    detail = client.get("/api/tasks/big")
+    assert len(detail.content) < 4 * 2 * web_app.DETAIL_VALUE_BYTES
+    body = detail.json()
+    assert body["result"] is None and body["truncated"]["result"]["size"] == len(result)
+    assert body["traceback"] == tb_text and set(body["truncated"]) == {"result", "args"}
+    assert len(body["truncated"]["result"]["preview"].encode()) > web_app.LIST_VALUE_BYTES
+    assert result.startswith(body["truncated"]["result"]["preview"].encode())
+    assert client.get("/api/tasks/small").json()["truncated"] == {}
+
+    monkeypatch.setattr(web_app, "RAW_CHUNK", 99_999)  # several pieces, cut anywhere
+    statements.clear()
+    raw = client.get("/api/raw/result/big")
+    assert raw.status_code == 200 and raw.content == result
+    assert raw.headers["content-type"] == "application/octet-stream"
+    assert raw.headers["content-length"] == str(len(result))
+    assert raw.headers["content-disposition"].startswith("attachment")
+    assert raw.headers["x-content-type-options"] == "nosniff"
+    assert len(statements) == -(-len(result) // 99_999)  # one read per piece
+    assert client.get("/api/raw/args/big").content == args
+    raw_tb = client.get("/api/raw/traceback/big")
+    assert raw_tb.headers["content-type"] == "text/plain; charset=utf-8"
+    assert raw_tb.content.decode() == traceback
+    assert client.get("/api/raw/args/small").content == stored(db_url, "small", "args")
+    assert client.get("/api/raw/kwargs/small").status_code == 404  # none stored
+    assert client.get("/api/raw/traceback/small").status_code == 404  # none stored
+    assert client.get("/api/raw/result/nope").status_code == 404
+    wrong = client.get("/api/raw/children/big")
+    assert wrong.status_code == 400 and wrong.json()["error"].startswith("field:")
 
 
 def test_pagination_is_keyset_without_duplicates_or_gaps(app: Celery, client: TestClient) -> None:
@@ -498,6 +576,7 @@ def test_openapi_lists_the_paths(client: TestClient) -> None:
         "/api/tasks/{task_id}",
         "/api/stats",
         "/api/groups/{group_id}",
+        "/api/raw/{field}/{task_id}",
         "/healthz",
     }
     params = {p["name"] for p in doc["paths"]["/api/tasks"]["get"]["parameters"]}

@@ -33,6 +33,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from celery_sqlresults.web import app as web_app  # noqa: E402
 from celery_sqlresults.web import create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -42,7 +43,15 @@ pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
+def downloads(tmp_path: Path) -> Path:
+    """Where the browser saves downloads."""
+    path = tmp_path / "downloads"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path: Path, downloads: Path) -> Iterator[webdriver.Chrome]:
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         msg = "chromium/chromium-driver not installed (apt-get install chromium chromium-driver)"
         if IN_CI:
@@ -63,6 +72,10 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         "--window-size=1400,900",
     ):
         options.add_argument(flag)
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
         yield driver
@@ -126,7 +139,10 @@ def _click(driver: webdriver.Chrome, by: str, selector: str) -> None:
 
 
 def test_monitoring_page(
-    make_app: Callable[..., Celery], serve: Callable[[Celery], str], browser: webdriver.Chrome
+    make_app: Callable[..., Celery],
+    serve: Callable[[Celery], str],
+    browser: webdriver.Chrome,
+    downloads: Path,
 ) -> None:
     app = make_app(result_extended=True)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -154,26 +170,28 @@ def test_monitoring_page(
     )
     put(app, "html-1", "SUCCESS", HTML, date=now - timedelta(minutes=2), name="proj.tasks.render")
     put(app, "run-1", "STARTED", None, date=now - timedelta(minutes=1), name="proj.tasks.export")
+    big = "y" * (2 * web_app.DETAIL_VALUE_BYTES)  # over both bounds: previews, and a download
+    put(app, "big-1", "SUCCESS", big, date=now - timedelta(minutes=11), name="proj.tasks.dump")
     app.GroupResult("batch-1", [app.AsyncResult(i) for i in ("add-1", "run-1", "later")]).save(
         backend=app.backend
     )
 
     browser.get(serve(app))
     # Counts per state, and the list.
-    _wait(browser, lambda d: len(_rows(d)) == 9)
+    _wait(browser, lambda d: len(_rows(d)) == 10)
     counts = _text(browser, "counts")
-    assert "SUCCESS 7" in counts and "FAILURE 1" in counts and "STARTED 1" in counts
+    assert "SUCCESS 8" in counts and "FAILURE 1" in counts and "STARTED 1" in counts
 
     # Filtering by state.
     Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("FAILURE")
     _wait(browser, lambda d: _rows(d) == ["fail-1"])
     _click(browser, By.CSS_SELECTOR, '#counts button[data-state="FAILURE"]')
-    _wait(browser, lambda d: len(_rows(d)) == 9)  # clicking the active state clears the filter
+    _wait(browser, lambda d: len(_rows(d)) == 10)  # clicking the active state clears the filter
 
     # A task stored after the page opened shows up without a reload.
     put(app, "new-1", "SUCCESS", 42, date=datetime.now(timezone.utc).replace(tzinfo=None))
     _wait(browser, lambda d: "new-1" in _rows(d), t=8)
-    _wait(browser, lambda d: "SUCCESS 8" in _text(d, "counts"))
+    _wait(browser, lambda d: "SUCCESS 9" in _text(d, "counts"))
 
     # The detail view shows the traceback.
     _click(browser, By.LINK_TEXT, "fail-1")
@@ -187,6 +205,19 @@ def test_monitoring_page(
     assert browser.execute_script("return window.pwned === undefined")
     cell = "return document.querySelector('#tasks tr[data-task-id=\"html-1\"] td.result').innerText"
     assert str(browser.execute_script(cell)).startswith('<b id="pwn">')
+
+    # A large result: a preview in the list and the detail, the whole value as a download.
+    cell = "return document.querySelector('#tasks tr[data-task-id=\"big-1\"] td.result').innerText"
+    assert str(browser.execute_script(cell)).startswith('"yyyy')
+    _click(browser, By.LINK_TEXT, "big-1")
+    _wait(browser, lambda d: "download whole" in _text(d, "d-result-cut"))
+    assert "512.0 KB stored" in _text(browser, "d-result-cut")
+    shown = _text(browser, "d-result")
+    assert shown.startswith('"yyy') and shown.endswith(" …") and len(shown) < len(big)
+    _click(browser, By.CSS_SELECTOR, "#d-result-cut button")
+    saved = downloads / "big-1-result.bin"
+    _wait(browser, lambda d: saved.exists() and saved.stat().st_size == len(big) + 2)
+    assert saved.read_bytes() == b'"' + big.encode() + b'"'
 
     # The group view with its progress.
     browser.find_element(By.ID, "f-group").send_keys("batch-1")

@@ -93,6 +93,8 @@ def test_generated_requests_conform(case: Case, web_app: Starlette) -> None:
         ("/api/tasks/{task_id}", {"task_id": "bad"}),
         ("/api/tasks/{task_id}", {"task_id": "running"}),
         ("/api/groups/{group_id}", {"group_id": "grp"}),
+        ("/api/raw/{field}/{task_id}", {"field": "result", "task_id": "ok"}),
+        ("/api/raw/{field}/{task_id}", {"field": "traceback", "task_id": "bad"}),
     ],
 )
 def test_stored_rows_conform(web_app: Starlette, path: str, values: dict[str, Any]) -> None:

@@ -53,6 +53,10 @@ class Dialect(abc.ABC):
     begin_write: ClassVar[str] = "START TRANSACTION"
     #: Whether ``id`` must be written explicitly (the sequence's ``nextval``, or ``DEFAULT``).
     writes_id: ClassVar[bool] = True
+    #: Whether ``substr`` of a binary value loads only the part asked for into this process
+    #: (the server cuts it); SQLite's, run in this process, loads the whole value first, so
+    #: parts of large values are read with :meth:`read_blob` there.
+    cuts_blobs_in_sql: ClassVar[bool] = True
 
     # ---- writes -------------------------------------------------------
     @abc.abstractmethod
@@ -292,6 +296,15 @@ class Dialect(abc.ABC):
         Nothing to check where columns hold more than a result message can carry.
         """
         return None
+
+    def read_blob(
+        self, conn: Connection, column: sa.Column[Any], row_id: int, start: int, size: int
+    ) -> bytes:
+        """``size`` bytes from ``start`` (from 0) of the binary value in row ``row_id``."""
+        table = column.table
+        stmt = sa.select(sa.func.substr(column, start + 1, size, type_=column.type))
+        value = conn.execute(stmt.where(table.c.id == row_id)).scalar()
+        return b"" if value is None else bytes(value)
 
     # ---- errors -------------------------------------------------------
     @abc.abstractmethod

@@ -7,6 +7,8 @@ Routes (all but ``/healthz`` behind the optional token / basic auth):
   keyset-paginated (``next_cursor``);
 - ``GET /api/tasks/{id}`` (404 if nothing is stored), ``GET /api/groups/{id}``,
   ``GET /api/stats?since=&until=&name=&worker=``;
+- ``GET /api/raw/{field}/{id}``: one stored value whole, streamed (lists and the
+  task route give large values as a bounded preview and their size);
 - ``GET /healthz``: 200 ``{"ok": true}`` when the database answers, else 503;
 - ``GET /openapi.json``, ``GET /`` (the page), ``GET /static/app.js``.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import hmac
 import ipaddress
@@ -27,7 +30,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -41,15 +44,24 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backend import SQLResultsBackend
 from ..exceptions import one_line
-from ..query import ResultQuery, TaskRecord, Undecodable, parse_when
+from ..query import ResultQuery, TaskRecord, Truncated, Undecodable, parse_when
 from ..settings import mask_url
-from .openapi import MAX_CURSOR, MAX_TEXT, NO_NUL, STATES, openapi_document
+from .openapi import (
+    DETAIL_VALUE_BYTES,
+    LIST_VALUE_BYTES,
+    MAX_CURSOR,
+    MAX_TEXT,
+    NO_NUL,
+    STATES,
+    VALUE_FIELDS,
+    openapi_document,
+)
 
 __all__ = ["LOOPBACK_HOSTS", "create_app", "mask_token", "serve_hosts"]
 
@@ -64,6 +76,9 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 #: this many seconds.
 STATS_TTL = 2.0
 _STATS_KEEP = 64  # distinct stats queries remembered
+#: Bytes (characters for a traceback) of a stored value read per statement by the raw route:
+#: what one download holds at a time.
+RAW_CHUNK = 512 * 1024
 # The document's patterns, matched whole (``$`` would also allow a trailing newline).
 _STATES = re.compile(STATES.strip("^$"))
 _NO_NUL = re.compile(NO_NUL.strip("^$"))
@@ -177,6 +192,7 @@ def create_app(
         Route("/api/tasks/{task_id:path}", api.task),
         Route("/api/stats", api.stats),
         Route("/api/groups/{group_id:path}", api.group),
+        Route("/api/raw/{field}/{task_id:path}", api.raw),
     ]
     app = Starlette(
         routes=routes,
@@ -248,15 +264,53 @@ class _Api:
             query = query.after(cursor)
         except ValueError as exc:
             raise BadRequest(f"cursor: {exc}") from None
-        records, cursor = query.page(limit)
+        records, cursor = query.page(limit, values_up_to=LIST_VALUE_BYTES)
         return JSONResponse({"tasks": [_task(r) for r in records], "next_cursor": cursor})
 
     def task(self, request: Request) -> Response:
         task_id = _text(request.path_params["task_id"], "task_id")
-        record = self.query.get(task_id)
+        record = self.query.get(task_id, values_up_to=DETAIL_VALUE_BYTES)
         if record is None:
             return JSONResponse({"error": f"no result stored for task {_shown(task_id)}"}, 404)
         return JSONResponse(_task(record))
+
+    def raw(self, request: Request) -> Response:
+        """One stored value whole, streamed: read :data:`RAW_CHUNK` at a time, never held whole."""
+        field = request.path_params["field"]
+        if field not in VALUE_FIELDS:
+            raise BadRequest(
+                f"field: must be one of {', '.join(VALUE_FIELDS)}, got {_shown(field)}"
+            )
+        task_id = _text(request.path_params["task_id"], "task_id")
+        first = self.query.read_value(task_id, field, 0, RAW_CHUNK)
+        if first is None:
+            return JSONResponse({"error": f"no {field} stored for task {_shown(task_id)}"}, 404)
+        head, total = first
+        query = self.query
+
+        def pieces() -> Iterator[bytes]:
+            piece, sent = head, 0
+            while True:
+                yield piece.encode() if isinstance(piece, str) else piece
+                sent += len(piece)
+                if sent >= total:
+                    return
+                more = query.read_value(task_id, field, sent, RAW_CHUNK)
+                if more is None or more[1] != total or not more[0]:
+                    # Headers are out: all that is left is to cut the answer short.
+                    raise RuntimeError(
+                        f"the {field} of task {_shown(task_id)} changed while it was sent"
+                    )
+                piece = more[0]
+
+        text = field == "traceback"
+        headers = {
+            "Content-Disposition": f'attachment; filename="{field}.{"txt" if text else "bin"}"'
+        }
+        if not text:  # a traceback's size is in characters, not bytes
+            headers["Content-Length"] = str(total)
+        media = "text/plain" if text else "application/octet-stream"
+        return StreamingResponse(pieces(), media_type=media, headers=headers)
 
     def stats(self, request: Request) -> Response:
         params = request.query_params
@@ -300,7 +354,7 @@ class _Api:
             reason = f"cannot be decoded by this app: {group.reason}"
             return JSONResponse({"error": f"group {_shown(group_id)} {reason}"}, 422)
         ids = _leaves(group)
-        records = self.query.get_many(ids)
+        records = self.query.get_many(ids, values_up_to=0)  # states and names: no values
         members: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
         for task_id in ids:
@@ -443,8 +497,12 @@ class _SafetyHeaders:
 
 
 def _task(record: TaskRecord) -> dict[str, Any]:
-    """A task as JSON: values decoded, anything JSON cannot hold (exceptions…) as its repr."""
-    return {
+    """A task as JSON: values decoded, anything JSON cannot hold (exceptions…) as its repr.
+
+    A value read only in part (:class:`Truncated`) is ``null``, and its size and
+    first part go under ``truncated``.
+    """
+    body: dict[str, Any] = {
         "task_id": record.task_id,
         "state": record.status,
         "name": record.name,
@@ -454,11 +512,26 @@ def _task(record: TaskRecord) -> dict[str, Any]:
         "date_created": _jsonable(record.date_created),
         "date_started": _jsonable(record.date_started),
         "date_done": _jsonable(record.date_done),
-        "args": _jsonable(record.args),
-        "kwargs": _jsonable(record.kwargs),
-        "result": _jsonable(record.result),
-        "traceback": record.traceback,
     }
+    truncated: dict[str, dict[str, Any]] = {}
+    for field in VALUE_FIELDS:
+        value = getattr(record, field)
+        if isinstance(value, Truncated):
+            truncated[field] = {"size": value.size, "preview": _preview(value.head)}
+            value = None
+        body[field] = value if field == "traceback" else _jsonable(value)
+    body["truncated"] = truncated
+    return body
+
+
+def _preview(head: bytes | str) -> str | None:
+    """The first part of a stored value as text; ``None`` if it is no UTF-8 (pickle…)."""
+    if isinstance(head, str):
+        return head
+    try:  # not final: the cut may have split the last character
+        return codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:

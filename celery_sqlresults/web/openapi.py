@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MAX_CURSOR", "MAX_TEXT", "NO_NUL", "STATES", "openapi_document"]
+__all__ = [
+    "DETAIL_VALUE_BYTES",
+    "LIST_VALUE_BYTES",
+    "MAX_CURSOR",
+    "MAX_TEXT",
+    "NO_NUL",
+    "STATES",
+    "VALUE_FIELDS",
+    "openapi_document",
+]
 
 # The request grammar, shared with the app so the document and the checks agree.
 #: ``state``: task states, comma-separated, no spaces (or empty: any state).
@@ -13,6 +22,11 @@ STATES = r"^([A-Za-z_]{1,50}(,[A-Za-z_]{1,50})*)?$"
 NO_NUL = r"^[^\x00]*$"
 #: Longest ``name``/``worker`` pattern, and longest cursor, accepted.
 MAX_TEXT, MAX_CURSOR = 255, 200
+#: The values an answer bounds, and the route streaming any of them whole.
+VALUE_FIELDS = ("args", "kwargs", "result", "traceback")
+#: Largest value (stored bytes; characters for a traceback) given whole in a listing and in
+#: one task's answer; a larger one is given as a preview of that many, with its size.
+LIST_VALUE_BYTES, DETAIL_VALUE_BYTES = 1024, 256 * 1024
 
 
 def _param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -66,6 +80,10 @@ def openapi_document() -> dict[str, Any]:
             "/api/tasks": {
                 "get": {
                     "summary": "List stored task results, newest first (keyset pagination).",
+                    "description": "Each of args, kwargs, result and traceback stored in more "
+                    f"than {LIST_VALUE_BYTES} bytes (characters for a traceback) is not read "
+                    "whole: the task gives it as null and its first part and size under "
+                    "truncated. GET /api/raw/{field}/{task_id} streams it whole.",
                     "parameters": [
                         _param(
                             "state",
@@ -91,10 +109,45 @@ def openapi_document() -> dict[str, Any]:
             "/api/tasks/{task_id}": {
                 "get": {
                     "summary": "One stored task result.",
+                    "description": "Values (args, kwargs, result, traceback) are given whole up "
+                    f"to {DETAIL_VALUE_BYTES} stored bytes (characters for a traceback); a "
+                    "larger one as null, with its first part and size under truncated. GET "
+                    "/api/raw/{field}/{task_id} streams it whole.",
                     "parameters": [_path_param("task_id")],
                     "responses": {
                         "200": _json("Task", "The stored task."),
                         "404": _json("Error", "Nothing is stored for this task id."),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/api/raw/{field}/{task_id}": {
+                "get": {
+                    "summary": "One stored value, whole, as it is stored (streamed).",
+                    "description": "args, kwargs and result are the bytes the result "
+                    "serializer wrote (JSON by default; a marker byte first when compressed), "
+                    "traceback is UTF-8 text. Read from the database piece by piece, so a large "
+                    "value is never held whole; sent as an attachment.",
+                    "parameters": [
+                        {
+                            "name": "field",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": list(VALUE_FIELDS)},
+                        },
+                        _path_param("task_id"),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The stored value.",
+                            "content": {
+                                "application/octet-stream": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                },
+                                "text/plain": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "404": _json("Error", "Nothing is stored for this task and field."),
                         **_ERRORS,
                     },
                 }
@@ -172,8 +225,24 @@ def openapi_document() -> dict[str, Any]:
                         "kwargs": {},
                         "result": {},
                         "traceback": _NULLABLE_STR,
+                        "truncated": {
+                            "type": "object",
+                            "description": "The values too large to give whole here (null "
+                            "above), by field: their stored size (bytes; characters for a "
+                            "traceback) and their first part as text (null if it is not UTF-8, "
+                            "as pickle is not). Empty when every value is whole.",
+                            "propertyNames": {"enum": list(VALUE_FIELDS)},
+                            "additionalProperties": {
+                                "type": "object",
+                                "properties": {
+                                    "size": {"type": "integer", "minimum": 0},
+                                    "preview": _NULLABLE_STR,
+                                },
+                                "required": ["size", "preview"],
+                            },
+                        },
                     },
-                    "required": ["task_id", "state"],
+                    "required": ["task_id", "state", "truncated"],
                 },
                 "TaskPage": {
                     "type": "object",

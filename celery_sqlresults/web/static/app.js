@@ -38,14 +38,40 @@
     return typeof value === "string" ? value : JSON.stringify(value, null, 2);
   }
 
+  function size(n) {
+    var units = ["bytes", "KB", "MB", "GB"], i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : n) + " " + units[i];
+  }
+
+  // A value as text: whole, or (too large for the answer) its stored first part.
+  function valueText(task, field) {
+    var cut = task.truncated && task.truncated[field];
+    if (!cut) return field === "traceback" ? (task.traceback || "–") : asText(task[field]);
+    return (cut.preview === null ? "(not text)" : cut.preview) + " …";
+  }
+
+  function authHeaders() { return token ? { Authorization: "Bearer " + token } : {}; }
+
+  // The whole stored value, fetched with the page's credentials and saved as a file.
+  async function download(taskId, field) {
+    var url = new URL("api/raw/" + field + "/" + encodeURIComponent(taskId), document.baseURI);
+    var response = await fetch(url, { headers: authHeaders(), cache: "no-store" });
+    if (!response.ok) throw new Error(field + ": " + response.status + " " + response.statusText);
+    var link = el("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = taskId + "-" + field + (field === "traceback" ? ".txt" : ".bin");
+    link.click();
+    setTimeout(function () { URL.revokeObjectURL(link.href); }, 10000);
+  }
+
   async function api(path, params) {
     var url = new URL(path, document.baseURI);
     Object.keys(params || {}).forEach(function (key) {
       var value = params[key];
       if (value !== "" && value !== null && value !== undefined) url.searchParams.set(key, value);
     });
-    var headers = token ? { Authorization: "Bearer " + token } : {};
-    var response = await fetch(url, { headers: headers, cache: "no-store" });
+    var response = await fetch(url, { headers: authHeaders(), cache: "no-store" });
     var body = await response.json().catch(function () { return { error: response.statusText }; });
     if (!response.ok) {
       var error = new Error(body.error || response.statusText);
@@ -111,7 +137,7 @@
 
   function taskRow(task) {
     var tr = idStateRow(task);
-    var result = el("td", asText(task.result).slice(0, 200), "result");
+    var result = el("td", valueText(task, "result").slice(0, 200), "result");
     tr.append(el("td", task.name || "–"), el("td", task.worker || "–"),
       el("td", when(task.date_done)), result);
     if (location.hash === "#task/" + encodeURIComponent(task.task_id)) tr.classList.add("selected");
@@ -142,10 +168,19 @@
       fields.push(el("dt", pair[0]), el("dd", pair[1] === null ? "–" : pair[1]));
     });
     $("d-fields").replaceChildren.apply($("d-fields"), fields);
-    $("d-args").textContent = asText(task.args);
-    $("d-kwargs").textContent = asText(task.kwargs);
-    $("d-result").textContent = asText(task.result);
-    $("d-traceback").textContent = task.traceback || "–";
+    ["args", "kwargs", "result", "traceback"].forEach(function (field) {
+      $("d-" + field).textContent = valueText(task, field);
+      var note = $("d-" + field + "-cut"), cut = task.truncated && task.truncated[field];
+      note.hidden = !cut;
+      if (!cut) return;
+      var button = el("button", "download whole");
+      button.type = "button";
+      button.addEventListener("click", function () {
+        download(task.task_id, field).catch(function (error) { setError(error.message); });
+      });
+      note.replaceChildren(el("span", "first part shown; " + size(cut.size) +
+        (field === "traceback" ? " (characters)" : "") + " stored "), button);
+    });
   }
 
   function renderGroup(group) {
@@ -186,7 +221,7 @@
         renderDetail({ task_id: view.id, state: "PENDING (nothing stored)", name: null,
           worker: null, queue: null, retries: null, date_created: null, date_started: null,
           date_done: null, args: null, kwargs: null,
-          result: null, traceback: null });
+          result: null, traceback: null, truncated: {} });
       } else {
         renderGroup({ group_id: view.id + " (not stored)", members: [], states: {},
           progress: { done: 0, total: 0 } });
