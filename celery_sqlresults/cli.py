@@ -450,7 +450,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 @_url_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
-    "--port", type=click.IntRange(0, 65535), default=5555, show_default=True, help="TCP port."
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=5566,  # not Flower's 5555: both often run side by side
+    show_default=True,
+    help="TCP port.",
 )
 @click.pass_context
 def serve(ctx: click.Context, url: str | None, host: str, port: int) -> None:
