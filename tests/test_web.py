@@ -242,6 +242,14 @@ def test_filters(app: Celery, client: TestClient) -> None:
     assert ids(since="1h", until="1m") == {"b"}
     assert ids(until=(now - timedelta(days=1)).isoformat() + "Z") == {"c"}
 
+    # Custom states (update_state): as stored, or in upper case.
+    put(app, "p", "PROGRESS", {"done": 1}, date=now)
+    put(app, "q", "step-2.of:3", date=now)
+    put(app, "r", "waiting", date=now)
+    assert ids(state="PROGRESS") == ids(state="progress") == {"p"}
+    assert ids(state="step-2.of:3,waiting") == {"q", "r"}
+    assert ids(state="FAILURE,PROGRESS") == {"b", "p"}
+
 
 @sqlite_only
 @pytest.mark.parametrize(

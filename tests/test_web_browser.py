@@ -8,6 +8,7 @@ without them the test is skipped (failed with ``CI=true``). Set
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -40,6 +41,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
+#: The states the page's filter always offers, in its order.
+STATE_ORDER = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"]
 
 
 @pytest.fixture
@@ -127,6 +130,15 @@ def _text(driver: webdriver.Chrome, element_id: str) -> str:
     return str(driver.execute_script(f"return document.getElementById('{element_id}').innerText"))
 
 
+def _cells(driver: webdriver.Chrome, task_id: str) -> list[str]:
+    """The texts of one task's row in the list, read in one script."""
+    script = (
+        "return [...document.querySelectorAll('#tasks tr[data-task-id=\"' + arguments[0] + "
+        "'\"] td')].map(c => c.innerText)"
+    )
+    return [str(t) for t in driver.execute_script(script, task_id)]
+
+
 def _click(driver: webdriver.Chrome, by: str, selector: str) -> None:
     """Click, retrying when a poll redrew the element between finding and clicking it."""
     for _ in range(20):
@@ -163,13 +175,25 @@ def test_monitoring_page(
         "FAILURE",
         {"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"},
         date=now - timedelta(minutes=3),
+        date_started=now - timedelta(minutes=3, seconds=5),  # ran 5 s
         traceback='Traceback (most recent call last):\n  File "tasks.py", line 9\nValueError: boom',
         name="proj.tasks.parse",
         worker="w2@host",
         args=["input.csv"],
     )
     put(app, "html-1", "SUCCESS", HTML, date=now - timedelta(minutes=2), name="proj.tasks.render")
-    put(app, "run-1", "STARTED", None, date=now - timedelta(minutes=1), name="proj.tasks.export")
+    started = now - timedelta(minutes=1)
+    put(app, "run-1", "STARTED", None, date=started, date_started=started, name="proj.tasks.export")
+    # A custom state, as update_state(state="PROGRESS", meta=…) stores it.
+    put(
+        app,
+        "prog-1",
+        "PROGRESS",
+        {"done": 3},
+        date=now,
+        date_started=started,
+        name="proj.tasks.etl",
+    )
     big = "y" * (2 * web_app.DETAIL_VALUE_BYTES)  # over both bounds: previews, and a download
     put(app, "big-1", "SUCCESS", big, date=now - timedelta(minutes=11), name="proj.tasks.dump")
     app.GroupResult("batch-1", [app.AsyncResult(i) for i in ("add-1", "run-1", "later")]).save(
@@ -178,20 +202,41 @@ def test_monitoring_page(
 
     browser.get(serve(app))
     # Counts per state, and the list.
-    _wait(browser, lambda d: len(_rows(d)) == 10)
+    _wait(browser, lambda d: len(_rows(d)) == 11)
     counts = _text(browser, "counts")
     assert "SUCCESS 8" in counts and "FAILURE 1" in counts and "STARTED 1" in counts
+    assert "PROGRESS 1" in counts
+
+    # Running tasks show when they started and for how long they have run; others how long
+    # they took.
+    for task_id in ("run-1", "prog-1"):
+        assert started.strftime("%Y-%m-%d %H:%M:%S") in _cells(browser, task_id)
+        assert re.fullmatch(r"running \d+m \d\ds", _cells(browser, task_id)[5]), task_id
+    assert _cells(browser, "fail-1")[5] == "5s"
+    assert _cells(browser, "add-1")[5] == "\u2013"  # never STARTED (task_track_started off)
 
     # Filtering by state.
     Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("FAILURE")
     _wait(browser, lambda d: _rows(d) == ["fail-1"])
     _click(browser, By.CSS_SELECTOR, '#counts button[data-state="FAILURE"]')
-    _wait(browser, lambda d: len(_rows(d)) == 10)  # clicking the active state clears the filter
+    _wait(browser, lambda d: len(_rows(d)) == 11)  # clicking the active state clears the filter
+
+    # A custom state stored is offered by the filter (with Celery's own).
+    options = [o.text for o in Select(browser.find_element(By.ID, "f-state")).options]
+    assert options[:8] == ["any", *STATE_ORDER] and options[8:] == ["PROGRESS"]
+    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("PROGRESS")
+    _wait(browser, lambda d: _rows(d) == ["prog-1"])
+    Select(browser.find_element(By.ID, "f-state")).select_by_visible_text("any")
+    _wait(browser, lambda d: len(_rows(d)) == 11)
 
     # A task stored after the page opened shows up without a reload.
     put(app, "new-1", "SUCCESS", 42, date=datetime.now(timezone.utc).replace(tzinfo=None))
     _wait(browser, lambda d: "new-1" in _rows(d), t=8)
     _wait(browser, lambda d: "SUCCESS 9" in _text(d, "counts"))
+
+    # The detail view of a running task, then of a failed one with its traceback.
+    _click(browser, By.LINK_TEXT, "run-1")
+    _wait(browser, lambda d: _text(d, "d-runtime").startswith("running "))
 
     # The detail view shows the traceback.
     _click(browser, By.LINK_TEXT, "fail-1")

@@ -398,7 +398,9 @@ def _filtered(query: ResultQuery, params: Mapping[str, str], state: bool) -> Res
                 f"state: {_shown(params['state'])} is not a task state like SUCCESS or FAILURE "
                 "(several: comma-separated, no spaces)"
             )
-        wanted = params["state"].upper().split(",")
+        # As given (a custom state may be lower case) and upper case (failure: FAILURE).
+        given = params["state"].split(",")
+        wanted = list(dict.fromkeys([*given, *(v.upper() for v in given)]))
     name, worker = (params.get(key) or None for key in ("name", "worker"))
     for key, value in (("name", name), ("worker", worker)):
         if value is not None and len(value) > MAX_TEXT:

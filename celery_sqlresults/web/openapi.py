@@ -16,8 +16,9 @@ __all__ = [
 ]
 
 # The request grammar, shared with the app so the document and the checks agree.
-#: ``state``: task states, comma-separated, no spaces (or empty: any state).
-STATES = r"^([A-Za-z_]{1,50}(,[A-Za-z_]{1,50})*)?$"
+#: ``state``: task states, comma-separated, no spaces (or empty: any state). Custom states
+#: (``update_state(state="PROGRESS")``) too: letters, digits, ``_``, ``.``, ``:``, ``-``.
+STATES = r"^([A-Za-z0-9_.:-]{1,50}(,[A-Za-z0-9_.:-]{1,50})*)?$"
 #: Text values (name, worker, ids): no NUL character, which PostgreSQL text cannot hold.
 NO_NUL = r"^[^\x00]*$"
 #: Longest ``name``/``worker`` pattern, and longest cursor, accepted.
@@ -88,7 +89,8 @@ def openapi_document() -> dict[str, Any]:
                         _param(
                             "state",
                             "Only these states, comma-separated without spaces (e.g. "
-                            "FAILURE or SUCCESS,FAILURE; any case).",
+                            "FAILURE or SUCCESS,FAILURE; custom ones such as PROGRESS too). "
+                            "Each matches as given or in upper case.",
                             {"type": "string", "pattern": STATES},
                         ),
                         *_FILTERS,

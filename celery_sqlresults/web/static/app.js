@@ -5,6 +5,8 @@
 (function () {
   var REFRESH_MS = 2000;
   var STATE_ORDER = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"];
+  var READY = ["SUCCESS", "FAILURE", "REVOKED"];
+  var FILTERABLE = /^[A-Za-z0-9_.:-]{1,50}$/;  // what the API's state filter takes
   var token = new URLSearchParams(location.search).get("token");
   var shown = 0;          // rows in the list (kept on refresh after "Load more")
   var nextCursor = null;  // cursor of the page after the rows shown
@@ -32,6 +34,38 @@
   }
 
   function when(iso) { return iso ? String(iso).replace("T", " ").slice(0, 19) : "–"; }
+
+  function duration(ms) {
+    var s = Math.max(0, Math.floor(ms / 1000));
+    function two(n) { return (n < 10 ? "0" : "") + n; }
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + two(s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + two(Math.floor(s / 60) % 60) + "m";
+    return Math.floor(s / 86400) + "d " + two(Math.floor(s / 3600) % 24) + "h";
+  }
+
+  // How long a task ran, or has been running (a state that is not final, STARTED or a
+  // custom one such as PROGRESS, since date_started): "running …" counts on by itself.
+  function runtime(task) {
+    if (!task.date_started) return { text: "–" };
+    var started = Date.parse(task.date_started);
+    if (READY.indexOf(task.state) < 0) {
+      return { text: "running " + duration(Date.now() - started), since: task.date_started };
+    }
+    return { text: task.date_done ? duration(Date.parse(task.date_done) - started) : "–" };
+  }
+
+  function runtimeCell(task) {
+    var info = runtime(task), td = el("td", info.text, "runtime");
+    if (info.since) td.dataset.since = info.since;
+    return td;
+  }
+
+  function tickRuntimes() {
+    document.querySelectorAll("[data-since]").forEach(function (node) {
+      node.textContent = "running " + duration(Date.now() - Date.parse(node.dataset.since));
+    });
+  }
 
   function asText(value) {
     if (value === null || value === undefined) return "–";
@@ -100,7 +134,24 @@
     return false;
   }
 
+  // The state filter offers Celery's states and every state stored (custom ones too).
+  function renderStateOptions(stats) {
+    var select = $("f-state"), current = select.value;
+    var wanted = STATE_ORDER.concat(Object.keys(stats.states).filter(function (state) {
+      return FILTERABLE.test(state) && STATE_ORDER.indexOf(state) < 0;
+    }).sort());
+    if (current && wanted.indexOf(current) < 0) wanted.push(current);
+    var have = Array.prototype.slice.call(select.options, 1).map(function (o) { return o.value; });
+    if (have.join(",") === wanted.join(",")) return;
+    var options = [el("option", "any")];
+    options[0].value = "";
+    wanted.forEach(function (state) { options.push(el("option", state)); });
+    select.replaceChildren.apply(select, options);
+    select.value = current;
+  }
+
   function renderCounts(stats) {
+    renderStateOptions(stats);
     if (unchanged("counts", stats)) return;
     var box = $("counts");
     var current = $("f-state").value;
@@ -139,7 +190,7 @@
     var tr = idStateRow(task);
     var result = el("td", valueText(task, "result").slice(0, 200), "result");
     tr.append(el("td", task.name || "–"), el("td", task.worker || "–"),
-      el("td", when(task.date_done)), result);
+      el("td", when(task.date_started)), runtimeCell(task), el("td", when(task.date_done)), result);
     if (location.hash === "#task/" + encodeURIComponent(task.task_id)) tr.classList.add("selected");
     return tr;
   }
@@ -167,6 +218,10 @@
       ["finished (UTC)", when(task.date_done)]].forEach(function (pair) {
       fields.push(el("dt", pair[0]), el("dd", pair[1] === null ? "–" : pair[1]));
     });
+    var took = runtime(task), dd = el("dd", took.text);
+    dd.id = "d-runtime";
+    if (took.since) dd.dataset.since = took.since;
+    fields.push(el("dt", "runtime"), dd);
     $("d-fields").replaceChildren.apply($("d-fields"), fields);
     ["args", "kwargs", "result", "traceback"].forEach(function (field) {
       $("d-" + field).textContent = valueText(task, field);
@@ -295,6 +350,7 @@
       tr.classList.toggle("selected", location.hash === "#task/" + encodeURIComponent(tr.dataset.taskId));
     });
   });
+  setInterval(tickRuntimes, 1000);
   refresh();
   poll();
 })();
