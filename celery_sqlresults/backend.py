@@ -235,7 +235,7 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
         no_ack: bool = True,
         on_interval: Any = None,
     ) -> dict[str, Any]:
-        """Wait for one task: wake on NOTIFY (PostgreSQL) or poll from 1 ms upwards."""
+        """Wait for one task: wake on NOTIFY (PostgreSQL) or poll, from a millisecond upwards."""
         self._ensure_not_eager()
         deadline = None if timeout is None else time.monotonic() + timeout
         task_id = bytes_to_str(task_id)

@@ -78,7 +78,7 @@ class Poller:
 
 
 class _Polling:
-    """Sleeps from 1 ms, growing by half each time up to the interval."""
+    """Sleeps from a millisecond, growing by half each time up to the interval."""
 
     def __init__(self, cap: float) -> None:
         self._delay = _FIRST_POLL
