@@ -127,7 +127,9 @@ def _rows(driver: webdriver.Chrome) -> list[str]:
 
 
 def _text(driver: webdriver.Chrome, element_id: str) -> str:
-    return str(driver.execute_script(f"return document.getElementById('{element_id}').innerText"))
+    """An element's text; empty while the page redraws it (it is briefly not there)."""
+    script = f"const e = document.getElementById('{element_id}'); return e ? e.innerText : ''"
+    return str(driver.execute_script(script))
 
 
 def _cells(driver: webdriver.Chrome, task_id: str) -> list[str]:
