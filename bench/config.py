@@ -16,12 +16,15 @@ PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MYSQL_ADMIN = os.environ.get("BENCH_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/test")
 _DRIVER_NAMES = {"mysqldb": "mysqlclient", "pymysql": "PyMySQL"}
 _MYSQL_DRIVER = make_url(MYSQL_ADMIN).get_driver_name()
-REDIS_RESULTS = "redis://127.0.0.1:6379/14"
-BROKER = "redis://127.0.0.1:6379/13"
+#: ``BENCH_REDIS_RESULTS`` and ``BENCH_BROKER_URL`` move a run off databases others use.
+REDIS_RESULTS = os.environ.get("BENCH_REDIS_RESULTS", "redis://127.0.0.1:6379/14")
+BROKER = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/13")
 
-#: Databases created (dropped first) on each server: one per SQL backend.
-DB_SQL = "bench_sql"
-DB_DBPLUS = "bench_db"
+#: Databases created (dropped first) on each server: one per SQL backend. Runs sharing a
+#: server with others set ``BENCH_DB_PREFIX`` to keep to databases of their own.
+_PREFIX = os.environ.get("BENCH_DB_PREFIX", "bench")
+DB_SQL = f"{_PREFIX}_sql"
+DB_DBPLUS = f"{_PREFIX}_db"
 
 DATABASES = ("postgresql", "mysql", "sqlite")
 BACKENDS = ("sql", "db", "redis")

@@ -281,11 +281,18 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                 pending.discard(task_id)
                 yield task_id, cached
         deadline = None if timeout is None else time.monotonic() + timeout
+        if pending and self._waiter.idle:
+            # One read before subscribing: a join of results that are all ready (what a
+            # short-lived process mostly does) then never starts the listener, whose
+            # connection and thread would cost more than the read. Ids still pending
+            # are read again once subscribed, so nothing stored in between is missed.
+            rows = self._ensure_retryable(self.store.get_ready, list(pending), self.extended_result)
+            yield from self._take(rows, pending, on_message, READY_STATES)
         iterations = 0
         notified: Notified | None = None  # None: check every pending id
         with self._waiter.watch(pending, interval) as wait:
             while pending:
-                rows: list[Mapping[str, Any]] = []
+                rows = []
                 ids = pending if notified is None else pending & notified.keys()
                 if notified is not None:  # read only the rows no notification brought
                     rows = [r for t in ids if (r := self._carried(t, notified)) is not None]
@@ -295,16 +302,7 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                     rows += self._ensure_retryable(
                         self.store.get_ready, list(ids), self.extended_result
                     )
-                for row in rows:
-                    meta = self._meta_from_row(row)
-                    task_id = meta["task_id"]
-                    if task_id not in pending or meta["status"] not in READY_STATES:
-                        continue
-                    pending.discard(task_id)
-                    self._cache[task_id] = meta
-                    if on_message is not None:
-                        on_message(meta)
-                    yield task_id, meta
+                yield from self._take(rows, pending, on_message, READY_STATES)
                 if not pending:
                     break
                 if on_interval:
@@ -313,6 +311,25 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                 if max_iterations and iterations >= max_iterations:
                     break
                 notified = wait(_remaining(deadline))
+
+    def _take(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        pending: set[str],
+        on_message: Any,
+        ready_states: frozenset[str],
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The ready ones of ``rows`` still ``pending``: taken off it, cached and yielded."""
+        for row in rows:
+            meta = self._meta_from_row(row)
+            task_id = meta["task_id"]
+            if task_id not in pending or meta["status"] not in ready_states:
+                continue
+            pending.discard(task_id)
+            self._cache[task_id] = meta
+            if on_message is not None:
+                on_message(meta)
+            yield task_id, meta
 
     def _carried(self, task_id: str, notified: Notified | None) -> Mapping[str, Any] | None:
         """The ready row a notification about ``task_id`` brought along, if it is taken."""

@@ -21,8 +21,6 @@ from typing import Any
 
 import click
 import sqlalchemy as sa
-from alembic.script.revision import RevisionError
-from alembic.util import CommandError
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
@@ -245,18 +243,23 @@ def _report_move(store: Store, verb: str, before: migrate.Status, after: migrate
         click.echo(f"{verb} result schema at {where} from {before.current} to {after.describe()}")
 
 
+def _schema_error_types() -> tuple[type[BaseException], ...]:
+    """What a schema command reports in one line. Alembic's errors are imported only
+    here: every ``celery`` command imports this module, few of them run a migration."""
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    return (sa.exc.SQLAlchemyError, SQLResultsError, CommandError, RevisionError, TimeoutError)
+
+
 @contextlib.contextmanager
 def _schema_errors(store: Store) -> Iterator[None]:
     """Schema command failures as one line: no traceback, no password."""
     try:
         yield
-    except (
-        sa.exc.SQLAlchemyError,
-        SQLResultsError,
-        CommandError,
-        RevisionError,
-        TimeoutError,
-    ) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _schema_error_types()):
+            raise
         reason = _printable(one_line(exc, store.settings.url))  # it may quote a value
         raise click.ClickException(
             f"result database {store.settings.masked_url}: {reason}"

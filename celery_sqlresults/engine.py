@@ -110,6 +110,8 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 def _create(settings: Settings) -> Engine:
     options: dict[str, Any] = dict(settings.engine_options)
+    for name, value in settings.dialect.engine_defaults.items():
+        options.setdefault(name, value)
     # Every hot-path call is a single statement: autocommit makes it one
     # round trip (no BEGIN before, no ROLLBACK when the connection goes back
     # to the pool). Schema changes open their own transaction.

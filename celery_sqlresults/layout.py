@@ -15,7 +15,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import NoSuchTableError
 
 from .dialects import Dialect
 from .schema import Tables
@@ -49,18 +48,17 @@ class Layout:
 
 def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None:
     """The layout of ``tables`` in the database; ``None`` while Celery's tables are missing."""
-    insp = sa.inspect(conn)
-    try:
-        task = {c["name"]: c for c in insp.get_columns(tables.task.name, tables.task.schema)}
-        group = {c["name"]: c for c in insp.get_columns(tables.group.name, tables.group.schema)}
-    except NoSuchTableError:
+    chord, part = tables.chord, tables.chord_part
+    task, group, chord_columns, part_columns = dialect.table_columns(
+        conn, [tables.task, tables.group, chord, part]
+    )
+    if task is None or group is None:
         return None
     capacity = {
         name: cap
         for name, col in task.items()
-        if name in _SIZED_COLUMNS and (cap := dialect.column_capacity(col["type"])) is not None
+        if name in _SIZED_COLUMNS and (cap := dialect.column_capacity(col.get("type"))) is not None
     }
-    chord, part = tables.chord, tables.chord_part
     return Layout(
         task_capacity=capacity,
         packet_limit=dialect.packet_limit(conn),
@@ -68,8 +66,8 @@ def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None
         group_columns=frozenset(group) & frozenset(tables.group.c.keys()),
         task_seq=dialect.id_from_sequence(dict(task["id"])),
         group_seq=dialect.id_from_sequence(dict(group["id"])),
-        has_chord=insp.has_table(chord.name, chord.schema),
-        has_chord_part=insp.has_table(part.name, part.schema),
+        has_chord=chord_columns is not None,
+        has_chord_part=part_columns is not None,
     )
 
 

@@ -18,25 +18,43 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.script import Script, ScriptDirectory
-from alembic.script.revision import RevisionError
-from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from .schema import Tables
 from .store import Store
 
-__all__ = ["SCRIPT_LOCATION", "Status", "head", "locked", "read_version", "status"]
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import Script, ScriptDirectory
 
-#: Where the revision scripts are (an ``importlib.resources`` location).
-SCRIPT_LOCATION = "celery_sqlresults:migrations"
+__all__ = [
+    "HEAD",
+    "PACKAGED",
+    "SCRIPT_LOCATION",
+    "Status",
+    "head",
+    "locked",
+    "read_version",
+    "status",
+]
+
+#: The scripts this package ships (an ``importlib.resources`` location).
+PACKAGED = "celery_sqlresults:migrations"
+#: Where the revision scripts are read from (the tests point it elsewhere).
+SCRIPT_LOCATION = PACKAGED
+
+#: The newest revision in ``migrations/versions/``: start-up compares the database's
+#: with it without reading the scripts. Bump it with each new revision (a test checks it).
+HEAD = "0006"
+
+# Alembic is imported where it is used, never at import time: a process that
+# finds the schema at head (every start but the first) never needs it, and
+# importing it and reading the scripts would be a large share of a short-lived
+# process's first call (docs/growth-benchmarks.md).
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class Status:
     @property
     def known(self) -> bool:
         """False when the database is at a revision this package does not ship (newer)."""
-        return self.current is None or _known(self.current)
+        return self.current is None or self.current == self.head or _known(self.current)
 
     @property
     def at_head(self) -> bool:
@@ -80,18 +98,28 @@ def script() -> ScriptDirectory:
 
 @functools.lru_cache(maxsize=4)
 def _script(location: str) -> ScriptDirectory:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     cfg = Config()
     cfg.set_main_option("script_location", location)
     return ScriptDirectory.from_config(cfg)
 
 
 def head() -> str:
+    """The newest revision: for the packaged scripts :data:`HEAD`, known without
+    importing Alembic or reading them."""
+    if SCRIPT_LOCATION == PACKAGED:
+        return HEAD
     rev = script().get_current_head()
     assert rev is not None
     return rev
 
 
 def _known(rev: str) -> bool:
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
     try:
         return script().get_revision(rev) is not None
     except (RevisionError, CommandError):
@@ -102,6 +130,8 @@ def config(
     store: Store, connection: Connection | None = None, output: TextIO | None = None
 ) -> Config:
     """An Alembic ``Config`` for ``store``'s tables (no file; the URL never goes into it)."""
+    from alembic.config import Config
+
     cfg = Config(output_buffer=output)
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
     cfg.attributes.update(tables=store.tables, url=store.settings.url, connection=connection)
@@ -136,6 +166,8 @@ def locked_status(store: Store, conn: Connection) -> Status:
     Alembic's check looks for the table first, so nothing fails (a failed
     statement would abort PostgreSQL's transaction or end SQLite's lock).
     """
+    from alembic.migration import MigrationContext
+
     ctx = MigrationContext.configure(conn, opts=_version_opts(store))
     heads = ctx.get_current_heads()
     store.dialect.end_version_read(conn)
@@ -191,11 +223,16 @@ def upgrade_locked(
             return before, refused
         target = additive
     if pending(before.current, target):
+        from alembic import command
+
         command.upgrade(config(store, conn), target)
     return before, refused
 
 
 def downgrade_locked(store: Store, conn: Connection, target: str) -> Status:
+    from alembic import command
+    from alembic.util import CommandError
+
     before = locked_status(store, conn)
     if before.newer:
         raise CommandError(
@@ -212,12 +249,16 @@ def offline_sql(store: Store, out: TextIO, target: str = "heads", start: str | N
     Alembic's offline mode: nothing is run, nothing is inspected, so the SQL
     assumes the database is exactly at ``start``.
     """
+    from alembic import command
+
     span = target if start is None else f"{start}:{target}"
     command.upgrade(config(store, output=out), span, sql=True)
 
 
 def offline_downgrade_sql(store: Store, out: TextIO, start: str, target: str) -> None:
     """Write the SQL of a downgrade from ``start`` to ``target`` (Alembic offline mode)."""
+    from alembic import command
+
     command.downgrade(config(store, output=out), f"{start}:{target}", sql=True)
 
 

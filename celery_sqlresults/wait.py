@@ -71,6 +71,8 @@ class Poller:
     """Adaptive polling, for databases without notifications."""
 
     notifies = False
+    #: Whether a watch would first start something (nothing to start here).
+    idle = False
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
@@ -153,6 +155,12 @@ class Listener:
         self._thread: threading.Thread | None = None
         #: Server pid of the listening connection (PostgreSQL), for diagnostics.
         self.backend_pid: int | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Whether a watch would first start this process's thread and its connection."""
+        thread = self._thread
+        return thread is None or not thread.is_alive()
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:

@@ -116,6 +116,7 @@ def test_reads_forget_what_they_cover(make_app: Callable[..., Celery]) -> None:
 
     class Waiter:
         notifies = True
+        idle = False  # as a listener already running: no read before the watch
 
         @contextlib.contextmanager
         def watch(self, task_ids: object, interval: float) -> Iterator[_Recorder]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from celery import states
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchTableError
 
 __all__ = ["Dialect", "Expiry", "OnConflict"]
 
@@ -38,6 +38,8 @@ class Dialect(abc.ABC):
     driver_extras: ClassVar[Mapping[str, str]] = {}
     #: The DBAPI drivers the fast path runs on (:mod:`celery_sqlresults.fastpath`).
     fast_drivers: ClassVar[frozenset[str]] = frozenset()
+    #: ``create_engine`` options our engines take unless the settings give their own.
+    engine_defaults: ClassVar[Mapping[str, Any]] = {}
     #: Whether writers can wake waiters (``LISTEN/NOTIFY``).
     notifies: ClassVar[bool] = False
     #: Whether rows without ``date_done`` come first in ``ORDER BY date_done DESC``.
@@ -163,6 +165,27 @@ class Dialect(abc.ABC):
         return None if row is None else (int(row[0]), row[1])
 
     # ---- reading the layout -----------------------------------------------
+    def table_columns(
+        self, conn: Connection, tables: Sequence[sa.Table]
+    ) -> list[dict[str, dict[str, Any]] | None]:
+        """Each table's columns by name, described as SQLAlchemy's inspector does
+        (``type``, ``default``, ``autoincrement``, ``identity``); ``None`` for a missing table.
+
+        A subclass may answer with one catalog query and only the keys
+        :meth:`id_from_sequence` and :meth:`column_capacity` read: this runs on
+        the first call of every process.
+        """
+        insp = sa.inspect(conn)
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for table in tables:
+            try:
+                columns = insp.get_columns(table.name, table.schema)
+            except NoSuchTableError:
+                out.append(None)
+                continue
+            out.append({str(c["name"]): dict(c) for c in columns})
+        return out
+
     @abc.abstractmethod
     def id_from_sequence(self, id_column: Mapping[str, Any]) -> bool:
         """Whether inserts must draw ``id`` from Celery's sequence (else it auto-increments).
