@@ -8,12 +8,14 @@ one app per backend with :func:`make_app`.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from celery import Celery
+from celery.utils import uuid
 
 from . import config
-from .ops import driver_rates, store_get_rates
+from .ops import driver_rates, store, store_get_rates
 
 
 def make_app(
@@ -51,6 +53,19 @@ def _register_tasks(app: Celery) -> None:
     @app.task(name="bench.tsum", shared=False)
     def tsum(values: list[int]) -> int:
         return sum(values)
+
+    @app.task(name="bench.store_many", bind=True, shared=False)
+    def store_many(self: Any, n: int, warmup: int = 10) -> dict[str, float]:
+        """Store ``n`` results from this child; the wall-clock start and end (after a
+        warm-up), so that the parent can add up children storing at the same time."""
+        backend = self.app.backend
+        for i in range(warmup):
+            store(backend, f"warm-{uuid()}", i)
+        ids = [uuid() for _ in range(n)]
+        start = time.time()
+        for task_id in ids:
+            store(backend, task_id)
+        return {"start": start, "end": time.time(), "n": n}
 
     @app.task(name="bench.measure", bind=True, shared=False)
     def measure(self: Any, n: int, warmup: int = 10, rounds: int = 1) -> dict[str, Any]:
