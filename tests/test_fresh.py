@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_sqlresults import migrate
-from celery_sqlresults.dialects import PostgreSQL
+from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.dialects.base import Dialect
 from celery_sqlresults.schema import build_tables
 
@@ -102,19 +102,32 @@ def test_the_packaged_head_is_the_scripts_head() -> None:
     assert migrate.head() == migrate.HEAD
 
 
-@pytest.mark.parametrize("db_kind", ["postgresql"])
-def test_one_catalog_query_finds_what_the_inspector_finds(db_url: str) -> None:
-    """PostgreSQL's own column query agrees with SQLAlchemy's inspector on the columns,
-    on how ``id`` is made (Celery's sequence, ``serial``, identity) and on missing tables."""
+_OTHER_TABLES = {
+    "postgresql": [
+        "CREATE TABLE made_serial (id serial PRIMARY KEY, x text)",
+        "CREATE TABLE made_identity (id integer GENERATED ALWAYS AS IDENTITY, y bytea)",
+        'CREATE TABLE "Odd name" (id integer, z text)',
+        "ALTER TABLE made_serial DROP COLUMN x",
+    ],
+    "mysql": [
+        "CREATE TABLE made_serial (id integer AUTO_INCREMENT PRIMARY KEY, x text)",
+        "CREATE TABLE made_identity (id bigint AUTO_INCREMENT PRIMARY KEY, y longblob)",
+        "CREATE TABLE `Odd name` (id integer, z mediumtext)",
+        "ALTER TABLE made_serial DROP COLUMN x",
+    ],
+}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_one_catalog_query_finds_what_the_inspector_finds(db_url: str, db_kind: str) -> None:
+    """The dialect's own column query agrees with SQLAlchemy's inspector on the columns,
+    on how ``id`` is made (Celery's sequence, ``serial``/identity/auto-increment), on
+    what each column holds (MySQL) and on missing tables."""
     db_plus_app(db_url).backend.store_result("t", 1, "SUCCESS")  # Celery's own tables
     eng = raw_engine(db_url)
     with eng.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE made_serial (id serial PRIMARY KEY, x text)")
-        conn.exec_driver_sql(
-            "CREATE TABLE made_identity (id integer GENERATED ALWAYS AS IDENTITY, y bytea)"
-        )
-        conn.exec_driver_sql('CREATE TABLE "Odd name" (id integer, z text)')
-        conn.exec_driver_sql("ALTER TABLE made_serial DROP COLUMN x")
+        for ddl in _OTHER_TABLES[db_kind]:
+            conn.exec_driver_sql(ddl)
     tables = build_tables()
     meta = sa.MetaData()
     ours = [
@@ -125,7 +138,7 @@ def test_one_catalog_query_finds_what_the_inspector_finds(db_url: str) -> None:
         sa.Table("Odd name", meta),
         tables.chord,  # not made by db+
     ]
-    dialect = PostgreSQL()
+    dialect = dialect_for(db_kind)
     try:
         with eng.connect() as conn:
             fast = dialect.table_columns(conn, ours)
@@ -140,6 +153,13 @@ def test_one_catalog_query_finds_what_the_inspector_finds(db_url: str) -> None:
     seq = [None if c is None else dialect.id_from_sequence(c["id"]) for c in fast[:5]]
     assert seq == [None if c is None else dialect.id_from_sequence(c["id"]) for c in slow[:5]]
     assert seq == [True, True, False, False, True]
+    for f, s in zip(fast[:5], slow[:5], strict=True):
+        assert f is not None and s is not None
+        capacity = {n: dialect.column_capacity(f[n].get("type")) for n in f}
+        assert capacity == {n: dialect.column_capacity(s[n]["type"]) for n in s}
+    if db_kind == "mysql":  # Celery's BLOB and the others' sizes are seen
+        assert (fast[0] or {})["result"]["type"].upper() == "BLOB"
+        assert dialect.column_capacity((fast[4] or {})["z"]["type"]) == 16_777_215
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
