@@ -99,7 +99,8 @@ def fresh_figures(
     files: dict[str, Path] = {}
     for kind, url in urls.items():
         files[kind] = tmp / f"fresh-{kind}.json"
-        files[kind].write_text(json.dumps(store_ids(url, join_ids)))
+        n = 1 if kind == "db" else join_ids  # db+ is not joined (no get_many)
+        files[kind].write_text(json.dumps(store_ids(url, n)))
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in urls}
     kinds = list(urls)
     for r in range(repeats):
