@@ -8,6 +8,7 @@ as the backend is constructed.
 from __future__ import annotations
 
 from . import hooks as _hooks  # noqa: F401  (connects the worker and beat start-up hooks)
+from .aio import aget, as_completed
 from .backend import SQLResultsBackend
 from .compat import SessionManager, create_tables
 from .exceptions import (
@@ -28,6 +29,8 @@ __all__ = [
     "SessionManager",
     "TaskRecord",
     "Undecodable",
+    "aget",
+    "as_completed",
     "create_tables",
     "parse_when",
 ]

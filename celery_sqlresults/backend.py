@@ -314,6 +314,23 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                     break
                 notified = wait(_remaining(deadline))
 
+    def ready_metas(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The meta of those of ``task_ids`` that are ready, in one query (retried).
+
+        For waiters that do their own waiting, such as :mod:`celery_sqlresults.aio`.
+        """
+        rows = self._ensure_retryable(self.store.get_ready, list(task_ids), self.extended_result)
+        metas = [self._meta_from_row(row) for row in rows]
+        for meta in metas:
+            if meta["status"] == states.SUCCESS:
+                self._cache[meta["task_id"]] = meta
+        return metas
+
+    def carried_meta(self, task_id: str, notified: Notified | None) -> dict[str, Any] | None:
+        """The meta a notification about ``task_id`` brought along, if it may be believed."""
+        row = self._carried(task_id, notified)
+        return None if row is None else self._meta_from_row(row)
+
     def _carried(self, task_id: str, notified: Notified | None) -> Mapping[str, Any] | None:
         """The ready row a notification about ``task_id`` brought along, if it is taken."""
         body = notified.get(task_id) if notified else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -272,6 +272,10 @@ class Dialect(abc.ABC):
 
     def listener_connect(self, url: URL) -> Callable[[], Any] | None:
         """A function opening a dedicated connection for notifications, where there are any."""
+        return None
+
+    def async_listener_connect(self, url: URL) -> Callable[[], Awaitable[Any]] | None:
+        """Like :meth:`listener_connect`, a coroutine function, for an event loop's listener."""
         return None
 
     # ---- value sizes ----------------------------------------------------

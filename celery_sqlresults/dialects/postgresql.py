@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -183,6 +183,19 @@ class PostgreSQL(OnConflict):
 
         def connect() -> Any:
             return psycopg.connect(*cargs, **cparams)
+
+        return connect
+
+    def async_listener_connect(self, url: URL) -> Callable[[], Awaitable[Any]] | None:
+        """The same connection for an event loop: psycopg's ``AsyncConnection``, autocommit."""
+        if url.get_dialect().driver != "psycopg":
+            return None
+        import psycopg
+
+        cargs, cparams = url.get_dialect()().create_connect_args(url)
+
+        async def connect() -> Any:
+            return await psycopg.AsyncConnection.connect(*cargs, autocommit=True, **cparams)
 
         return connect
 

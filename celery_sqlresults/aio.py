@@ -1,0 +1,135 @@
+"""Await Celery results from asyncio: :func:`aget` for one, :func:`as_completed` for a group.
+
+Celery has no asyncio API, so a FastAPI or aiohttp handler wanting a result
+parks a thread in ``.get()``. These take Celery's own ``AsyncResult`` and
+``GroupResult`` (they do not replace them) and wait in the event loop: on
+PostgreSQL through one listening connection per loop
+(:class:`~celery_sqlresults.aiowait.AsyncListener`), elsewhere by polling
+that backs off as the sync waiters do.
+
+Reads run the backend's sync read in a thread (``asyncio.to_thread``) rather
+than through an async driver: the :class:`~celery_sqlresults.store.Store`
+keeps all SQL, its fast path and its retries in one place for every database,
+a read is one short indexed query, and on PostgreSQL a notification usually
+carries the row, so most wake-ups read nothing at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult, EagerResult, ResultSet
+
+from .aiowait import async_waiter_for
+from .backend import SQLResultsBackend
+
+__all__ = ["aget", "as_completed"]
+
+
+async def aget(
+    result: AsyncResult,
+    timeout: float | None = None,
+    propagate: bool = True,
+    interval: float = 0.5,
+) -> Any:
+    """``await aget(result)``: ``result.get()`` without blocking the event loop.
+
+    :param result: a Celery ``AsyncResult`` of an app whose backend is ``sql+``.
+    :param timeout: seconds to wait; then ``celery.exceptions.TimeoutError``.
+    :param propagate: re-raise the task's exception if it failed (as ``.get()``).
+    :param interval: seconds between re-checks when no notification comes.
+    :returns: the task's return value (or its exception, with ``propagate=False``).
+    """
+    if isinstance(result, EagerResult):
+        return result.get(timeout=timeout, propagate=propagate)
+    backend = _backend_of(result)
+    task_id = result.id
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with async_waiter_for(backend.store).watch([task_id], interval) as wait:
+        meta: dict[str, Any] | None = None
+        while True:
+            if meta is None:
+                wait.forget()  # this read sees anything notified so far
+                meta = dict(await asyncio.to_thread(backend.get_task_meta, task_id))
+            if meta["status"] in states.READY_STATES:
+                break
+            notified = await wait(_remaining(deadline))
+            meta = backend.carried_meta(task_id, notified)
+    return _settle(result, meta, propagate)
+
+
+async def as_completed(
+    results: ResultSet | Iterable[AsyncResult],
+    timeout: float | None = None,
+    propagate: bool = True,
+    interval: float = 0.5,
+) -> AsyncIterator[tuple[AsyncResult, Any]]:
+    """``async for result, value in as_completed(group_result)``: each member as it finishes.
+
+    Yields ``(AsyncResult, value)`` pairs in completion order, like Celery's
+    ``collect()``; the ``AsyncResult`` has its state cached. A failed member
+    raises its exception when ``propagate`` (as ``join()``), else is yielded
+    with the exception as its value. ``timeout`` bounds the whole iteration.
+    Leaving the loop early unsubscribes once the generator is closed: wrap it in
+    ``contextlib.aclosing()`` to make that immediate.
+    """
+    members = list(results.results if isinstance(results, ResultSet) else results)
+    eager = [r for r in members if isinstance(r, EagerResult)]
+    for r in eager:
+        yield r, r.get(propagate=propagate)
+    by_id = {r.id: r for r in members if not isinstance(r, EagerResult)}
+    if not by_id:
+        return
+    backend = _backend_of(next(iter(by_id.values())))
+    pending = set(by_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with async_waiter_for(backend.store).watch(pending, interval) as wait:
+        notified = None  # None: read every pending id
+        while pending:
+            ids = pending if notified is None else pending & notified.keys()
+            metas = []
+            if notified is not None:  # read only the rows no notification brought
+                metas = [m for t in ids if (m := backend.carried_meta(t, notified)) is not None]
+                ids = ids - {m["task_id"] for m in metas}
+            if ids:
+                wait.forget(ids)
+                metas += await asyncio.to_thread(backend.ready_metas, ids)
+            for meta in metas:
+                task_id = meta["task_id"]
+                if task_id not in pending or meta["status"] not in states.READY_STATES:
+                    continue
+                pending.discard(task_id)
+                member = by_id[task_id]
+                yield member, _settle(member, meta, propagate)
+            if pending:
+                notified = await wait(_remaining(deadline))
+
+
+def _backend_of(result: AsyncResult) -> SQLResultsBackend:
+    backend = result.backend
+    if not isinstance(backend, SQLResultsBackend):
+        raise TypeError(
+            "celery_sqlresults.aio waits on the sql+ result backend only; this result's "
+            f"backend is {type(backend).__name__}: set result_backend = 'sql+<database URL>'"
+        )
+    return backend
+
+
+def _settle(result: AsyncResult, meta: dict[str, Any], propagate: bool) -> Any:
+    """Cache ``meta`` on ``result`` and return its value or raise, as ``.get()`` ends."""
+    result._maybe_set_cache(meta)  # what Celery's wait_for_pending does with the meta
+    return result.maybe_throw(propagate=propagate)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CeleryTimeoutError("The operation timed out.")
+    return left
