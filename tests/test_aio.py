@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -233,3 +234,28 @@ def test_other_backends_are_refused() -> None:
     app = Celery("plain", backend="cache+memory://", set_as_current=False)
     with pytest.raises(TypeError, match="sql\\+"):
         asyncio.run(aget(app.AsyncResult("x"), timeout=1))
+
+
+@pytest.mark.worker
+def test_fastapi_example(db_url: str, worker_factory: Callable[..., Worker]) -> None:
+    """The example app's routes, through FastAPI's test client, with a real worker."""
+    from fastapi.testclient import TestClient
+
+    from examples.fastapi_app import create_api
+
+    worker = worker_factory(db_url)
+    app = client_app(db_url, worker.queue)
+    with TestClient(create_api(app, add_task="t.add")) as client:
+        answer = client.get("/add", params={"x": 20, "y": 22, "timeout": 60})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["result"] == 42
+        assert app.AsyncResult(answer.json()["task_id"]).get(timeout=10) == 42
+
+        with client.stream("GET", "/doubles", params={"n": 6, "timeout": 60}) as streamed:
+            assert streamed.headers["content-type"].startswith("application/x-ndjson")
+            lines = [json.loads(line) for line in streamed.iter_lines() if line]
+        assert sorted(line["result"] for line in lines) == [0, 2, 4, 6, 8, 10]
+        assert {line["state"] for line in lines} == {states.SUCCESS}
+
+        late = client.get("/add", params={"x": 1, "y": 1, "timeout": 0.001})
+        assert late.status_code == 504 and "not done" in late.json()["detail"]
