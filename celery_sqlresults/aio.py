@@ -9,16 +9,19 @@ that backs off as the sync waiters do.
 
 Reads run the backend's sync read in a thread (``asyncio.to_thread``) rather
 than through an async driver: the :class:`~celery_sqlresults.store.Store`
-keeps all SQL, its fast path and its retries in one place for every database,
-a read is one short indexed query, and on PostgreSQL a notification usually
-carries the row, so most wake-ups read nothing at all.
+keeps all SQL and its retries in one place for every database, and on
+PostgreSQL a notification usually carries the row, so most wake-ups read
+nothing at all. The reads of one loop share one query at a time
+(:class:`_Reader`): a thousand awaits re-checking at their interval cost a
+query, not a thousand, and one thread and connection, not a pool's worth.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterator, Collection, Iterable
 from typing import Any
 
 from celery import states
@@ -51,15 +54,14 @@ async def aget(
     task_id = result.id
     deadline = None if timeout is None else time.monotonic() + timeout
     with async_waiter_for(backend.store).watch([task_id], interval) as wait:
-        meta: dict[str, Any] | None = None
-        while True:
-            if meta is None:
-                wait.forget()  # this read sees anything notified so far
-                meta = dict(await asyncio.to_thread(backend.get_task_meta, task_id))
-            if meta["status"] in states.READY_STATES:
-                break
+        wait.forget()  # each read sees anything notified before it
+        meta = (await _reader(backend).ready([task_id])).get(task_id)
+        while meta is None:
             notified = await wait(_remaining(deadline))
-            meta = backend.carried_meta(task_id, notified)
+            meta = backend.carried_meta(task_id, notified)  # a ready row, or None: read
+            if meta is None:
+                wait.forget()
+                meta = (await _reader(backend).ready([task_id])).get(task_id)
     return _settle(result, meta, propagate)
 
 
@@ -92,13 +94,13 @@ async def as_completed(
         notified = None  # None: read every pending id
         while pending:
             ids = pending if notified is None else pending & notified.keys()
-            metas = []
+            metas: list[dict[str, Any]] = []
             if notified is not None:  # read only the rows no notification brought
                 metas = [m for t in ids if (m := backend.carried_meta(t, notified)) is not None]
                 ids = ids - {m["task_id"] for m in metas}
             if ids:
                 wait.forget(ids)
-                metas += await asyncio.to_thread(backend.ready_metas, ids)
+                metas += (await _reader(backend).ready(ids)).values()
             for meta in metas:
                 task_id = meta["task_id"]
                 if task_id not in pending or meta["status"] not in states.READY_STATES:
@@ -108,6 +110,60 @@ async def as_completed(
                 yield member, _settle(member, meta, propagate)
             if pending:
                 notified = await wait(_remaining(deadline))
+
+
+class _Reader:
+    """One read in flight per event loop and backend; what is asked meanwhile shares the next.
+
+    Each read is ``ready_metas`` in a thread: one query per batch of ids.
+    """
+
+    def __init__(self, backend: SQLResultsBackend) -> None:
+        self._backend = backend
+        self._asked: list[tuple[Collection[str], asyncio.Future[dict[str, Any]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def ready(self, task_ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The meta of those of ``task_ids`` that are ready, by id."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._asked.append((task_ids, answer))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._serve())
+        return await answer
+
+    async def _serve(self) -> None:
+        while self._asked:
+            asked, self._asked = self._asked, []
+            asked = [(ids, answer) for ids, answer in asked if not answer.done()]  # cancelled
+            wanted = {task_id for ids, _ in asked for task_id in ids}
+            if not wanted:
+                continue
+            try:
+                metas = await asyncio.to_thread(self._backend.ready_metas, wanted)
+            except Exception as exc:
+                for _, answer in asked:
+                    if not answer.done():
+                        answer.set_exception(exc)
+                continue
+            found = {meta["task_id"]: meta for meta in metas}
+            for ids, answer in asked:
+                if not answer.done():
+                    answer.set_result({t: found[t] for t in ids if t in found})
+
+
+#: Per event loop, a reader per backend; gone with the loop.
+_readers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, _Reader]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _reader(backend: SQLResultsBackend) -> _Reader:
+    mine = _readers.setdefault(asyncio.get_running_loop(), {})
+    reader = mine.get(backend)
+    if reader is None:
+        reader = mine[backend] = _Reader(backend)
+    return reader
 
 
 def _backend_of(result: AsyncResult) -> SQLResultsBackend:

@@ -259,3 +259,23 @@ def test_fastapi_example(db_url: str, worker_factory: Callable[..., Worker]) -> 
 
         late = client.get("/add", params={"x": 1, "y": 1, "timeout": 0.001})
         assert late.status_code == 504 and "not done" in late.json()["detail"]
+
+
+def test_awaits_of_a_loop_share_their_reads(make_app: Callable[..., Celery]) -> None:
+    """Fifty awaits waiting together share each read: fewer queries than awaits, where a
+    read each would make fifty at their first check alone (polling: every round)."""
+    app = make_app()
+    ids = [f"s{i}-{uuid.uuid4().hex[:6]}" for i in range(50)]
+    reads = task_reads(app)
+
+    async def run() -> list[object]:
+        waiting = [asyncio.ensure_future(aget(app.AsyncResult(t), 60, interval=60)) for t in ids]
+        while not reads:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert len(reads) < len(ids), len(reads)
+        for i, t in enumerate(ids):
+            await asyncio.to_thread(app.backend.store_result, t, i, states.SUCCESS)
+        return await asyncio.gather(*waiting)
+
+    assert asyncio.run(run()) == list(range(50))
