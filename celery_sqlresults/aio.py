@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from typing import Any
 
 from celery import states
@@ -80,7 +80,7 @@ async def as_completed(
     Leaving the loop early unsubscribes once the generator is closed: wrap it in
     ``contextlib.aclosing()`` to make that immediate.
     """
-    members = list(results.results if isinstance(results, ResultSet) else results)
+    members = list(_members(results))
     eager = [r for r in members if isinstance(r, EagerResult)]
     for r in eager:
         yield r, r.get(propagate=propagate)
@@ -110,6 +110,14 @@ async def as_completed(
                 yield member, _settle(member, meta, propagate)
             if pending:
                 notified = await wait(_remaining(deadline))
+
+
+def _members(results: ResultSet | Iterable[AsyncResult]) -> Iterator[AsyncResult]:
+    for member in results.results if isinstance(results, ResultSet) else results:
+        if isinstance(member, ResultSet):  # a group in the group: its tasks
+            yield from _members(member)
+        else:
+            yield member
 
 
 class _Reader:

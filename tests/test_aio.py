@@ -279,3 +279,19 @@ def test_awaits_of_a_loop_share_their_reads(make_app: Callable[..., Celery]) -> 
         return await asyncio.gather(*waiting)
 
     assert asyncio.run(run()) == list(range(50))
+
+
+def test_as_completed_flattens_nested_groups(make_app: Callable[..., Celery]) -> None:
+    from celery.result import GroupResult
+
+    app = make_app()
+    ids = [f"f{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    for i, task_id in enumerate(ids):
+        app.backend.store_result(task_id, i, states.SUCCESS)
+    inner = GroupResult("inner", [app.AsyncResult(ids[1]), app.AsyncResult(ids[2])], app=app)
+    outer = GroupResult("outer", [app.AsyncResult(ids[0]), inner], app=app)
+
+    async def run() -> list[object]:
+        return [v async for _, v in as_completed(outer, timeout=10)]
+
+    assert sorted(asyncio.run(run())) == [0, 1, 2]
