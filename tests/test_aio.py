@@ -16,7 +16,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery_sqlresults import aget, as_completed
 from celery_sqlresults.aiowait import AsyncListener, AsyncPoller, async_waiter_for, listeners_of
 
-from .conftest import Worker, client_app, raw_engine, store_later, task_reads
+from .conftest import Worker, client_app, kill_session, raw_engine, store_later, task_reads
 
 
 async def _subscribed_soon(app: Celery, task_id: str) -> None:
@@ -295,3 +295,35 @@ def test_as_completed_flattens_nested_groups(make_app: Callable[..., Celery]) ->
         return [v async for _, v in as_completed(outer, timeout=10)]
 
     assert sorted(asyncio.run(run())) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_a_lost_listening_connection_is_replaced(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    """The loop's listener reconnects when its session is killed; a waiter that would not
+    re-check for a minute is still woken by the next store."""
+    app = make_app()
+    task_id = f"k-{uuid.uuid4().hex[:6]}"
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("never happened")
+
+    async def run() -> object:
+        waiting = asyncio.ensure_future(aget(app.AsyncResult(task_id), timeout=60, interval=60))
+        await _subscribed_soon(app, task_id)
+        (listener,) = listeners_of(asyncio.get_running_loop())
+        await until(lambda: listener.listening)
+        killed = listener.backend_pid
+        assert killed is not None
+        await asyncio.to_thread(kill_session, db_url, db_kind, killed)
+        await until(lambda: listener.reconnects == 1)
+        await until(lambda: listener.listening and listener.backend_pid != killed)
+        await asyncio.to_thread(app.backend.store_result, task_id, "after", states.SUCCESS)
+        return await waiting
+
+    assert asyncio.run(run()) == "after"
