@@ -141,6 +141,12 @@ class _Reader:
         return await answer
 
     async def _serve(self) -> None:
+        try:
+            await self._answer()
+        finally:
+            self._task = None  # a task refers to its loop, which this reader must not keep
+
+    async def _answer(self) -> None:
         while self._asked:
             asked, self._asked = self._asked, []
             asked = [(ids, answer) for ids, answer in asked if not answer.done()]  # cancelled

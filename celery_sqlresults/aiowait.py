@@ -185,6 +185,7 @@ class AsyncListener:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="celery-sqlresults-async-listener"
             )
+            self._task.add_done_callback(_ended)
 
     def _unwanted(self) -> bool:
         return not self._watchers and time.monotonic() - self._left >= _LISTEN_IDLE
@@ -286,6 +287,18 @@ async def _within(waiting: Awaitable[Any], seconds: float) -> bool:
 _listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Any]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    """A listener's task is over (its loop is closing): forget the listener, which refers
+    to the loop, so that the loop can go."""
+    loop = task.get_loop()
+    mine = _listeners.get(loop, {})
+    for key, listener in list(mine.items()):
+        if listener._task is task:
+            del mine[key]
+    if not mine:
+        _listeners.pop(loop, None)
 
 
 def async_waiter_for(store: Store) -> AsyncListener | AsyncPoller:

@@ -134,17 +134,25 @@ def test_group_as_completed(db_url: str, worker_factory: Callable[..., Worker]) 
 
 
 def test_as_completed_yields_in_completion_order(make_app: Callable[..., Celery]) -> None:
+    """Each member the moment it finishes: the next is stored only once the last is seen."""
     app = make_app()
     ids = [f"o{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
-    # Stored in reverse order, far enough apart that a poll sees one at a time.
-    for n, task_id in enumerate(reversed(ids)):
-        store_later(app, task_id, task_id, delay=0.5 + 0.7 * n)
+    order = list(reversed(ids))
+
+    def store(task_id: str) -> None:
+        app.backend.store_result(task_id, task_id, states.SUCCESS)
 
     async def run() -> list[str]:
+        got = []
+        await asyncio.to_thread(store, order[0])
         members = [app.AsyncResult(t) for t in ids]
-        return [v async for _, v in as_completed(members, timeout=30, interval=0.1)]
+        async for _, value in as_completed(members, timeout=30, interval=0.1):
+            got.append(value)
+            if len(got) < len(order):
+                await asyncio.to_thread(store, order[len(got)])
+        return got
 
-    assert asyncio.run(run()) == list(reversed(ids))
+    assert asyncio.run(run()) == order
 
 
 def test_as_completed_timeout(make_app: Callable[..., Celery], db_kind: str) -> None:
@@ -327,3 +335,23 @@ def test_a_lost_listening_connection_is_replaced(
         return await waiting
 
     assert asyncio.run(run()) == "after"
+
+
+def test_a_finished_loop_is_not_kept(make_app: Callable[..., Celery]) -> None:
+    """What a loop's awaits set up (listener, reader) goes with the loop: code that runs a
+    new loop per call (asyncio.run in a sync view) must not pile them up."""
+    import gc
+    import weakref
+
+    app = make_app()
+    task_id = f"g-{uuid.uuid4().hex[:6]}"
+    store_later(app, task_id, "x", delay=0.3)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def run() -> object:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await aget(app.AsyncResult(task_id), timeout=30)
+
+    assert asyncio.run(run()) == "x"
+    gc.collect()
+    assert loops[0]() is None
