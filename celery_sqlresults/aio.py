@@ -35,19 +35,24 @@ __all__ = ["aget", "as_completed"]
 
 
 async def aget(
-    result: AsyncResult,
+    result: AsyncResult | ResultSet,
     timeout: float | None = None,
     propagate: bool = True,
     interval: float = 0.5,
 ) -> Any:
     """``await aget(result)``: ``result.get()`` without blocking the event loop.
 
-    :param result: a Celery ``AsyncResult`` of an app whose backend is ``sql+``.
+    :param result: a Celery ``AsyncResult`` of an app whose backend is ``sql+``; a
+        ``GroupResult`` (any ``ResultSet``) gives the list of its values, in its order,
+        as its ``.get()`` does.
     :param timeout: seconds to wait; then ``celery.exceptions.TimeoutError``.
     :param propagate: re-raise the task's exception if it failed (as ``.get()``).
     :param interval: seconds between re-checks when no notification comes.
     :returns: the task's return value (or its exception, with ``propagate=False``).
     """
+    if isinstance(result, ResultSet):
+        values = {m.id: v async for m, v in as_completed(result, timeout, propagate, interval)}
+        return _arranged(result, values)
     if isinstance(result, EagerResult):
         return result.get(timeout=timeout, propagate=propagate)
     backend = _backend_of(result)
@@ -110,6 +115,13 @@ async def as_completed(
                 yield member, _settle(member, meta, propagate)
             if pending:
                 notified = await wait(_remaining(deadline))
+
+
+def _arranged(results: ResultSet, values: dict[str, Any]) -> list[Any]:
+    """The values in the group's order, a nested group's as a list, as ``join()`` gives."""
+    return [
+        _arranged(m, values) if isinstance(m, ResultSet) else values[m.id] for m in results.results
+    ]
 
 
 def _members(results: ResultSet | Iterable[AsyncResult]) -> Iterator[AsyncResult]:

@@ -121,6 +121,7 @@ def test_group_as_completed(db_url: str, worker_factory: Callable[..., Worker]) 
         result = group(add.clone((i, i)) for i in range(8)).apply_async()
         seen = {r.id: value async for r, value in as_completed(result, timeout=60)}
         assert seen == {r.id: 2 * i for i, r in enumerate(result.results)}
+        assert await aget(result, timeout=60) == [2 * i for i in range(8)]  # as .get()
 
         mixed = group([add.clone((1, 1)), fail.clone(("bad",))]).apply_async()
         with pytest.raises(ValueError, match="bad"):
@@ -299,10 +300,12 @@ def test_as_completed_flattens_nested_groups(make_app: Callable[..., Celery]) ->
     inner = GroupResult("inner", [app.AsyncResult(ids[1]), app.AsyncResult(ids[2])], app=app)
     outer = GroupResult("outer", [app.AsyncResult(ids[0]), inner], app=app)
 
-    async def run() -> list[object]:
-        return [v async for _, v in as_completed(outer, timeout=10)]
+    async def run() -> tuple[list[object], object]:
+        return [v async for _, v in as_completed(outer, timeout=10)], await aget(outer, 10)
 
-    assert sorted(asyncio.run(run())) == [0, 1, 2]
+    flat, joined = asyncio.run(run())
+    assert sorted(flat) == [0, 1, 2]
+    assert joined == outer.join(timeout=10) == [0, [1, 2]]  # aget(group) gives what join() does
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
