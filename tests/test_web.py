@@ -585,6 +585,7 @@ def test_openapi_lists_the_paths(client: TestClient) -> None:
         "/api/stats",
         "/api/groups/{group_id}",
         "/api/raw/{field}/{task_id}",
+        "/metrics",
         "/healthz",
     }
     params = {p["name"] for p in doc["paths"]["/api/tasks"]["get"]["parameters"]}

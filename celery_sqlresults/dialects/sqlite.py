@@ -130,6 +130,13 @@ class SQLite(OnConflict):
         return dbapi_conn.isolation_level is None
 
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        # julianday() of the stored ISO text: fractional days, to the millisecond.
+        days = sa.func.julianday(end) - sa.func.julianday(start)
+        return sa.type_coerce(days * 86400.0, sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return _driver_says(exc, _BUSY)
 

@@ -9,6 +9,7 @@ Routes (all but ``/healthz`` behind the optional token / basic auth):
   ``GET /api/stats?since=&until=&name=&worker=``;
 - ``GET /api/raw/{field}/{id}``: one stored value whole, streamed (lists and the
   task route give large values as a bounded preview and their size);
+- ``GET /metrics``: Prometheus' text format (:mod:`.metrics`);
 - ``GET /healthz``: 200 ``{"ok": true}`` when the database answers, else 503;
 - ``GET /openapi.json``, ``GET /`` (the page), ``GET /static/app.js``.
 
@@ -52,6 +53,7 @@ from ..backend import SQLResultsBackend
 from ..exceptions import one_line
 from ..query import ResultQuery, TaskRecord, Truncated, Undecodable, parse_when
 from ..settings import mask_url
+from .metrics import CONTENT_TYPE, exposition, registry_for
 from .openapi import (
     DETAIL_VALUE_BYTES,
     LIST_VALUE_BYTES,
@@ -188,6 +190,7 @@ def create_app(
         Route("/static/app.js", api.script),
         Route("/openapi.json", api.openapi),
         Route("/healthz", api.healthz),
+        Route("/metrics", api.metrics),
         Route("/api/tasks", api.tasks),
         Route("/api/tasks/{task_id:path}", api.task),
         Route("/api/stats", api.stats),
@@ -217,6 +220,7 @@ class _Api:
 
     def __init__(self, query: ResultQuery) -> None:
         self.query = query
+        self.registry = registry_for(query, query.backend.settings.metrics_window)
         self._stats: OrderedDict[tuple[Any, ...], tuple[float, dict[str, Any]]] = OrderedDict()
         self._stats_lock = threading.Lock()
         self.js = (STATIC / "app.js").read_text(encoding="utf-8")
@@ -250,6 +254,9 @@ class _Api:
             self._log_error("health check", exc)
             return JSONResponse({"ok": False, "error": "result database unreachable"}, 503)
         return JSONResponse({"ok": True})
+
+    def metrics(self, request: Request) -> Response:
+        return Response(exposition(self.registry), media_type=CONTENT_TYPE)
 
     def tasks(self, request: Request) -> Response:
         params = request.query_params

@@ -177,6 +177,20 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics: results per state and task name, and "
+                    "histograms of queue wait and run time over sqlresults_metrics_window.",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus' text exposition format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _ERRORS["401"],
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "Whether the result database answers (never needs auth).",
