@@ -14,14 +14,16 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 
-from tests.conftest import IN_CI, ROOT
+from tests.conftest import IN_CI, REDIS_URL, ROOT, Worker, client_app
 from tests.test_web import HTML, put
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -279,3 +281,54 @@ def test_monitoring_page(
         _click(browser, By.LINK_TEXT, "fail-1")
         _wait(browser, lambda d: "ValueError: boom" in _text(d, "d-traceback"))
         browser.save_screenshot(str(ROOT / shot))
+
+
+def _card(driver: webdriver.Chrome, task_id: str) -> dict[str, object]:
+    """One running task's card: its state, text and progress bar, read in one script."""
+    script = (
+        "const c = document.querySelector('#running-list .card[data-task-id=\"' + arguments[0]"
+        " + '\"]'); if (!c) return {}; const p = c.querySelector('progress');"
+        "return {state: c.dataset.state, text: c.innerText,"
+        " value: p ? p.value : null, max: p ? p.max : null}"
+    )
+    return dict(driver.execute_script(script, task_id))
+
+
+@pytest.mark.worker
+def test_live_progress(
+    db_url: str,
+    worker_factory: Callable[..., Worker],
+    serve: Callable[[Celery], str],
+    browser: webdriver.Chrome,
+) -> None:
+    """A worker task reporting progress three times is seen at each step, then done.
+
+    The task waits for a go-ahead in Redis before each step, so each state lasts until
+    the page has shown it; the card is updated by the task's event stream.
+    """
+    worker = worker_factory(db_url)
+    app = client_app(db_url, worker.queue)
+    # A custom state whose meta is no count: shown raw.
+    app.backend.store_result("stage-1", {"stage": "loading <b>"}, "LOADING")
+    key = f"go-{uuid.uuid4().hex}"
+    go = redis.Redis.from_url(REDIS_URL)
+    result = app.signature("t.steps", (key, 3)).delay()
+    browser.get(serve(app))
+
+    _wait(browser, lambda d: _card(d, result.id).get("state") == "STARTED", t=30)
+    for step in (1, 2, 3):
+        go.rpush(key, "go")
+        _wait(
+            browser,
+            lambda d, n=step: _card(d, result.id).get("value") == n,
+            t=30,
+        )
+        card = _card(browser, result.id)
+        assert card["state"] == "PROGRESS" and card["max"] == 3
+        assert f"{step} / 3" in str(card["text"]) and "t.steps" in str(card["text"])
+    go.rpush(key, "go")
+    _wait(browser, lambda d: _card(d, result.id).get("state") == "SUCCESS", t=30)
+    assert result.get(timeout=30) == 3
+    # LOADING was seen as a custom state on the first refresh, and followed from the next.
+    _wait(browser, lambda d: '"stage": "loading <b>"' in str(_card(d, "stage-1").get("text")))
+    assert _card(browser, "stage-1")["state"] == "LOADING"
