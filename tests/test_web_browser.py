@@ -1,4 +1,4 @@
-"""The monitoring page in a real headless Chromium (SQLite only), driven by Selenium.
+"""The monitoring page in a real headless Chromium (SQLite; live progress on PostgreSQL too).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/test.sh`` installs them);
 without them the test is skipped (failed with ``CI=true``). Set
@@ -42,7 +42,8 @@ from celery_sqlresults.web import create_app  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
+#: The databases the page is driven on (each test its own: a browser is costly).
+ON_SQLITE = pytest.mark.parametrize("db_kind", ["sqlite"])
 #: The states the page's filter always offers, in its order.
 STATE_ORDER = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"]
 
@@ -154,6 +155,7 @@ def _click(driver: webdriver.Chrome, by: str, selector: str) -> None:
     pytest.fail(f"could not click {selector}")
 
 
+@ON_SQLITE
 def test_monitoring_page(
     make_app: Callable[..., Celery],
     serve: Callable[[Celery], str],
@@ -295,6 +297,7 @@ def _card(driver: webdriver.Chrome, task_id: str) -> dict[str, object]:
 
 
 @pytest.mark.worker
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])  # polled, and notified
 def test_live_progress(
     db_url: str,
     worker_factory: Callable[..., Worker],
