@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_sqlresults.web import create_app
@@ -134,6 +137,20 @@ def test_empty_table(app: Celery) -> None:
     m = scrape(app)
     assert "celery_sqlresults_results" not in m  # a family without samples
     assert not buckets(m, RUN, "p.add")
+
+
+def test_openmetrics_when_asked(app: Celery) -> None:
+    """Prometheus asks for OpenMetrics first: there the histograms are gauge histograms."""
+    t = now()
+    store(app, "o", "SUCCESS", "p.o", date_created=t, date_started=t, date_done=t)
+    client = TestClient(create_app(app), base_url="http://localhost")
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    answer = client.get("/metrics", headers={"Accept": accept})
+    assert answer.headers["content-type"].startswith("application/openmetrics-text")
+    families = {f.name: f for f in openmetrics_families(answer.text)}
+    assert families[RUN].type == "gaugehistogram"
+    samples = {(s.name, s.labels.get("le")): s.value for s in families[RUN].samples}
+    assert samples[(f"{RUN}_bucket", "+Inf")] == 1 and samples[(f"{RUN}_gcount", None)] == 1
 
 
 def test_same_auth_as_the_api(app: Celery) -> None:

@@ -57,7 +57,7 @@ from ..query import ResultQuery, TaskRecord, Truncated, Undecodable, parse_when
 from ..settings import mask_url
 from ..wait import waiter_for
 from .events import MAX_STREAMS, STREAM_SECONDS, EventStreams, Read
-from .metrics import CONTENT_TYPE, exposition, registry_for
+from .metrics import exposition, registry_for
 from .openapi import (
     DETAIL_VALUE_BYTES,
     LIST_VALUE_BYTES,
@@ -271,7 +271,8 @@ class _Api:
         return JSONResponse({"ok": True})
 
     def metrics(self, request: Request) -> Response:
-        return Response(exposition(self.registry), media_type=CONTENT_TYPE)
+        body, content_type = exposition(self.registry, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     def tasks(self, request: Request) -> Response:
         params = request.query_params

@@ -15,15 +15,15 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ..query import Durations, ResultQuery
 
 __all__ = [
     "BUCKETS",
-    "CONTENT_TYPE",
     "COUNT_TTL",
     "NEWEST",
     "ResultsCollector",
@@ -41,7 +41,6 @@ NEWEST = 100_000
 #: Seconds the whole-table count per state and name is reused: the one part of a scrape
 #: that reads every row (docs/monitoring-benchmarks.md).
 COUNT_TTL = 10.0
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 _PREFIX = "celery_sqlresults"
 
 
@@ -119,6 +118,11 @@ def registry_for(query: ResultQuery, window: float) -> CollectorRegistry:
     return registry
 
 
-def exposition(registry: CollectorRegistry) -> bytes:
-    """The registry in Prometheus' text format."""
-    return generate_latest(registry)
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The registry in the format the ``Accept`` header asks for, and its content type.
+
+    Prometheus' text format (``generate_latest``) unless OpenMetrics is asked for, where
+    gauge histograms have a type of their own.
+    """
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

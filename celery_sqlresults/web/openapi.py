@@ -242,8 +242,12 @@ def openapi_document() -> dict[str, Any]:
                     "histograms of queue wait and run time over sqlresults_metrics_window.",
                     "responses": {
                         "200": {
-                            "description": "Prometheus' text exposition format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                            "description": "Prometheus' text exposition format, or "
+                            "OpenMetrics when the Accept header asks for it.",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
                         },
                         "401": _ERRORS["401"],
                         "503": _ERRORS["503"],
