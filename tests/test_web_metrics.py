@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -28,9 +29,15 @@ QUEUE_WAIT = "celery_sqlresults_queue_wait_seconds"
 RUN = "celery_sqlresults_run_seconds"
 
 
-def scrape(app: Celery, **options: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+def scrape(
+    app: Celery | TestClient, **options: Any
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """``/metrics`` parsed by prometheus_client: {sample name: {sorted labels: value}}."""
-    client = TestClient(create_app(app, **options), base_url="http://localhost")
+    client = (
+        app
+        if isinstance(app, TestClient)
+        else TestClient(create_app(app, **options), base_url="http://localhost")
+    )
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=")
@@ -131,6 +138,26 @@ def test_window_setting_and_bound(make_app: Callable[..., Celery], monkeypatch: 
     assert buckets(m, RUN, "p.w")["+Inf"] == 3
     monkeypatch.setattr(web_metrics, "NEWEST", 2)
     assert buckets(scrape(app), RUN, "p.w")["+Inf"] == 2
+
+
+def results(client: TestClient) -> dict[tuple[str, ...], float]:
+    counted = scrape(client).get("celery_sqlresults_results", {})
+    return {tuple(v for _, v in k): n for k, n in counted.items()}
+
+
+def test_counts_refresh_in_the_background(app: Celery, monkeypatch: Any) -> None:
+    """The whole-table count is reused, then counted again while scrapes get the last one."""
+    client = TestClient(create_app(app), base_url="http://localhost")
+    store(app, "c1", "SUCCESS", "p.c", date_done=now())
+    assert results(client) == {("p.c", "SUCCESS"): 1}
+    store(app, "c2", "SUCCESS", "p.c", date_done=now())
+    assert results(client) == {("p.c", "SUCCESS"): 1}  # within COUNT_TTL
+    monkeypatch.setattr(web_metrics, "COUNT_TTL", 0.0)
+    assert results(client) == {("p.c", "SUCCESS"): 1}  # the last count, while it recounts
+    deadline = time.monotonic() + 30
+    while results(client) != {("p.c", "SUCCESS"): 2}:
+        assert time.monotonic() < deadline, "the count was never refreshed"
+        time.sleep(0.05)
 
 
 def test_empty_table(app: Celery) -> None:

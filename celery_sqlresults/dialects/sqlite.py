@@ -133,9 +133,10 @@ class SQLite(OnConflict):
     def seconds_between(
         self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
     ) -> sa.ColumnElement[float]:
-        # julianday() of the stored ISO text: fractional days, to the millisecond.
+        # julianday() of the stored ISO text: fractional days, good to the millisecond, so
+        # rounded there (unrounded, a whole second can come out a hair over one).
         days = sa.func.julianday(end) - sa.func.julianday(start)
-        return sa.type_coerce(days * 86400.0, sa.Float)
+        return sa.type_coerce(sa.func.round(days * 86400.0, 3), sa.Float)
 
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return _driver_says(exc, _BUSY)

@@ -1,7 +1,7 @@
 """``GET /metrics``: the stored results in Prometheus' text format, through ``prometheus_client``.
 
 A custom collector reads the table at each scrape (nothing is kept between
-scrapes but a short cache of the whole-table count): results per state and
+scrapes but the whole-table count, refreshed in the background): results per state and
 task name, and histograms of queue wait and run time over the tasks that
 finished within ``sqlresults_metrics_window``. Those are *gauge* histograms:
 they describe a moving window, not counters since start-up, so Grafana reads
@@ -10,6 +10,7 @@ them with ``histogram_quantile`` directly, without ``rate()``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from ..exceptions import one_line
 from ..query import Durations, ResultQuery
 
 __all__ = [
@@ -38,10 +40,12 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 #: The most recent finished tasks the histograms read at one scrape: what bounds their
 #: cost when the window holds more (docs/monitoring.md).
 NEWEST = 100_000
-#: Seconds the whole-table count per state and name is reused: the one part of a scrape
-#: that reads every row (docs/monitoring-benchmarks.md).
-COUNT_TTL = 10.0
+#: Seconds the whole-table count per state and name is reused before it is counted again
+#: (in the background): the one part of the metrics that reads every row
+#: (docs/monitoring-benchmarks.md).
+COUNT_TTL = 60.0
 _PREFIX = "celery_sqlresults"
+logger = logging.getLogger("celery_sqlresults.web")
 
 
 class ResultsCollector(Collector):
@@ -51,6 +55,7 @@ class ResultsCollector(Collector):
         self.query = query
         self.window = window
         self._counted: tuple[float, dict[str | None, dict[str, int]]] | None = None
+        self._refreshing = False
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
@@ -84,15 +89,38 @@ class ResultsCollector(Collector):
         )
 
     def _counts(self) -> dict[str | None, dict[str, int]]:
-        now = time.monotonic()
+        """The whole-table count: counted now the first time, then refreshed in the background.
+
+        A scrape never waits for a recount: past :data:`COUNT_TTL` it gets the last
+        count while a thread counts again, so the database counts the table at most
+        once per :data:`COUNT_TTL` and a scrape costs the histograms' bounded reads.
+        """
         with self._lock:
-            counted = self._counted
-        if counted is not None and now - counted[0] < COUNT_TTL:
-            return counted[1]
+            counted, refreshing = self._counted, self._refreshing
+            stale = counted is None or time.monotonic() - counted[0] >= COUNT_TTL
+            if counted is not None and stale and not refreshing:
+                self._refreshing = True
+                threading.Thread(
+                    target=self._recount, name="sqlresults-metrics", daemon=True
+                ).start()
+        if counted is None:
+            return self._count()
+        return counted[1]
+
+    def _count(self) -> dict[str | None, dict[str, int]]:
         counts = self.query.stats(by_name=True)
         with self._lock:
-            self._counted = (now, counts)
+            self._counted = (time.monotonic(), counts)
         return counts
+
+    def _recount(self) -> None:
+        try:
+            self._count()
+        except Exception as exc:  # the last count stays; the next scrape tries again
+            logger.warning("metrics: counting the results failed: %s", one_line(exc))
+        finally:
+            with self._lock:
+                self._refreshing = False
 
 
 def _histogram(
