@@ -132,8 +132,15 @@ def measure(app: Celery, runs: int) -> tuple[list[tuple[str, float, str]], list[
     # The rows end when the fill began: each window reaches that much further back, so it
     # holds the rows a live system would have in it.
     lag = (datetime.now(timezone.utc).replace(tzinfo=None) - newest).total_seconds()
-    app.conf.sqlresults_metrics_window = WINDOWS[0][1] + lag
-    client = TestClient(create_app(app), base_url="http://localhost")
+    # An app of its own: settings are read once, when its backend is made.
+    served = Celery("bench-metrics-served", set_as_current=False)
+    served.conf.update(
+        result_backend=app.conf.result_backend,
+        result_extended=True,
+        sqlresults_metrics_window=WINDOWS[0][1] + lag,
+    )
+    client = TestClient(create_app(served), base_url="http://localhost")
+    engine = served.backend.store.engine
 
     def scrape() -> None:
         assert client.get("/metrics").status_code == 200
