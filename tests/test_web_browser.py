@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
+from celery import group as celery_group
 
 from tests.conftest import IN_CI, REDIS_URL, ROOT, Worker, client_app
 from tests.test_web import HTML, put
@@ -307,7 +308,9 @@ def test_live_progress(
     """A worker task reporting progress three times is seen at each step, then done.
 
     The task waits for a go-ahead in Redis before each step, so each state lasts until
-    the page has shown it; the card is updated by the task's event stream.
+    the page has shown it. Polling is switched off (*live* unticked) once the task is
+    shown: from then on only the event streams (the task's card, its group's view)
+    can move the page.
     """
     worker = worker_factory(db_url)
     app = client_app(db_url, worker.queue)
@@ -315,23 +318,27 @@ def test_live_progress(
     app.backend.store_result("stage-1", {"stage": "loading <b>"}, "LOADING")
     key = f"go-{uuid.uuid4().hex}"
     go = redis.Redis.from_url(REDIS_URL)
-    result = app.signature("t.steps", (key, 3)).delay()
-    browser.get(serve(app))
+    batch = celery_group([app.signature("t.steps", (key, 3))]).apply_async()
+    batch.save()
+    result = batch.results[0]
+    browser.get(serve(app) + f"#group/{batch.id}")
 
     _wait(browser, lambda d: _card(d, result.id).get("state") == "STARTED", t=30)
+    _wait(browser, lambda d: "STARTED" in _text(d, "g-members"))
+    # LOADING is seen as a custom state on the first refresh, and followed from the next.
+    _wait(browser, lambda d: '"stage": "loading <b>"' in str(_card(d, "stage-1").get("text")))
+    assert _card(browser, "stage-1")["state"] == "LOADING"
+    _click(browser, By.ID, "f-live")  # no more polling
+    assert not browser.find_element(By.ID, "f-live").is_selected()
+
     for step in (1, 2, 3):
         go.rpush(key, "go")
-        _wait(
-            browser,
-            lambda d, n=step: _card(d, result.id).get("value") == n,
-            t=30,
-        )
+        _wait(browser, lambda d, n=step: _card(d, result.id).get("value") == n, t=30)
         card = _card(browser, result.id)
         assert card["state"] == "PROGRESS" and card["max"] == 3
         assert f"{step} / 3" in str(card["text"]) and "t.steps" in str(card["text"])
+        _wait(browser, lambda d: "PROGRESS" in _text(d, "g-members"))  # its own stream
     go.rpush(key, "go")
     _wait(browser, lambda d: _card(d, result.id).get("state") == "SUCCESS", t=30)
+    _wait(browser, lambda d: "1 / 1 done" in _text(d, "g-text"))
     assert result.get(timeout=30) == 3
-    # LOADING was seen as a custom state on the first refresh, and followed from the next.
-    _wait(browser, lambda d: '"stage": "loading <b>"' in str(_card(d, "stage-1").get("text")))
-    assert _card(browser, "stage-1")["state"] == "LOADING"

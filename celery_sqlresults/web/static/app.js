@@ -18,6 +18,7 @@
   var CELERY_STATES = STATE_ORDER.concat(["REJECTED", "IGNORED"]);
   var customStates = ["PROGRESS"];  // custom states stored, as the counts tell
   var running = {};       // task id -> {card, source, finished}
+  var groupStream = null; // {id, source}: the event stream of the group shown
 
   function $(id) { return document.getElementById(id); }
 
@@ -342,6 +343,26 @@
       (page.next_cursor ? "+, the newest " + RUNNING_MAX + " followed" : "") + ")";
   }
 
+  // The group shown follows its event stream too (the poll still redraws it).
+  function followGroup(id) {
+    if (groupStream && groupStream.id === id) return;
+    unfollowGroup();
+    var url = new URL("api/groups/" + encodeURIComponent(id) + "/events", document.baseURI);
+    if (token) url.searchParams.set("token", token);
+    var source = new EventSource(url);
+    groupStream = { id: id, source: source };
+    source.addEventListener("group", function (event) {
+      var view = route();
+      if (view && view.kind === "group" && view.id === id) renderGroup(JSON.parse(event.data));
+    });
+    source.addEventListener("end", function () { source.close(); });
+  }
+
+  function unfollowGroup() {
+    if (groupStream) groupStream.source.close();
+    groupStream = null;
+  }
+
   function runningStates() {
     return ["STARTED"].concat(customStates).join(",");
   }
@@ -356,11 +377,13 @@
     var view = route();
     $("detail").hidden = !view || view.kind !== "task";
     $("group").hidden = !view || view.kind !== "group";
+    if (!view || view.kind !== "group") unfollowGroup();
     if (!view) return;
     var path = (view.kind === "task" ? "api/tasks/" : "api/groups/") + encodeURIComponent(view.id);
     try {
       var data = await api(path);
       if (view.kind === "task") renderDetail(data); else renderGroup(data);
+      if (view.kind === "group") followGroup(view.id);
     } catch (error) {
       if (error.status !== 404) throw error;
       if (view.kind === "task") {
