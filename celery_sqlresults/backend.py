@@ -133,7 +133,11 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
             row["date_started"] = now
         if self.extended_result and request is not None:
             row.update(self._request_columns(request))
-        notify = self._waiter.notifies and state in self.READY_STATES
+        # Ready states wake waiters; custom states (update_state's PROGRESS…) wake the
+        # monitoring view's event streams. Celery's other states do not notify.
+        notify = self._waiter.notifies and (
+            state in self.READY_STATES or state not in states.ALL_STATES
+        )
         try:
             self.store.store_task(row, notify=notify)
         except ResultTooLarge as exc:

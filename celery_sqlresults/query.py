@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import copy
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .statements import Statements
 from .store import BATCH_SIZE, Store
 
 __all__ = [
+    "Durations",
     "ResultQuery",
     "TaskRecord",
     "Truncated",
@@ -128,6 +130,19 @@ class TaskRecord:
     kwargs: Any
     result: Any
     traceback: str | None
+
+
+@dataclass(frozen=True)
+class Durations:
+    """A histogram of durations in seconds, as :meth:`ResultQuery.durations` counts them.
+
+    ``buckets``: ``(upper bound, how many took at most that long)`` pairs,
+    cumulative as Prometheus' ``le`` buckets; ``count`` and ``sum`` over all.
+    """
+
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum: float
 
 
 @dataclass(frozen=True, repr=False)
@@ -355,6 +370,65 @@ class ResultQuery:
         out: dict[str | None, dict[str, int]] = {}
         for name, status, n in rows:
             out.setdefault(name, {})[status] = n
+        return out
+
+    def durations(
+        self, buckets: Iterable[float], newest: int
+    ) -> dict[str, dict[str | None, Durations]]:
+        """Queue wait and run time of the matching finished tasks, as histograms per task name.
+
+        ``{"queue_wait": {name: Durations}, "run_time": {...}}``: queue wait is
+        ``date_created`` to ``date_started`` (the publish time with
+        ``sqlresults_record_on_publish``, the start needs ``task_track_started``),
+        run time ``date_started`` to ``date_done``. Only the ``newest`` rows by
+        ``date_done`` are read, down the ``date_done`` index, and the buckets
+        (upper bounds in seconds) are counted in SQL: the cost is bounded
+        however large the table. Give a ``since`` filter for a recent window.
+        Empty where the table has no ``date_started`` (``db+`` before revision 0003).
+        """
+        bounds = sorted(float(b) for b in buckets)
+        if not all(math.isfinite(b) for b in bounds):  # written into the SQL as literals
+            raise ValueError(f"bucket bounds must be finite numbers, got {bounds!r}")
+        t = self.store.tables.task
+        seconds = self.store.dialect.seconds_between
+        out: dict[str, dict[str | None, Durations]] = {"queue_wait": {}, "run_time": {}}
+
+        def run(conn: Connection, statements: Statements) -> list[Any]:
+            layout = statements.layout
+            if not {"date_created", "date_started"} <= set(layout.task_columns):
+                return []
+            name = t.c.name if "name" in layout.task_columns else sa.null()
+            recent = (
+                sa.select(
+                    name.label("name"),
+                    seconds(t.c.date_created, t.c.date_started).label("queue_wait"),
+                    seconds(t.c.date_started, t.c.date_done).label("run_time"),
+                )
+                .where(t.c.date_done.is_not(None), *self._clauses(layout))
+                .order_by(t.c.date_done.desc())
+                .limit(newest)
+                .subquery()
+            )
+            r = recent.c
+            cols: list[sa.ColumnElement[Any]] = [r.name]
+            for took in (r.queue_wait, r.run_time):
+                cols += [
+                    sa.func.sum(sa.case((took <= sa.literal_column(repr(b)), 1), else_=0))
+                    for b in bounds
+                ]
+                cols += [sa.func.count(took), sa.func.sum(took)]
+            return list(conn.execute(sa.select(*cols).group_by(r.name)).all())
+
+        width = len(bounds) + 2
+        rows: list[Any] = self.store.run(run, [])
+        for row in rows:
+            for i, key in enumerate(out):
+                part = row[1 + i * width : 1 + (i + 1) * width]
+                count = int(part[-2] or 0)
+                if count:
+                    counts = tuple(int(n or 0) for n in part[:-2])
+                    pairs = tuple(zip(bounds, counts, strict=True))
+                    out[key][row[0]] = Durations(pairs, count, float(part[-1]))
         return out
 
     def page(

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_notify": True,
     "sqlresults_notify_rows": "auto",
     "sqlresults_durable_commit": True,
+    "sqlresults_metrics_window": 600.0,
 }
 
 #: Engine options used when the user has not set ``database_engine_options``.
@@ -99,6 +100,8 @@ class Settings:
     #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
     #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
     failure_expires: timedelta | None = None
+    #: Seconds back from now whose finished tasks the ``/metrics`` histograms describe.
+    metrics_window: float = 600.0
 
     @property
     def masked_url(self) -> str:
@@ -131,6 +134,7 @@ class Settings:
             notify_rows=_notify_rows(conf),
             durable_commit=_durable_commit(conf, dialect),
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
+            metrics_window=_window(conf, "sqlresults_metrics_window"),
         )
 
 
@@ -294,6 +298,23 @@ def _failure_expires(value: Any) -> timedelta | None:
             f"got {value!r}."
         )
     return timedelta(seconds=seconds)
+
+
+def _window(conf: Any, key: str) -> float:
+    """A window of time: a positive number of seconds (or a timedelta) up to a week."""
+    value = _get(conf, key)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        seconds = math.nan
+    if not 0 < seconds <= _MAX_SECONDS:
+        raise ImproperlyConfigured(
+            f"{key} must be a number of seconds (or a timedelta) above 0 and at most "
+            f"{_MAX_SECONDS:.0f} (a week), e.g. 600 for the last 10 minutes, got {value!r}."
+        )
+    return seconds
 
 
 def _seconds(conf: Any, key: str) -> float:

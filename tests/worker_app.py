@@ -53,6 +53,23 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
     def on_error(request: object, exc: BaseException, traceback: str, key: str) -> None:
         _redis(broker).rpush(key, f"{type(exc).__name__}: {exc}")
 
+    @app.task(name="t.tracked", track_started=True, shared=False)
+    def tracked(x: int, y: int) -> int:
+        """``t.add`` with a STARTED state, so its run time is stored."""
+        return x + y
+
+    @app.task(name="t.steps", bind=True, track_started=True, shared=False)
+    def steps(self, key: str, total: int) -> int:  # type: ignore[no-untyped-def]
+        """Report progress ``total`` times, each after the test pushes a token to Redis ``key``."""
+        r = _redis(broker)
+        for done in range(1, total + 1):
+            if r.blpop(key, timeout=60) is None:
+                raise TimeoutError(f"no go-ahead for step {done} on {key}")
+            self.update_state(state="PROGRESS", meta={"current": done, "total": total})
+        if r.blpop(key, timeout=60) is None:
+            raise TimeoutError(f"no go-ahead to finish on {key}")
+        return total
+
     return app
 
 

@@ -310,6 +310,17 @@ class Dialect(abc.ABC):
         value = conn.execute(stmt.where(table.c.id == row_id)).scalar()
         return b"" if value is None else bytes(value)
 
+    # ---- reads --------------------------------------------------------
+    @abc.abstractmethod
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        """Seconds from timestamp ``start`` to ``end``, as a float computed by the server.
+
+        SQL has no portable interval arithmetic; the metrics' histograms count
+        durations in SQL rather than reading rows.
+        """
+
     # ---- errors -------------------------------------------------------
     @abc.abstractmethod
     def is_lock_timeout(self, exc: BaseException) -> bool:

@@ -217,6 +217,12 @@ class MySQL(Dialect):
             )
 
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        micro = sa.func.timestampdiff(sa.literal_column("MICROSECOND"), start, end)
+        return sa.type_coerce(micro / 1e6, sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return driver_error(exc) is not None and error_number(exc) == _LOCK_WAIT_TIMEOUT
 

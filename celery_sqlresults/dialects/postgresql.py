@@ -200,6 +200,11 @@ class PostgreSQL(OnConflict):
         return connect
 
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        return sa.extract("epoch", end - start).cast(sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
 
