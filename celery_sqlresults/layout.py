@@ -36,6 +36,8 @@ class Layout:
     group_seq: bool
     has_chord: bool
     has_chord_part: bool
+    #: Whether counted parts record their place in the header (revision 0007).
+    has_part_index: bool = False
     #: Bytes each binary/text column of the task table holds, where that is a real limit.
     task_capacity: dict[str, int] = field(default_factory=dict)
     #: Bytes one statement may take (MySQL's ``max_allowed_packet``), if limited.
@@ -61,6 +63,7 @@ def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None
         if name in _SIZED_COLUMNS and (cap := dialect.column_capacity(col["type"])) is not None
     }
     chord, part = tables.chord, tables.chord_part
+    has_part = insp.has_table(part.name, part.schema)
     return Layout(
         task_capacity=capacity,
         packet_limit=dialect.packet_limit(conn),
@@ -69,7 +72,9 @@ def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None
         task_seq=dialect.id_from_sequence(dict(task["id"])),
         group_seq=dialect.id_from_sequence(dict(group["id"])),
         has_chord=insp.has_table(chord.name, chord.schema),
-        has_chord_part=insp.has_table(part.name, part.schema),
+        has_chord_part=has_part,
+        has_part_index=has_part
+        and any(c["name"] == "group_index" for c in insp.get_columns(part.name, part.schema)),
     )
 
 

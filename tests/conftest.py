@@ -364,6 +364,7 @@ def start_together(db_url: str, tmp_path: Path, n: int, *kept: str) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's package, as the workers
             text=True,
         )
         for i in range(n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -110,7 +110,9 @@ class Dialect(abc.ABC):
         return upsert
 
     # ---- chords -------------------------------------------------------
-    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+    def part_counter(
+        self, table: sa.Table, parts: sa.Table, columns: Sequence[str]
+    ) -> sa.Executable | None:
         """The one statement that counts a part, where the database has one.
 
         Elsewhere ``None``: counting takes a transaction (:meth:`count_part`).
@@ -126,7 +128,8 @@ class Dialect(abc.ABC):
     ) -> tuple[int, int | None] | None:
         """Atomically add one finished part to a chord; return ``(done, chord_size)``.
 
-        ``part`` (``group_id``, ``task_id``, ``date_created``) is recorded in
+        ``part`` (``group_id``, ``task_id``, ``date_created``, ``group_index``
+        where the table has it) is recorded in
         ``parts`` with the count, atomically, so the same task reported again
         is not counted again: the insert and the count in one explicit
         transaction. ``None`` when the part was counted already or the chord
@@ -149,6 +152,20 @@ class Dialect(abc.ABC):
             raise
         conn.exec_driver_sql("COMMIT")
         return counted
+
+    @contextlib.contextmanager
+    def writing(self, conn: Connection) -> Iterator[None]:
+        """One explicit transaction on an autocommit connection: committed if the block
+        returns, rolled back if it raises. Its first write takes the row locks it needs
+        (SQLite: the database's write lock at once), so the block's reads see them held."""
+        conn.exec_driver_sql(self.begin_write)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(DBAPIError):
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
 
     def add_one(
         self, conn: Connection, table: sa.Table, group_id: str

@@ -95,14 +95,18 @@ class MySQL(Dialect):
         self, conn: Connection, table: sa.Table, group_id: str
     ) -> tuple[int, int | None] | None:
         """No ``UPDATE … RETURNING`` here: the new count goes through the
-        connection-local ``LAST_INSERT_ID(expr)``, read back on the same connection."""
+        connection-local ``LAST_INSERT_ID(expr)``, read back on the same connection
+        (as signed: the count is below zero while tasks added to the header are pending,
+        and ``LAST_INSERT_ID()`` is unsigned)."""
         where = table.c.group_id == group_id
+        counted = sa.func.last_insert_id(table.c.done + 1)
         updated = conn.execute(
-            sa.update(table).where(where).values(done=sa.func.last_insert_id(table.c.done + 1))
+            sa.update(table).where(where).values(done=sa.cast(counted, mysql.INTEGER()))
         )
         if not updated.rowcount:
             return None
-        row = conn.execute(sa.select(sa.func.last_insert_id(), table.c.chord_size).where(where))
+        done = sa.cast(sa.func.last_insert_id(), mysql.INTEGER())  # CAST(… AS SIGNED)
+        row = conn.execute(sa.select(done, table.c.chord_size).where(where))
         first = row.first()
         return None if first is None else (int(first[0]), first[1])
 

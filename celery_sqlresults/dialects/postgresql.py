@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -69,13 +69,15 @@ class PostgreSQL(OnConflict):
         return sa.select(sa.func.pg_notify(self.constant(channel), notice)).select_from(written)
 
     # ---- chords -------------------------------------------------------
-    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+    def part_counter(
+        self, table: sa.Table, parts: sa.Table, columns: Sequence[str]
+    ) -> sa.Executable | None:
         """The part's insert in a CTE, and the counter's ``UPDATE … RETURNING done,
-        chord_size`` only if it inserted; parameters ``group_id``, ``task_id`` and
-        ``date_created``."""
+        chord_size`` only if it inserted; parameters: ``columns`` (``group_id``,
+        ``task_id``, ``date_created``, ``group_index``)."""
         inserted = (
             postgresql.insert(parts)
-            .values({c: sa.bindparam(c) for c in ("group_id", "task_id", "date_created")})
+            .values({c: sa.bindparam(c, type_=parts.c[c].type) for c in columns})
             .on_conflict_do_nothing()
             .returning(parts.c.group_id)
             .cte("part")
