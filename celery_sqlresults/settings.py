@@ -34,7 +34,12 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_notify": True,
     "sqlresults_notify_rows": "auto",
     "sqlresults_durable_commit": True,
+    "sqlresults_pooler": None,
+    "sqlresults_listen_url": None,
 }
+
+#: ``sqlresults_pooler`` values: what stands between the backend and the database.
+POOLERS = (None, "transaction")
 
 #: Engine options used when the user has not set ``database_engine_options``.
 #: Celery's default turns on ``pool_pre_ping``, a second round trip on every
@@ -99,6 +104,11 @@ class Settings:
     #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
     #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
     failure_expires: timedelta | None = None
+    #: ``sqlresults_pooler``: ``"transaction"`` behind PgBouncer's transaction mode, else None.
+    pooler: str | None = None
+    #: Where ``LISTEN`` connects: ``sqlresults_listen_url``, else ``url`` where a connection
+    #: keeps its session (``None`` behind a transaction pooler: waiters poll).
+    listen_url: URL | None = None
 
     @property
     def masked_url(self) -> str:
@@ -113,6 +123,9 @@ class Settings:
     ) -> Settings:
         conf = app.conf
         parsed, dialect = _parse_url(url or conf.get("database_url"))
+        pooler = _pooler(conf)
+        if pooler is not None:
+            dialect = _pooled(dialect, pooler, parsed)
         return cls(
             url=parsed,
             dialect=dialect,
@@ -131,6 +144,8 @@ class Settings:
             notify_rows=_notify_rows(conf),
             durable_commit=_durable_commit(conf, dialect),
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
+            pooler=pooler,
+            listen_url=_listen_url(conf, parsed, dialect),
         )
 
 
@@ -158,6 +173,49 @@ def _durable_commit(conf: Any, dialect: Dialect) -> bool:
     if refusal is not None:
         raise ImproperlyConfigured(refusal)
     return durable
+
+
+def _pooler(conf: Any) -> str | None:
+    value = _get(conf, "sqlresults_pooler")
+    if isinstance(value, str) and value.lower() in ("none", "session", ""):
+        return None  # a session pooler keeps sessions: nothing changes
+    if value not in POOLERS:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler must be None or 'transaction' (PgBouncer's pool_mode = "
+            f"transaction in front of the database), got {value!r}."
+        )
+    return str(value) if value is not None else None
+
+
+def _pooled(dialect: Dialect, pooler: str, url: URL) -> Dialect:
+    pooled = dialect.behind_pooler()
+    if pooled is None:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler = {pooler!r} is for PostgreSQL behind PgBouncer; "
+            f"{mask_url(url)!r} is not PostgreSQL: remove sqlresults_pooler."
+        )
+    return pooled
+
+
+def _listen_url(conf: Any, url: URL, dialect: Dialect) -> URL | None:
+    raw = _get(conf, "sqlresults_listen_url")
+    if raw is None:
+        return url if dialect.keeps_sessions else None
+    try:
+        listen = make_url(raw)
+    except ArgumentError:
+        listen = None
+    if listen is not None and "+" in listen.drivername:
+        scheme, rest = listen.drivername.split("+", 1)
+        if scheme in ("sql", "db", "database"):
+            listen = listen.set(drivername=rest)
+    if listen is None or listen.get_backend_name() != url.get_backend_name():
+        raise ImproperlyConfigured(
+            f"sqlresults_listen_url must be a URL of the same database that reaches the "
+            f"server directly, not through the pooler (e.g. "
+            f"'postgresql+psycopg://user@db-host:5432/db'), got {mask_url(str(raw))!r}."
+        )
+    return listen
 
 
 def _get(conf: Any, key: str) -> Any:
