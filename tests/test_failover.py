@@ -17,11 +17,17 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from celery import chord
+from celery import Celery, chord
+
+from celery_sqlresults.exceptions import DatabaseMisconfigured
 
 from .conftest import REDIS_URL, Worker, client_app
 
 pytestmark = [pytest.mark.pgcluster, pytest.mark.worker]
+
+
+def _app(url: str) -> Celery:
+    return Celery("formation", backend="sql+" + url, set_as_current=False)
 
 
 def _stored(url: str) -> int:
@@ -93,3 +99,19 @@ def test_failover_mid_burst_loses_nothing(
     # The worker's stores met the gap and were retried onto the new primary.
     assert "celery-sqlresults: " in log and "; retry 1 in" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_url_reaching_only_the_standby_reads_and_refuses_writes_by_name(
+    pg_formation: Any, formation_url: str
+) -> None:
+    primary = _app(formation_url)
+    primary.backend.store_result("on-primary", 5, "SUCCESS")
+    standby_port = next(p for p, s in pg_formation.states().items() if s == "secondary")
+    standby = _app(pg_formation.node_url(standby_port))
+    deadline = time.monotonic() + 30
+    while standby.backend.get_task_meta("on-primary")["status"] != "SUCCESS":
+        assert time.monotonic() < deadline, "the row never reached the standby"
+        time.sleep(0.1)
+    assert standby.backend.get_task_meta("on-primary")["result"] == 5  # reading works
+    with pytest.raises(DatabaseMisconfigured, match="target_session_attrs=read-write"):
+        standby.backend.store_result("on-standby", 1, "SUCCESS")

@@ -30,6 +30,11 @@ __all__ = ["PostgreSQL", "TransactionPooled"]
 SCHEMA_LOCK_KEY = 0x53514C52
 _UNDEFINED_TABLE = "42P01"
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
+_READ_ONLY = "25006"  # a write on a standby (or a read-only session)
+FIX_STANDBY = (
+    "the URL reached a read-only standby: name every node and add "
+    "target_session_attrs=read-write to result_backend (docs/scaling.md)"
+)
 #: Connection errors waiting cannot fix. They arrive as text only: libpq has no SQLSTATE
 #: before a session exists (the server's English messages).
 _PERMANENT = (
@@ -198,6 +203,8 @@ class PostgreSQL(OnConflict):
         return _sqlstate(exc) == _UNDEFINED_TABLE
 
     def permanent_error_fix(self, exc: BaseException) -> str | None:
+        if _sqlstate(exc) == _READ_ONLY:
+            return FIX_STANDBY
         text = error_text(exc)
         return next((fix for pattern, fix in _PERMANENT if pattern.search(text)), None)
 
