@@ -9,7 +9,11 @@ Markdown. ``--failover`` also runs a pg_auto_failover formation (tests/clusters.
 reports the longest pause between two successive stores across ``pg_autoctl perform
 failover``, and whether every store landed.
 
-    python -m bench.pgcluster --stores 2000 --rounds 3 [--failover]
+    python -m bench.pgcluster --stores 2000 --rounds 3 [--failover] [--crash]
+
+``--crash`` SIGKILLs the primary (keeper and PostgreSQL) while one client stores as
+fast as it can, once with a synchronous and once with an asynchronous standby, and
+counts the acknowledged stores the promoted standby lacks.
 """
 
 from __future__ import annotations
@@ -115,12 +119,56 @@ def failover_gap(stores_per_s: float = 200) -> tuple[float, int, int]:
         formation.close()
 
 
+def crash_loss(async_standby: bool) -> tuple[float, int, int]:
+    """Stores acknowledged, then the primary SIGKILLed and the standby promoted: the
+    promotion's seconds, the stores acknowledged, and how many of them the new primary lacks."""
+    formation = Formation(async_standby=async_standby).start()
+    try:
+        formation.quick_monitor()
+        app = _app("sql+" + formation.url(), sqlresults_retry_timeout=180)
+        backend = app.backend
+        acked: list[str] = []
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                task_id = uuid()
+                store(backend, task_id)
+                acked.append(task_id)
+
+        writer = threading.Thread(target=run)
+        writer.start()
+        time.sleep(2)
+        started = time.monotonic()
+        survivor = formation.crash_primary()
+        promotion = time.monotonic() - started
+        time.sleep(1)
+        stop.set()
+        writer.join(120)
+        eng = sa.create_engine(formation.node_url(survivor))
+        with eng.connect() as conn:
+            found = set(conn.exec_driver_sql("SELECT task_id FROM celery_taskmeta").scalars())
+        eng.dispose()
+        return promotion, len(acked), len(set(acked) - found)
+    finally:
+        formation.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stores", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--failover", action="store_true")
+    parser.add_argument("--crash", action="store_true", help="SIGKILL the primary, sync and async")
+    parser.add_argument("--no-throughput", action="store_true")
     args = parser.parse_args()
+    if args.crash:
+        for async_standby in (False, True):
+            seconds, acked, lost = crash_loss(async_standby)
+            kind = "asynchronous" if async_standby else "synchronous"
+            print(f"crash, {kind} standby: promoted in {seconds:.0f} s; {acked} acked, {lost} lost")
+    if args.no_throughput:
+        return
     bouncer = PgBouncer(sa.engine.make_url(PG).port or 5432).start()
     try:
         rates = throughput(args.stores, args.rounds, bouncer)

@@ -248,8 +248,10 @@ class Formation:
         if set(states.values()) == want:
             return True
         if "catchingup" in states.values() or "wait_standby" in states.values():
-            with contextlib.suppress(Exception):
-                _scalar(self.node_url(NODE_PORTS[0]), "CHECKPOINT")
+            for port, state in states.items():
+                if state in ("primary", "wait_primary", "single"):
+                    with contextlib.suppress(Exception):
+                        _scalar(self.node_url(port), "CHECKPOINT")
         return False
 
     def close(self) -> None:
@@ -298,6 +300,53 @@ class Formation:
         )
         _wait_until(
             lambda: self.settled() and self.primary_port() != before, "the failover", timeout
+        )
+
+    def quick_monitor(self) -> None:
+        """Have the monitor declare a silent node dead within seconds (defaults: 20 s and more)."""
+        eng = sa.create_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:{MONITOR_PORT}/pg_auto_failover",
+            isolation_level="AUTOCOMMIT",
+            poolclass=sa.pool.NullPool,
+        )
+        with eng.connect() as conn:
+            for name, value in (
+                ("health_check_period", 1000),
+                ("health_check_timeout", 1000),
+                ("health_check_max_retries", 1),
+                ("health_check_retry_delay", 500),
+                ("node_considered_unhealthy_timeout", 2000),
+            ):
+                conn.exec_driver_sql(f"ALTER SYSTEM SET pgautofailover.{name} = {value}")
+            conn.exec_driver_sql("SELECT pg_reload_conf()")
+        eng.dispose()
+
+    def crash_primary(self, timeout: float = 120) -> int:
+        """SIGKILL the primary's keeper and PostgreSQL (one process group); return the new
+        primary's port once the standby has been promoted and takes writes (the dead node
+        is still listed as the primary it last said it was)."""
+        before = self.primary_port()
+        self.service.end(f"node{NODE_PORTS.index(before) + 1}", signal.SIGKILL)
+        survivor = next(port for port in NODE_PORTS if port != before)
+        _wait_until(
+            lambda: (
+                self.states()[survivor] in ("wait_primary", "primary")
+                and _scalar(self.node_url(survivor), "SELECT NOT pg_is_in_recovery()") is True
+            ),
+            "the standby's promotion after a crash",
+            timeout,
+        )
+        return survivor
+
+    def restart_node(self, port: int, timeout: float = 180) -> None:
+        """Run a stopped node's keeper again; it rejoins as the standby."""
+        i = NODE_PORTS.index(port) + 1
+        self.service.spawn(f"node{i}", "pg_autoctl", "run", "--pgdata", str(self.root / f"node{i}"))
+        _wait_until(
+            lambda: self._joined({"primary", "secondary"}),
+            f"node{i} rejoining",
+            timeout,
+            log=lambda: self.service.log(f"node{i}"),
         )
 
 

@@ -115,3 +115,38 @@ def test_a_url_reaching_only_the_standby_reads_and_refuses_writes_by_name(
     assert standby.backend.get_task_meta("on-primary")["result"] == 5  # reading works
     with pytest.raises(DatabaseMisconfigured, match="target_session_attrs=read-write"):
         standby.backend.store_result("on-standby", 1, "SUCCESS")
+
+
+def test_a_crash_of_the_primary_loses_no_acknowledged_store(
+    pg_formation: Any, formation_url: str
+) -> None:
+    """SIGKILL of the primary's keeper and server: what a store returned from is on the
+    promoted standby (synchronous replication). Last here: it restarts the dead node."""
+    pg_formation.quick_monitor()
+    backend = _app(formation_url).backend
+    backend.store_result("before", 1, "SUCCESS")
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            task_id = uuid.uuid4().hex
+            backend.store_result(task_id, task_id, "SUCCESS")
+            acked.append(task_id)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    dead = pg_formation.primary_port()
+    try:
+        time.sleep(1)
+        survivor = pg_formation.crash_primary()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        writer.join(120)
+    eng = sa.create_engine(pg_formation.node_url(survivor), poolclass=sa.pool.NullPool)
+    with eng.connect() as conn:
+        found = set(conn.exec_driver_sql("SELECT task_id FROM celery_taskmeta").scalars())
+    eng.dispose()
+    assert acked and not set(acked) - found, f"{len(set(acked) - found)} acknowledged lost"
+    pg_formation.restart_node(dead)
