@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_durable_commit": True,
     "sqlresults_pooler": None,
     "sqlresults_listen_url": None,
+    "sqlresults_read_url": None,
 }
 
 #: ``sqlresults_pooler`` values: what stands between the backend and the database.
@@ -109,6 +110,9 @@ class Settings:
     #: Where ``LISTEN`` connects: ``sqlresults_listen_url``, else ``url`` where a connection
     #: keeps its session (``None`` behind a transaction pooler: waiters poll).
     listen_url: URL | None = None
+    #: ``sqlresults_read_url``: where listings, counts and the monitoring view read (a
+    #: streaming replica); ``None``: ``url``. Stores and waiting never use it.
+    read_url: URL | None = None
 
     @property
     def masked_url(self) -> str:
@@ -146,7 +150,15 @@ class Settings:
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
             pooler=pooler,
             listen_url=_listen_url(conf, parsed, dialect),
+            read_url=_same_database(conf, "sqlresults_read_url", parsed, "a streaming replica"),
         )
+
+    def for_reading(self) -> Settings:
+        """These settings on :attr:`read_url` (themselves when there is none); the same
+        dialect, so a replica behind the same kind of pooler is read the same way."""
+        if self.read_url is None:
+            return self
+        return replace(self, url=self.read_url, read_url=None)
 
 
 def _flag(conf: Any, key: str) -> bool:
@@ -198,9 +210,16 @@ def _pooled(dialect: Dialect, pooler: str, url: URL) -> Dialect:
 
 
 def _listen_url(conf: Any, url: URL, dialect: Dialect) -> URL | None:
-    raw = _get(conf, "sqlresults_listen_url")
-    if raw is None:
+    if _get(conf, "sqlresults_listen_url") is None:
         return url if dialect.keeps_sessions else None
+    return _same_database(conf, "sqlresults_listen_url", url, "the server directly")
+
+
+def _same_database(conf: Any, key: str, url: URL, what: str) -> URL | None:
+    """Setting ``key``: another URL of ``url``'s database (``sql+`` taken off), or ``None``."""
+    raw = _get(conf, key)
+    if raw is None:
+        return None
     try:
         listen = make_url(raw)
     except ArgumentError:
@@ -211,8 +230,7 @@ def _listen_url(conf: Any, url: URL, dialect: Dialect) -> URL | None:
             listen = listen.set(drivername=rest)
     if listen is None or listen.get_backend_name() != url.get_backend_name():
         raise ImproperlyConfigured(
-            f"sqlresults_listen_url must be a URL of the same database that reaches the "
-            f"server directly, not through the pooler (e.g. "
+            f"{key} must be a URL of the same database that reaches {what} (e.g. "
             f"'postgresql+psycopg://user@db-host:5432/db'), got {mask_url(str(raw))!r}."
         )
     return listen

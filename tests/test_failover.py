@@ -18,7 +18,9 @@ import pytest
 import redis
 import sqlalchemy as sa
 from celery import Celery, chord
+from celery.exceptions import ImproperlyConfigured
 
+from celery_sqlresults import ResultQuery
 from celery_sqlresults.exceptions import DatabaseMisconfigured
 
 from .conftest import REDIS_URL, Worker, client_app
@@ -115,6 +117,44 @@ def test_a_url_reaching_only_the_standby_reads_and_refuses_writes_by_name(
     assert standby.backend.get_task_meta("on-primary")["result"] == 5  # reading works
     with pytest.raises(DatabaseMisconfigured, match="target_session_attrs=read-write"):
         standby.backend.store_result("on-standby", 1, "SUCCESS")
+
+
+def test_queries_read_the_replica_while_waiters_read_the_primary(
+    pg_formation: Any, formation_url: str
+) -> None:
+    standby_port = next(p for p, s in pg_formation.states().items() if s == "secondary")
+    standby = pg_formation.node_url(standby_port)
+    app = _app(formation_url)
+    app.conf.sqlresults_read_url = standby
+    query = ResultQuery(app)
+    app.backend.store_result("first", 1, "SUCCESS")
+    deadline = time.monotonic() + 30
+    while query.get("first") is None:  # replayed on the replica
+        assert time.monotonic() < deadline, "never replayed on the replica"
+        time.sleep(0.1)
+    paused = sa.create_engine(standby, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with paused.connect() as conn:
+        conn.exec_driver_sql("SELECT pg_wal_replay_pause()")
+        try:
+            app.backend.store_result("second", 2, "SUCCESS")  # committed on the primary
+            # A lagging replica: the query does not see it yet, a waiter does.
+            assert query.get("second") is None
+            assert query.count() == 1
+            assert app.AsyncResult("second").get(timeout=10) == 2
+            assert query.forget("first") == 1  # writes go to the primary
+        finally:
+            conn.exec_driver_sql("SELECT pg_wal_replay_resume()")
+    paused.dispose()
+    while query.get("second") is None or query.get("first") is not None:
+        assert time.monotonic() < deadline + 30, "the replica never caught up"
+        time.sleep(0.1)
+
+
+def test_a_read_url_of_another_database_is_refused(formation_url: str) -> None:
+    app = _app(formation_url)
+    app.conf.sqlresults_read_url = "mysql+pymysql://u@h/db"
+    with pytest.raises(ImproperlyConfigured, match="sqlresults_read_url must be a URL"):
+        ResultQuery(app)
 
 
 def test_a_crash_of_the_primary_loses_no_acknowledged_store(
