@@ -199,10 +199,18 @@ class ResultQuery:
         self.backend = backend
         self._where: tuple[tuple[str, Any], ...] = ()
         self._limit: int | None = None
+        reading = backend.settings.for_reading()
+        self._reader = backend.store if reading is backend.settings else Store(reading)
 
     @property
     def store(self) -> Store:
+        """Where writes go (``forget``, ``cleanup``): the backend's own database."""
         return self.backend.store
+
+    @property
+    def reader(self) -> Store:
+        """Where reads go: ``sqlresults_read_url`` (a replica) if set, else :attr:`store`."""
+        return self._reader
 
     # ---- building -----------------------------------------------------
     def filter(
@@ -264,7 +272,7 @@ class ResultQuery:
         whole: it comes back as a :class:`Truncated` holding its first part
         (see :meth:`page`).
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -273,7 +281,7 @@ class ResultQuery:
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
             return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, [])
+        rows: list[Mapping[str, Any]] = self.reader.run(run, [])
         return [self._record(row, values_up_to) for row in rows]
 
     def get(self, task_id: str, values_up_to: int | None = None) -> TaskRecord | None:
@@ -281,7 +289,7 @@ class ResultQuery:
 
         ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> Mapping[str, Any] | None:
             layout = statements.layout
@@ -289,7 +297,7 @@ class ResultQuery:
             stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
             return next(iter(self._fetch(conn, stmt, values_up_to)), None)
 
-        row = self.store.run(run, None)
+        row = self.reader.run(run, None)
         return None if row is None else self._record(row, values_up_to)
 
     def read_value(
@@ -306,7 +314,7 @@ class ResultQuery:
             raise ValueError(f"column must be one of {', '.join(_VALUES)}, got {column!r}")
         if start < 0 or size < 1:
             raise ValueError(f"start must be >= 0 and size >= 1, got {start!r} and {size!r}")
-        t = self.store.tables.task
+        t = self.reader.tables.task
         col = t.c[column]
         by_blob = self._by_blob(col)
         part = t.c.id if by_blob else sa.func.substr(col, start + 1, size, type_=col.type)
@@ -319,15 +327,15 @@ class ResultQuery:
             if row is None or row[1] is None:
                 return None
             piece = (
-                self.store.dialect.read_blob(conn, col, row[0], start, size) if by_blob else row[0]
+                self.reader.dialect.read_blob(conn, col, row[0], start, size) if by_blob else row[0]
             )
             return piece, int(row[1])
 
-        return self.store.run(run, None)
+        return self.reader.run(run, None)
 
     def count(self) -> int:
         """How many results match (at most the limit, if one is set)."""
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> int:
 
@@ -335,7 +343,7 @@ class ResultQuery:
             stmt = sa.select(sa.func.count()).select_from(t).where(*self._clauses(layout))
             return int(conn.execute(stmt).scalar_one())
 
-        n = self.store.run(run, 0)
+        n = self.reader.run(run, 0)
         return n if self._limit is None else min(n, self._limit)
 
     @overload
@@ -348,7 +356,7 @@ class ResultQuery:
         ``{"SUCCESS": 10, "FAILURE": 2}``, or with ``by_name``
         ``{"proj.add": {"SUCCESS": 10}, None: {...}}`` (``None``: no name stored).
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[tuple[str | None, str, int]]:
 
@@ -364,7 +372,7 @@ class ResultQuery:
             rows = conn.execute(stmt).all()
             return [(r[0], r[1], r[2]) if named else (None, r[0], r[1]) for r in rows]
 
-        rows: list[tuple[str | None, str, int]] = self.store.run(run, [])
+        rows: list[tuple[str | None, str, int]] = self.reader.run(run, [])
         if not by_name:
             return {status: n for _, status, n in rows}
         out: dict[str | None, dict[str, int]] = {}
@@ -447,7 +455,7 @@ class ResultQuery:
         """
         if size < 1:
             raise ValueError(f"page size must be >= 1, got {size!r}")
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -456,7 +464,7 @@ class ResultQuery:
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(size + 1)
             return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, [])
+        rows: list[Mapping[str, Any]] = self.reader.run(run, [])
         more = len(rows) > size
         rows = rows[:size]
         cursor = encode_cursor(rows[-1]["date_done"], rows[-1]["id"]) if more else None
@@ -471,7 +479,7 @@ class ResultQuery:
         ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
         """
         ids = list(dict.fromkeys(task_ids))
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -483,7 +491,7 @@ class ResultQuery:
                 out.extend(self._fetch(conn, stmt, values_up_to))
             return out
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, []) if ids else []
+        rows: list[Mapping[str, Any]] = self.reader.run(run, []) if ids else []
         return {row["task_id"]: self._record(row, values_up_to) for row in rows}
 
     def group(self, group_id: str) -> GroupResult | Undecodable | None:
@@ -493,14 +501,14 @@ class ResultQuery:
         goes through the backend's retry loop, which keeps a caller waiting for
         ``sqlresults_retry_timeout`` while the database is down. Filters do not apply.
         """
-        g = self.store.tables.group
+        g = self.reader.tables.group
         stmt = sa.select(g.c.result).where(g.c.taskset_id == group_id)
 
         def run(conn: Connection, _: Statements) -> tuple[bytes | None] | None:
             row = conn.execute(stmt).first()
             return None if row is None else (row[0],)
 
-        found = self.store.run(run, None)
+        found = self.reader.run(run, None)
         if found is None:
             return None
         value = self._decode(found[0])
@@ -550,7 +558,7 @@ class ResultQuery:
 
     # ---- internals ----------------------------------------------------
     def _clauses(self, layout: Layout) -> list[sa.ColumnElement[bool]]:
-        t = self.store.tables.task
+        t = self.reader.tables.task
         out: list[sa.ColumnElement[bool]] = []
         for key, value in self._where:
             if key == "state":
@@ -561,7 +569,7 @@ class ResultQuery:
                 out.append(t.c.date_done < _naive(value))
             elif key == "after":
                 done, row_id = value
-                first = self.store.dialect.nulls_first_descending
+                first = self.reader.dialect.nulls_first_descending
                 out.append(_keyset(t, done, row_id, nulls_first=first))
             elif key in layout.task_columns:
                 out.append(_match(t.c[key], value))
@@ -578,8 +586,8 @@ class ResultQuery:
         self, layout: Layout, values_up_to: int | None, extra: tuple[str, ...] = ()
     ) -> list[sa.ColumnElement[Any]]:
         """The task columns to select: values cut to ``values_up_to``, with their sizes."""
-        t = self.store.tables.task
-        if values_up_to is not None and not self.store.dialect.cuts_blobs_in_sql:
+        t = self.reader.tables.task
+        if values_up_to is not None and not self.reader.dialect.cuts_blobs_in_sql:
             extra = (*extra, "id")  # for the blob reads
         out: list[sa.ColumnElement[Any]] = []
         for name in dict.fromkeys((*extra, *_COLUMNS)):
@@ -602,16 +610,16 @@ class ResultQuery:
 
         Where ``substr`` would load the whole value into this process (SQLite).
         """
-        return not self.store.dialect.cuts_blobs_in_sql and isinstance(col.type, sa.LargeBinary)
+        return not self.reader.dialect.cuts_blobs_in_sql and isinstance(col.type, sa.LargeBinary)
 
     def _fetch(
         self, conn: Connection, stmt: sa.Select[Any], values_up_to: int | None
     ) -> list[Mapping[str, Any]]:
         """Run a select built by :meth:`_columns`, reading the heads :meth:`_by_blob` left out."""
         rows = cast("list[Mapping[str, Any]]", list(conn.execute(stmt).mappings()))
-        if values_up_to is None or self.store.dialect.cuts_blobs_in_sql:
+        if values_up_to is None or self.reader.dialect.cuts_blobs_in_sql:
             return rows
-        t = self.store.tables.task
+        t = self.reader.tables.task
         out = []
         for row in rows:
             big = [
@@ -622,8 +630,9 @@ class ResultQuery:
             if big:
                 row = dict(row)
                 for name in big:
-                    head = self.store.dialect.read_blob(conn, t.c[name], row["id"], 0, values_up_to)
-                    row[name] = head
+                    row[name] = self.reader.dialect.read_blob(
+                        conn, t.c[name], row["id"], 0, values_up_to
+                    )
             out.append(row)
         return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -35,7 +35,13 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_notify_rows": "auto",
     "sqlresults_durable_commit": True,
     "sqlresults_metrics_window": 600.0,
+    "sqlresults_pooler": None,
+    "sqlresults_listen_url": None,
+    "sqlresults_read_url": None,
 }
+
+#: ``sqlresults_pooler`` values: what stands between the backend and the database.
+POOLERS = (None, "transaction")
 
 #: Engine options used when the user has not set ``database_engine_options``.
 #: Celery's default turns on ``pool_pre_ping``, a second round trip on every
@@ -102,6 +108,14 @@ class Settings:
     failure_expires: timedelta | None = None
     #: Seconds back from now whose finished tasks the ``/metrics`` histograms describe.
     metrics_window: float = 600.0
+    #: ``sqlresults_pooler``: ``"transaction"`` behind PgBouncer's transaction mode, else None.
+    pooler: str | None = None
+    #: Where ``LISTEN`` connects: ``sqlresults_listen_url``, else ``url`` where a connection
+    #: keeps its session (``None`` behind a transaction pooler: waiters poll).
+    listen_url: URL | None = None
+    #: ``sqlresults_read_url``: where listings, counts and the monitoring view read (a
+    #: streaming replica); ``None``: ``url``. Stores and waiting never use it.
+    read_url: URL | None = None
 
     @property
     def masked_url(self) -> str:
@@ -116,6 +130,9 @@ class Settings:
     ) -> Settings:
         conf = app.conf
         parsed, dialect = _parse_url(url or conf.get("database_url"))
+        pooler = _pooler(conf)
+        if pooler is not None:
+            dialect = _pooled(dialect, pooler, parsed)
         return cls(
             url=parsed,
             dialect=dialect,
@@ -135,7 +152,17 @@ class Settings:
             durable_commit=_durable_commit(conf, dialect),
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
             metrics_window=_window(conf, "sqlresults_metrics_window"),
+            pooler=pooler,
+            listen_url=_listen_url(conf, parsed, dialect),
+            read_url=_same_database(conf, "sqlresults_read_url", parsed, "a streaming replica"),
         )
+
+    def for_reading(self) -> Settings:
+        """These settings on :attr:`read_url` (themselves when there is none); the same
+        dialect, so a replica behind the same kind of pooler is read the same way."""
+        if self.read_url is None:
+            return self
+        return replace(self, url=self.read_url, read_url=None)
 
 
 def _flag(conf: Any, key: str) -> bool:
@@ -162,6 +189,55 @@ def _durable_commit(conf: Any, dialect: Dialect) -> bool:
     if refusal is not None:
         raise ImproperlyConfigured(refusal)
     return durable
+
+
+def _pooler(conf: Any) -> str | None:
+    value = _get(conf, "sqlresults_pooler")
+    if isinstance(value, str) and value.lower() in ("none", "session", ""):
+        return None  # a session pooler keeps sessions: nothing changes
+    if value not in POOLERS:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler must be None or 'transaction' (PgBouncer's pool_mode = "
+            f"transaction in front of the database), got {value!r}."
+        )
+    return str(value) if value is not None else None
+
+
+def _pooled(dialect: Dialect, pooler: str, url: URL) -> Dialect:
+    pooled = dialect.behind_pooler()
+    if pooled is None:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler = {pooler!r} is for PostgreSQL behind PgBouncer; "
+            f"{mask_url(url)!r} is not PostgreSQL: remove sqlresults_pooler."
+        )
+    return pooled
+
+
+def _listen_url(conf: Any, url: URL, dialect: Dialect) -> URL | None:
+    if _get(conf, "sqlresults_listen_url") is None:
+        return url if dialect.keeps_sessions else None
+    return _same_database(conf, "sqlresults_listen_url", url, "the server directly")
+
+
+def _same_database(conf: Any, key: str, url: URL, what: str) -> URL | None:
+    """Setting ``key``: another URL of ``url``'s database (``sql+`` taken off), or ``None``."""
+    raw = _get(conf, key)
+    if raw is None:
+        return None
+    try:
+        listen = make_url(raw)
+    except ArgumentError:
+        listen = None
+    if listen is not None and "+" in listen.drivername:
+        scheme, rest = listen.drivername.split("+", 1)
+        if scheme in ("sql", "db", "database"):
+            listen = listen.set(drivername=rest)
+    if listen is None or listen.get_backend_name() != url.get_backend_name():
+        raise ImproperlyConfigured(
+            f"{key} must be a URL of the same database that reaches {what} (e.g. "
+            f"'postgresql+psycopg://user@db-host:5432/db'), got {mask_url(str(raw))!r}."
+        )
+    return listen
 
 
 def _get(conf: Any, key: str) -> Any:

@@ -8,6 +8,9 @@ bash scripts/services.sh
 command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 # libmariadb's headers, to build mysqlclient (MariaDB tests also run on that driver).
 pkg-config --exists libmariadb || (apt-get update && apt-get install -y libmariadb-dev pkg-config)
+# pg_auto_failover and PgBouncer for the pgcluster tests (tests/clusters.py; Debian packages).
+command -v pg_autoctl >/dev/null && command -v pgbouncer >/dev/null \
+    || (apt-get update && apt-get install -y postgresql-15-auto-failover pg-auto-failover-cli pgbouncer)
 EXTRAS="dev,mysqlclient"
 source scripts/venv.sh
 "$VENV/bin/ruff" check .

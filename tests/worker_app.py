@@ -19,6 +19,7 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
         sqlresults_startup_timeout=float(os.environ.get("SQLRESULTS_TEST_STARTUP_TIMEOUT", "60")),
         database_create_tables_on_startup=os.environ.get("SQLRESULTS_TEST_CREATE", "1") == "1",
         sqlresults_retry_timeout=float(os.environ.get("SQLRESULTS_TEST_RETRY_TIMEOUT", "60")),
+        sqlresults_pooler=os.environ.get("SQLRESULTS_TEST_POOLER") or None,
     )
 
     @app.task(name="t.add", shared=False)

@@ -15,10 +15,19 @@ from sqlalchemy.engine.interfaces import Dialect as SQLAlchemyDialect
 
 from .base import Dialect, Expiry
 from .mysql import MySQL
-from .postgresql import PostgreSQL
+from .postgresql import PostgreSQL, TransactionPooled
 from .sqlite import SQLite
 
-__all__ = ["SUPPORTED", "Dialect", "Expiry", "MySQL", "PostgreSQL", "SQLite", "dialect_for"]
+__all__ = [
+    "SUPPORTED",
+    "Dialect",
+    "Expiry",
+    "MySQL",
+    "PostgreSQL",
+    "SQLite",
+    "TransactionPooled",
+    "dialect_for",
+]
 
 #: One instance each: dialects hold no state.
 _BY_NAME: dict[str, Dialect] = {

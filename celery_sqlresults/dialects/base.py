@@ -45,6 +45,9 @@ class Dialect(abc.ABC):
     #: Whether indexes are built without blocking writers, outside a transaction
     #: (PostgreSQL's ``CREATE INDEX CONCURRENTLY``), by the schema revisions.
     builds_indexes_online: ClassVar[bool] = False
+    #: Whether one connection is one server session from start to end, so session state
+    #: (``SET``, session locks, ``LISTEN``) stays with it: not behind a transaction pooler.
+    keeps_sessions: ClassVar[bool] = True
     #: Whether the binary columns Celery's ``db+`` creates hold only 64 KB (MySQL ``BLOB``).
     has_narrow_blobs: ClassVar[bool] = False
     #: Whether name globs need an index of their own to be prefix matches (PostgreSQL).
@@ -263,6 +266,15 @@ class Dialect(abc.ABC):
     def session_statements(self, url: URL, lock_timeout: float, durable: bool) -> list[str]:
         """Everything run on each new connection: lock bound, then commit durability."""
         return self.lock_timeout_statements(lock_timeout) + self.commit_statements(durable)
+
+    def behind_pooler(self) -> Dialect | None:
+        """This database reached through a transaction pooler (``sqlresults_pooler =
+        "transaction"``), where there is such a variant; ``None`` where there is none."""
+        return None
+
+    def connect_args(self) -> dict[str, Any]:
+        """Driver arguments every connection of the backend's engine is opened with."""
+        return {}
 
     def install_hint(self, driver: str) -> str:
         """How to install the missing DBAPI module of ``driver``."""

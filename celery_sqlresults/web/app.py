@@ -263,7 +263,7 @@ class _Api:
     # ---- API -------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
         try:
-            with self.query.store.connect() as conn:
+            with self.query.reader.connect() as conn:  # what the view reads
                 conn.execute(sa.text("SELECT 1"))
         except Exception as exc:
             self._log_error("health check", exc)
