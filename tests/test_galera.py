@@ -82,6 +82,20 @@ def versions(url: str) -> list[str]:
 
 
 # ---- the dialect --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "value", "message"),
+    [
+        ("sqlite:///x.db", True, "sqlresults_galera = True needs a MariaDB URL"),
+        ("mysql+pymysql://root@127.0.0.1/x", "yes", "sqlresults_galera must be True, False"),
+    ],
+)
+def test_bad_galera_setting_is_refused_by_name(url: str, value: object, message: str) -> None:
+    from celery.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=message):
+        _ = app_on(url, sqlresults_galera=value).backend
+
+
 def test_galera_is_detected_and_can_be_forced_or_refused(galera: Cluster) -> None:
     assert type(app_on(galera.url(0)).backend.store.dialect) is Galera
     assert type(app_on(galera.url(1), sqlresults_galera=False).backend.store.dialect) is MySQL

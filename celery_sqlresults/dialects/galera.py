@@ -50,9 +50,26 @@ _prepared: weakref.WeakSet[Engine] = weakref.WeakSet()
 _prepared_lock = threading.Lock()
 
 
-def is_galera(conn: Connection) -> bool:
-    """Whether ``conn``'s server replicates with Galera (``wsrep_on``; absent on MySQL)."""
-    row = conn.exec_driver_sql("SHOW VARIABLES LIKE 'wsrep_on'").first()
+def is_galera(engine: Engine) -> bool:
+    """Whether ``engine``'s server replicates with Galera (``wsrep_on``; absent on MySQL).
+
+    Asked on the driver's own cursor, as SQLAlchemy asks for the server's
+    version: part of setting the engine up, not a statement of ours.
+    """
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    pooled = engine.raw_connection()
+    try:
+        cur = pooled.cursor()
+        try:
+            cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+            row = cur.fetchone()
+        finally:
+            cur.close()
+    except dbapi_error as exc:
+        pooled.invalidate(exc)
+        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+    finally:
+        pooled.close()
     return row is not None and str(row[1]).upper() == "ON"
 
 
@@ -75,8 +92,12 @@ class Galera(MySQL):
         sa.event.listen(engine, "connect", functools.partial(_set_up, engine.dialect))
         engine.dialect.supports_sequences = False
         # A connection pooled already (the one that detected Galera) is set up here.
-        with contextlib.suppress(DBAPIError), engine.connect() as conn:
-            conn.exec_driver_sql(_SYNC_READS)
+        with contextlib.suppress(DBAPIError):
+            pooled = engine.raw_connection()
+            try:
+                _set_up(engine.dialect, pooled.dbapi_connection, None)
+            finally:
+                pooled.close()
         return self
 
     # ---- schema -------------------------------------------------------

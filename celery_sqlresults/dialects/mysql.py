@@ -153,9 +153,7 @@ class MySQL(Dialect):
             return self
         from .galera import is_galera
 
-        with engine.connect() as conn:
-            clustered = is_galera(conn)
-        return self.galera().resolve(engine, detect) if clustered else self
+        return self.galera().resolve(engine, detect) if is_galera(engine) else self
 
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         """InnoDB row locks and metadata locks (``LOCK TABLES``, DDL), in whole seconds."""
