@@ -97,7 +97,12 @@ def test_bad_galera_setting_is_refused_by_name(url: str, value: object, message:
 
 
 def test_galera_is_detected_and_can_be_forced_or_refused(galera: Cluster) -> None:
-    assert type(app_on(galera.url(0)).backend.store.dialect) is Galera
+    detected = app_on(galera.url(0)).backend
+    assert type(detected.store.dialect) is Galera
+    for _ in range(2):  # the connection that detected it, and a new one
+        with detected.store.engine.connect() as conn, detected.store.engine.connect() as other:
+            for c in (conn, other):
+                assert c.exec_driver_sql("SELECT @@wsrep_sync_wait").scalar() == 1
     assert type(app_on(galera.url(1), sqlresults_galera=False).backend.store.dialect) is MySQL
     forced = app_on(galera.url(2), sqlresults_galera=True).backend
     assert type(forced.settings.dialect) is Galera
@@ -196,6 +201,19 @@ def test_success_through_one_node_is_not_overwritten_through_another(galera: Clu
     for backend in (one, two, three):
         meta = backend.get_task_meta("t", cache=False)
         assert (meta["status"], meta["result"]) == (states.SUCCESS, 42)
+
+
+def test_a_read_through_another_node_sees_the_write_just_made(galera: Cluster) -> None:
+    """``wsrep_sync_wait``: the reading node applies the commit before it answers."""
+    writer, reader = app_on(galera.url(0)).backend, app_on(galera.url(1)).backend
+    writer.store_result("warm-up", 0, states.SUCCESS)
+    stale = []
+    for i in range(300):
+        writer.store_result(f"r{i}", i, states.SUCCESS)
+        meta = reader.get_task_meta(f"r{i}", cache=False)
+        if (meta["status"], meta["result"]) != (states.SUCCESS, i):
+            stale.append(i)
+    assert stale == []
 
 
 def test_three_writers_on_three_nodes_on_the_same_ids_end_consistent(galera: Cluster) -> None:
