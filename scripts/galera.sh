@@ -22,7 +22,11 @@ CLUSTER="gcomm://127.0.0.1:45671,127.0.0.1:45672,127.0.0.1:45673"
 port() { echo "3306$1"; }
 dir() { echo "$ROOT/node$1"; }
 pid_of() { cat "$(dir "$1")/mysqld.pid" 2>/dev/null || true; }
-alive() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+# Running, not a zombie: a killed node whose parent is gone may wait unreaped for a while.
+alive() {
+    local pid; pid=$(pid_of "$1")
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ]
+}
 sql() { mariadb --protocol=tcp -h 127.0.0.1 -P "$(port "$1")" -uroot -N -B -e "$2"; }
 ready() { [ "$(sql "$1" "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME='WSREP_READY'" 2>/dev/null)" = "ON" ]; }
 
@@ -35,6 +39,36 @@ install_node() {
         --auth-root-authentication-method=normal --skip-test-db >"$d/install.log" 2>&1
 }
 
+options() {  # N: the node's mariadbd options
+    local n=$1 d; d=$(dir "$1")
+    local user=(); [ -n "$OWNER" ] && user=(--user="$OWNER")
+    echo --no-defaults --datadir="$d/data" --port="$(port "$n")" \
+        --bind-address=127.0.0.1 --socket="$d/mysqld.sock" --pid-file="$d/mysqld.pid" \
+        --skip-name-resolve --skip-grant-tables "${user[@]}" \
+        --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=0 \
+        --innodb-log-file-size=48M --max-connections=300 \
+        --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB \
+        --wsrep-on=ON --wsrep-provider="$PROVIDER" --wsrep-cluster-name=sqlr-galera \
+        --wsrep-cluster-address="$CLUSTER" --wsrep-node-name="node$n" \
+        --wsrep-node-address="127.0.0.1:4567$n" --wsrep-sst-method=rsync \
+        --wsrep-sst-receive-address="127.0.0.1:4569$n" \
+        "--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:4567$n;ist.recv_addr=127.0.0.1:4568$n;gcache.size=128M;gcache.recover=yes"
+}
+
+launch() {  # N [extra options]: start mariadbd, wait until the node is synced
+    local n=$1; shift
+    local d; d=$(dir "$n")
+    # shellcheck disable=SC2046  # options has no spaces inside a word
+    setsid mariadbd $(options "$n") "$@" >>"$d/server.log" 2>&1 </dev/null &
+    local launched=$!
+    for _ in $(seq 1 240); do
+        ready "$n" && return 0
+        kill -0 "$launched" 2>/dev/null || break
+        sleep 0.5
+    done
+    return 1
+}
+
 start_node() {  # N [--wsrep-new-cluster]
     local n=$1; shift
     local d; d=$(dir "$n")
@@ -45,25 +79,22 @@ start_node() {  # N [--wsrep-new-cluster]
     if [ "${1:-}" = "--wsrep-new-cluster" ] && [ -f "$d/data/grastate.dat" ]; then
         sed -i 's/^safe_to_bootstrap: 0/safe_to_bootstrap: 1/' "$d/data/grastate.dat"
     fi
-    local user=(); [ -n "$OWNER" ] && user=(--user="$OWNER")
-    setsid mariadbd --no-defaults --datadir="$d/data" --port="$(port "$n")" \
-        --bind-address=127.0.0.1 --socket="$d/mysqld.sock" --pid-file="$d/mysqld.pid" \
-        --skip-name-resolve --skip-grant-tables "${user[@]}" \
-        --innodb-buffer-pool-size=64M --innodb-flush-log-at-trx-commit=0 \
-        --innodb-log-file-size=48M --max-connections=300 \
-        --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB \
-        --wsrep-on=ON --wsrep-provider="$PROVIDER" --wsrep-cluster-name=sqlr-galera \
-        --wsrep-cluster-address="$CLUSTER" --wsrep-node-name="node$n" \
-        --wsrep-node-address="127.0.0.1:4567$n" --wsrep-sst-method=rsync \
-        --wsrep-sst-receive-address="127.0.0.1:4569$n" \
-        --wsrep-provider-options="gmcast.listen_addr=tcp://127.0.0.1:4567$n;ist.recv_addr=127.0.0.1:4568$n;gcache.size=64M" \
-        "$@" >>"$d/server.log" 2>&1 </dev/null &
-    local launched=$!
-    for _ in $(seq 1 240); do
-        ready "$n" && return 0
-        kill -0 "$launched" 2>/dev/null || break
-        sleep 0.5
-    done
+    # A killed node leaves its SST daemon's files behind; the next SST's daemon would fail.
+    rm -f "$d/data/rsync_sst.pid" "$d/data/rsync_sst.conf" "$d/data/stunnel.pid"
+    # A crashed node does not know its position (seqno: -1): recover it from InnoDB, as
+    # galera_recovery does, so it rejoins by IST from the donors' gcache instead of a full SST.
+    local start=()
+    if grep -q '^seqno: *-1' "$d/data/grastate.dat" 2>/dev/null; then
+        # shellcheck disable=SC2046
+        mariadbd $(options "$n") --wsrep-recover --log-error="$d/recover.log" >/dev/null 2>&1 || true
+        local pos; pos=$(grep -o 'Recovered position: [^ ]*' "$d/recover.log" | tail -n1 | cut -d' ' -f3)
+        [ -n "$pos" ] && start=(--wsrep-start-position="$pos")
+    fi
+    launch "$n" "${start[@]}" "$@" && return 0
+    echo "galera: node $n did not become ready, trying once more; see $d/server.log" >&2
+    rm -f "$d/data/rsync_sst.pid" "$d/data/rsync_sst.conf" "$d/data/stunnel.pid"
+    sleep 2
+    launch "$n" "$@" && return 0
     echo "galera: node $n did not become ready; see $d/server.log" >&2
     tail -n 30 "$d/server.log" >&2
     return 1

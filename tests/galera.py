@@ -110,6 +110,19 @@ class Cluster:
         done = _script("start-node", str(node + 1), timeout=300)
         assert done.returncode == 0, done.stderr
 
+    def sessions(self, node: int) -> int:
+        """Client sessions on the test database at one node (other than the asking one)."""
+        eng = admin(PORTS[node])
+        try:
+            with eng.connect() as conn:
+                query = (
+                    "SELECT count(*) FROM information_schema.processlist "
+                    f"WHERE db = '{self.database}' AND id <> CONNECTION_ID()"
+                )
+                return int(conn.exec_driver_sql(query).scalar_one())
+        finally:
+            eng.dispose()
+
     def count(self, node: int, where: str = "1=1", table: str = "celery_taskmeta") -> int:
         eng = sa.create_engine(self.url(node), poolclass=sa.pool.NullPool)
         try:
