@@ -57,19 +57,16 @@ def is_galera(engine: Engine) -> bool:
     version: part of setting the engine up, not a statement of ours.
     """
     dbapi_error = engine.dialect.loaded_dbapi.Error
-    pooled = engine.raw_connection()
-    try:
-        cur = pooled.cursor()
+    with engine.connect() as conn:  # connection errors come wrapped, as from any statement
+        cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
             row = cur.fetchone()
+        except dbapi_error as exc:
+            conn.invalidate(exc)
+            raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
         finally:
             cur.close()
-    except dbapi_error as exc:
-        pooled.invalidate(exc)
-        raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
-    finally:
-        pooled.close()
     return row is not None and str(row[1]).upper() == "ON"
 
 
@@ -92,12 +89,11 @@ class Galera(MySQL):
         sa.event.listen(engine, "connect", functools.partial(_set_up, engine.dialect))
         engine.dialect.supports_sequences = False
         # A connection pooled already (the one that detected Galera) is set up here.
-        with contextlib.suppress(DBAPIError):
-            pooled = engine.raw_connection()
-            try:
-                _set_up(engine.dialect, pooled.dbapi_connection, None)
-            finally:
-                pooled.close()
+        with (
+            contextlib.suppress(DBAPIError, engine.dialect.loaded_dbapi.Error),
+            engine.connect() as conn,
+        ):
+            _set_up(engine.dialect, conn.connection.dbapi_connection, None)
         return self
 
     # ---- schema -------------------------------------------------------
