@@ -7,8 +7,9 @@
 #   scripts/galera.sh kill N       # SIGKILL node N (1-3): a crash, not a shutdown
 #   scripts/galera.sh start-node N # (re)start node N; it rejoins by IST/SST
 #
-# Node N listens on 127.0.0.1:3306N (client; 33061-33063), 4567N (Galera), 4568N (IST),
-# 4569N (SST, rsync), under $GALERA_ROOT/nodeN (default /tmp/sqlr-galera). Needs the Debian
+# Node N listens on 127.0.0.1:3306N (client; 33061-33063), 2467N (Galera), 2468N (IST),
+# 2469N (SST, rsync), below Linux's ephemeral ports (32768+): a node could not bind a port
+# an outgoing connection happens to use. Under $GALERA_ROOT/nodeN (default /tmp/sqlr-galera). Needs the Debian
 # packages galera-4 and mariadb-server (and rsync for state transfers).
 set -euo pipefail
 
@@ -17,7 +18,7 @@ PROVIDER=${GALERA_PROVIDER:-$(dpkg -L galera-4 2>/dev/null | grep -m1 'libgalera
 NODES=(1 2 3)
 # As root, the nodes run as `mysql`: the rsync SST daemon drops root for `nobody` otherwise.
 OWNER=""; [ "$(id -u)" = 0 ] && id mysql >/dev/null 2>&1 && OWNER=mysql
-CLUSTER="gcomm://127.0.0.1:45671,127.0.0.1:45672,127.0.0.1:45673"
+CLUSTER="gcomm://127.0.0.1:24671,127.0.0.1:24672,127.0.0.1:24673"
 
 port() { echo "3306$1"; }
 dir() { echo "$ROOT/node$1"; }
@@ -50,9 +51,9 @@ options() {  # N: the node's mariadbd options
         --binlog-format=ROW --innodb-autoinc-lock-mode=2 --default-storage-engine=InnoDB \
         --wsrep-on=ON --wsrep-provider="$PROVIDER" --wsrep-cluster-name=sqlr-galera \
         --wsrep-cluster-address="$CLUSTER" --wsrep-node-name="node$n" \
-        --wsrep-node-address="127.0.0.1:4567$n" --wsrep-sst-method=rsync \
-        --wsrep-sst-receive-address="127.0.0.1:4569$n" \
-        "--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:4567$n;ist.recv_addr=127.0.0.1:4568$n;gcache.size=128M;gcache.recover=yes"
+        --wsrep-node-address="127.0.0.1:2467$n" --wsrep-sst-method=rsync \
+        --wsrep-sst-receive-address="127.0.0.1:2469$n" \
+        "--wsrep-provider-options=gmcast.listen_addr=tcp://127.0.0.1:2467$n;ist.recv_addr=127.0.0.1:2468$n;gcache.size=128M;gcache.recover=yes"
 }
 
 launch() {  # N [extra options]: start mariadbd, wait until the node is synced

@@ -174,22 +174,27 @@ def test_a_lease_left_by_a_dead_process_is_taken_over(galera: Cluster) -> None:
     assert galera.count(0, table=galera_dialect.LOCK_TABLE) == 0
 
 
-def test_a_live_lease_makes_others_wait_then_time_out(galera: Cluster) -> None:
+def test_a_live_lease_is_renewed_and_makes_others_time_out(
+    galera: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease of 1 s renewed every 0.2 s: held for 3 s, no other node may take it."""
     from celery_sqlresults.dialects import galera as galera_dialect
 
+    monkeypatch.setattr(galera_dialect, "LEASE_SECONDS", 1)
+    monkeypatch.setattr(galera_dialect, "RENEW_SECONDS", 0.2)
     assert run("init", "--url", galera.url(0))[0] == 0
-    backend = app_on(galera.url(1), sqlresults_schema_lock_timeout=1).backend
-    dialect = backend.store.dialect
-    with backend.store.connect() as holder, dialect.schema_lock(holder, 5):
-        other = app_on(galera.url(2)).backend.store
-        with other.connect() as conn:
-            started = time.monotonic()
-            with (
-                pytest.raises(TimeoutError, match=galera_dialect.LOCK_TABLE),
-                other.dialect.schema_lock(conn, 1),
-            ):
-                pass
-            assert time.monotonic() - started >= 1
+    holder = app_on(galera.url(1)).backend.store
+    other = app_on(galera.url(2)).backend.store
+    with (
+        holder.connect() as conn,
+        holder.dialect.schema_lock(conn, 5),
+        other.connect() as waiting,
+        pytest.raises(TimeoutError, match=galera_dialect.LOCK_TABLE),
+        other.dialect.schema_lock(waiting, 3),
+    ):
+        pass
+    with other.connect() as waiting, other.dialect.schema_lock(waiting, 5):
+        pass  # given back: free at once
 
 
 # ---- 2. what holds across nodes -------------------------------------------------------
