@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_pooler": None,
     "sqlresults_listen_url": None,
     "sqlresults_read_url": None,
+    "sqlresults_galera": "auto",
 }
 
 #: ``sqlresults_pooler`` values: what stands between the backend and the database.
@@ -103,6 +104,10 @@ class Settings:
     #: "auto": when every role that may connect may also read and write the results.
     notify_rows: bool | Literal["auto"] = "auto"
     durable_commit: bool = True
+    #: MariaDB Galera Cluster: ``"auto"`` asks the server (``wsrep_on``) at the first
+    #: connection; ``True`` forces the Galera variant (``settings.dialect`` is it), ``False``
+    #: never uses it.
+    galera: bool | Literal["auto"] = "auto"
     #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
     #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
     failure_expires: timedelta | None = None
@@ -130,6 +135,9 @@ class Settings:
     ) -> Settings:
         conf = app.conf
         parsed, dialect = _parse_url(url or conf.get("database_url"))
+        galera = _galera(conf, dialect)
+        if galera is True:
+            dialect = dialect.galera() or dialect
         pooler = _pooler(conf)
         if pooler is not None:
             dialect = _pooled(dialect, pooler, parsed)
@@ -150,6 +158,7 @@ class Settings:
             notify=bool(_get(conf, "sqlresults_notify")),
             notify_rows=_notify_rows(conf),
             durable_commit=_durable_commit(conf, dialect),
+            galera=galera,
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
             metrics_window=_window(conf, "sqlresults_metrics_window"),
             pooler=pooler,
@@ -179,6 +188,23 @@ def _notify_rows(conf: Any) -> bool | Literal["auto"]:
     if not isinstance(value, bool):
         raise ImproperlyConfigured(
             f"sqlresults_notify_rows must be True, False or 'auto', got {value!r}."
+        )
+    return value
+
+
+def _galera(conf: Any, dialect: Dialect) -> bool | Literal["auto"]:
+    value = _get(conf, "sqlresults_galera")
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured(
+            f"sqlresults_galera must be True, False or 'auto', got {value!r}."
+        )
+    if value and dialect.galera() is None:
+        raise ImproperlyConfigured(
+            "sqlresults_galera = True needs a MariaDB URL (mysql+pymysql:// or "
+            "mysql+mysqldb://): Galera Cluster is MariaDB's. Remove the setting or fix "
+            "result_backend."
         )
     return value
 

@@ -82,6 +82,7 @@ class Store:
         self._known: Statements | None = None  # the layout's statements (None: reflect first)
         self._known_lock = threading.Lock()
         self._engine: tuple[int, Engine] | None = None
+        self._resolved = False  # the dialect asked the server what it is (Galera?)
 
     @property
     def channel(self) -> str:
@@ -97,15 +98,25 @@ class Store:
         """
         pid = os.getpid()
         known = self._engine
-        if known is not None and known[0] == pid and is_current(known[1]):
+        if known is not None and known[0] == pid and is_current(known[1]) and self._resolved:
             return known[1]
         engine = get_engine(self.settings)
         self._engine = (pid, engine)
+        self._resolve(engine)
         if known is not None and known[0] == pid and known[1] is not engine:
             self.forget_layout()
             if self.on_new_database is not None:
                 self.on_new_database(self)
         return engine
+
+    def _resolve(self, engine: Engine) -> None:
+        """Let the dialect look at the server once (a Galera node?); again if unreachable."""
+        self._resolved = False
+        try:
+            self.dialect = self.settings.dialect.resolve(engine, self.settings.galera == "auto")
+        except DBAPIError:
+            return  # the operation about to run meets the same error and is retried
+        self._resolved = True
 
     # ---- tasks --------------------------------------------------------
     def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from celery import states
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 __all__ = ["Dialect", "Expiry", "OnConflict"]
@@ -245,6 +245,18 @@ class Dialect(abc.ABC):
         conn.commit()
 
     # ---- connections --------------------------------------------------
+    def galera(self) -> Dialect | None:
+        """This database's Galera Cluster variant (``sqlresults_galera = True``), if it has one."""
+        return None
+
+    def resolve(self, engine: Engine, detect: bool) -> Dialect:
+        """The dialect for what ``engine`` reaches, set up for it (asked once per engine).
+
+        ``detect``: look at the server (a MariaDB that is a Galera node gets the
+        Galera variant). May connect; raises the driver's error if it cannot.
+        """
+        return self
+
     @abc.abstractmethod
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         """Statements that bound, for one session, how long a statement waits for a lock.

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from ..exceptions import ResultTooLarge
 from .base import (
@@ -146,6 +146,19 @@ class MySQL(Dialect):
             conn.commit()
 
     # ---- connections --------------------------------------------------
+    def galera(self) -> Dialect:
+        from .galera import Galera  # the subclass of this one
+
+        return Galera()
+
+    def resolve(self, engine: Engine, detect: bool) -> Dialect:
+        """A MariaDB with ``wsrep_on`` is a Galera node: the Galera variant, set up."""
+        if not detect:
+            return self
+        from .galera import is_galera
+
+        return self.galera().resolve(engine, detect) if is_galera(engine) else self
+
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         """InnoDB row locks and metadata locks (``LOCK TABLES``, DDL), in whole seconds."""
         if seconds <= 0:
