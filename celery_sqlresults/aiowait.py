@@ -304,12 +304,15 @@ def _ended(task: asyncio.Task[None]) -> None:
 def async_waiter_for(store: Store) -> AsyncListener | AsyncPoller:
     """The running loop's :class:`AsyncListener` where the database notifies, else a poller."""
     settings = store.settings
-    connect = store.dialect.async_listener_connect(settings.url) if settings.notify else None
+    url = settings.listen_url  # None behind a transaction pooler: LISTEN would hear nothing
+    if url is None or not settings.notify:
+        return AsyncPoller()
+    connect = store.dialect.async_listener_connect(url)
     if connect is None:
         return AsyncPoller()
     loop = asyncio.get_running_loop()
     mine = _listeners.setdefault(loop, {})
-    key = (settings.url.render_as_string(hide_password=False), store.channel)
+    key = (url.render_as_string(hide_password=False), store.channel)
     listener = mine.get(key)
     if listener is None:
         listener = mine[key] = AsyncListener(connect, store.channel)

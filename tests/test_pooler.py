@@ -7,6 +7,7 @@ each statement may run on another server session, so nothing may rely on one
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -21,9 +22,11 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
+from celery.result import AsyncResult
 from sqlalchemy.engine import make_url
 
-from celery_sqlresults import dialects
+from celery_sqlresults import aget, dialects
+from celery_sqlresults.aiowait import AsyncListener, AsyncPoller, async_waiter_for
 from celery_sqlresults.dialects.postgresql import SCHEMA_LOCK_KEY
 from celery_sqlresults.settings import Settings
 from celery_sqlresults.wait import Listener, Poller
@@ -176,3 +179,23 @@ def test_a_worker_through_pgbouncer_and_get_woken_by_the_direct_listener(
     later = add.apply_async((20, 22), countdown=1)
     assert later.get(timeout=20, interval=60) == 42
     assert "Traceback" not in worker.output()
+
+
+def test_awaits_poll_behind_the_pooler_and_listen_on_the_listen_url(
+    pooled_url: str, direct_url: str
+) -> None:
+    """``aget()`` follows the same rule as ``.get()``: no LISTEN through the pooler."""
+    deaf = _app(pooled_url, **POOLED)
+    heard = _app(pooled_url, **POOLED, sqlresults_listen_url=direct_url)
+
+    async def run() -> tuple[object, object, int]:
+        kinds = async_waiter_for(deaf.backend.store), async_waiter_for(heard.backend.store)
+        pending = asyncio.ensure_future(aget(AsyncResult("a1", app=heard), timeout=20))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(heard.backend.store_result, "a1", 5, "SUCCESS")
+        return (*kinds, await pending)
+
+    deaf_waiter, heard_waiter, value = asyncio.run(run())
+    assert isinstance(deaf_waiter, AsyncPoller)
+    assert isinstance(heard_waiter, AsyncListener)
+    assert value == 5
