@@ -25,11 +25,11 @@ from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from typing import Any
 
 from celery import states
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, EagerResult, ResultSet
 
 from .aiowait import async_waiter_for
 from .backend import SQLResultsBackend
+from .wait import time_left
 
 __all__ = ["aget", "as_completed"]
 
@@ -62,7 +62,7 @@ async def aget(
         wait.forget()  # each read sees anything notified before it
         meta = (await _reader(backend).ready([task_id])).get(task_id)
         while meta is None:
-            notified = await wait(_remaining(deadline))
+            notified = await wait(time_left(deadline))
             meta = backend.carried_meta(task_id, notified)  # a ready row, or None: read
             if meta is None:
                 wait.forget()
@@ -114,7 +114,7 @@ async def as_completed(
                 member = by_id[task_id]
                 yield member, _settle(member, meta, propagate)
             if pending:
-                notified = await wait(_remaining(deadline))
+                notified = await wait(time_left(deadline))
 
 
 def _arranged(results: ResultSet, values: dict[str, Any]) -> list[Any]:
@@ -206,12 +206,3 @@ def _settle(result: AsyncResult, meta: dict[str, Any], propagate: bool) -> Any:
     """Cache ``meta`` on ``result`` and return its value or raise, as ``.get()`` ends."""
     result._maybe_set_cache(meta)  # what Celery's wait_for_pending does with the meta
     return result.maybe_throw(propagate=propagate)
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CeleryTimeoutError("The operation timed out.")
-    return left

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from celery import states
 from celery.backends.base import BaseBackend
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, result_from_tuple
 from celery.utils.time import maybe_timedelta
 from kombu import serialization
@@ -33,7 +32,7 @@ from .schema import utc_now
 from .settings import Settings
 from .startup import create_schema, try_schema
 from .store import Store
-from .wait import Notified, waiter_for
+from .wait import Notified, time_left, waiter_for
 
 __all__ = ["SQLResultsBackend"]
 
@@ -262,7 +261,7 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                     on_interval()
                 if ready:
                     return meta
-                carried = self._carried(task_id, wait(_remaining(deadline)))
+                carried = self._carried(task_id, wait(time_left(deadline)))
                 waited = True
 
     def get_many(
@@ -316,7 +315,7 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                 iterations += 1
                 if max_iterations and iterations >= max_iterations:
                     break
-                notified = wait(_remaining(deadline))
+                notified = wait(time_left(deadline))
 
     def ready_metas(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
         """The meta of those of ``task_ids`` that are ready, in one query (retried).
@@ -433,15 +432,6 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
         if self.app.conf.get("sqlresults_record_on_publish"):
             expect_publish(self, task_id)
         return {}
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CeleryTimeoutError("The operation timed out.")
-    return left
 
 
 def _as_timedelta(value: timedelta | float) -> timedelta:

@@ -181,26 +181,22 @@ def _flag(conf: Any, key: str) -> bool:
     return value
 
 
-def _notify_rows(conf: Any) -> bool | Literal["auto"]:
-    value = _get(conf, "sqlresults_notify_rows")
+def _true_false_auto(conf: Any, key: str) -> bool | Literal["auto"]:
+    value = _get(conf, key)
     if isinstance(value, str) and value.lower() == "auto":
         return "auto"
     if not isinstance(value, bool):
-        raise ImproperlyConfigured(
-            f"sqlresults_notify_rows must be True, False or 'auto', got {value!r}."
-        )
+        raise ImproperlyConfigured(f"{key} must be True, False or 'auto', got {value!r}.")
     return value
 
 
+def _notify_rows(conf: Any) -> bool | Literal["auto"]:
+    return _true_false_auto(conf, "sqlresults_notify_rows")
+
+
 def _galera(conf: Any, dialect: Dialect) -> bool | Literal["auto"]:
-    value = _get(conf, "sqlresults_galera")
-    if isinstance(value, str) and value.lower() == "auto":
-        return "auto"
-    if not isinstance(value, bool):
-        raise ImproperlyConfigured(
-            f"sqlresults_galera must be True, False or 'auto', got {value!r}."
-        )
-    if value and dialect.galera() is None:
+    value = _true_false_auto(conf, "sqlresults_galera")
+    if value is True and dialect.galera() is None:
         raise ImproperlyConfigured(
             "sqlresults_galera = True needs a MariaDB URL (mysql+pymysql:// or "
             "mysql+mysqldb://): Galera Cluster is MariaDB's. Remove the setting or fix "

@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
 from .exceptions import one_line
 from .notices import split
 from .store import Store
 
-__all__ = ["Listener", "Notified", "Poller", "Wait", "waiter_for"]
+__all__ = ["Listener", "Notified", "Poller", "Wait", "time_left", "waiter_for"]
 
 logger = logging.getLogger("celery_sqlresults")
 
@@ -346,3 +348,17 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value; None: no limit).
+
+    Raises Celery's ``TimeoutError`` once it has passed, as ``.get()`` does, for the sync and
+    the asyncio waits alike.
+    """
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CeleryTimeoutError("The operation timed out.")
+    return left
