@@ -304,6 +304,22 @@ def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
     return results
 
 
+KEPT_MARKER = "<!-- Sections below come from other bench scripts; bench.run keeps them. -->"
+
+
+def kept_sections(out: Path) -> str:
+    """The part of an existing report below ``KEPT_MARKER``, so a new run keeps it.
+
+    Other scripts (``bench.aio``, the growth figures) write their sections by hand into the
+    same page; a fresh ``bench.run`` replaces only what it measured itself.
+    """
+    if not out.exists():
+        return ""
+    old = out.read_text()
+    at = old.find(KEPT_MARKER)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes.full()
@@ -320,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         text = render(results, args.kinds, sizes, command, date, servers, load)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        args.out.write_text(text + kept_sections(args.out))
         log(f"wrote {args.out}")
     log("done")
     return 0

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import hooks as _hooks  # noqa: F401  (connects the worker and beat start-up hooks)
+from .aio import aget, as_completed
 from .backend import SQLResultsBackend
 from .exceptions import (
     DatabaseMisconfigured,
@@ -55,6 +56,8 @@ __all__ = [
     "SessionManager",
     "TaskRecord",
     "Undecodable",
+    "aget",
+    "as_completed",
     "create_tables",
     "parse_when",
 ]

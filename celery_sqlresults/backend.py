@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from celery import states
 from celery.backends.base import BaseBackend
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult, result_from_tuple
 from celery.utils.time import maybe_timedelta
 from kombu import serialization
@@ -33,7 +32,7 @@ from .schema import utc_now
 from .settings import Settings
 from .startup import create_schema, try_schema
 from .store import Store
-from .wait import Notified, waiter_for
+from .wait import Notified, time_left, waiter_for
 
 __all__ = ["SQLResultsBackend"]
 
@@ -133,7 +132,11 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
             row["date_started"] = now
         if self.extended_result and request is not None:
             row.update(self._request_columns(request))
-        notify = self._waiter.notifies and state in self.READY_STATES
+        # Ready states wake waiters; custom states (update_state's PROGRESS…) wake the
+        # monitoring view's event streams. Celery's other states do not notify.
+        notify = self._waiter.notifies and (
+            state in self.READY_STATES or state not in states.ALL_STATES
+        )
         try:
             self.store.store_task(row, notify=notify)
         except ResultTooLarge as exc:
@@ -258,7 +261,7 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                     on_interval()
                 if ready:
                     return meta
-                carried = self._carried(task_id, wait(_remaining(deadline)))
+                carried = self._carried(task_id, wait(time_left(deadline)))
                 waited = True
 
     def get_many(
@@ -310,7 +313,24 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
                 iterations += 1
                 if max_iterations and iterations >= max_iterations:
                     break
-                notified = wait(_remaining(deadline))
+                notified = wait(time_left(deadline))
+
+    def ready_metas(self, task_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The meta of those of ``task_ids`` that are ready, in one query (retried).
+
+        For waiters that do their own waiting, such as :mod:`celery_sqlresults.aio`.
+        """
+        rows = self._ensure_retryable(self.store.get_ready, list(task_ids), self.extended_result)
+        metas = [self._meta_from_row(row) for row in rows]
+        for meta in metas:
+            if meta["status"] == states.SUCCESS:
+                self._cache[meta["task_id"]] = meta
+        return metas
+
+    def carried_meta(self, task_id: str, notified: Notified | None) -> dict[str, Any] | None:
+        """The meta a notification about ``task_id`` brought along, if it may be believed."""
+        row = self._carried(task_id, notified)
+        return None if row is None else self._meta_from_row(row)
 
     def _take(
         self,
@@ -429,15 +449,6 @@ class SQLResultsBackend(ChordMixin, RetryMixin, BaseBackend):
         if self.app.conf.get("sqlresults_record_on_publish"):
             expect_publish(self, task_id)
         return {}
-
-
-def _remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CeleryTimeoutError("The operation timed out.")
-    return left
 
 
 def _as_timedelta(value: timedelta | float) -> timedelta:

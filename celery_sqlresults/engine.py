@@ -63,7 +63,9 @@ def _key(settings: Settings) -> str:
     callback = repr(settings.engine_callback)  # a different callback wants its own engine
     # ... and so do different session settings (run on each new connection)
     session = f"{settings.lock_timeout}|{settings.durable_commit}"
-    return f"{settings.url.render_as_string(hide_password=False)}|{options}|{callback}|{session}"
+    dialect = type(settings.dialect).__name__  # behind a pooler or not
+    url = settings.url.render_as_string(hide_password=False)
+    return f"{url}|{options}|{callback}|{session}|{dialect}"
 
 
 def get_engine(settings: Settings) -> Engine:
@@ -118,8 +120,11 @@ def _create(settings: Settings) -> Engine:
     options.setdefault("isolation_level", "AUTOCOMMIT")
     if options["isolation_level"] == "AUTOCOMMIT":
         options.setdefault("pool_reset_on_return", None)
-    engine = sa.create_engine(settings.url, **options)
     dialect = settings.dialect
+    wanted = dialect.connect_args()
+    if wanted:  # the user's own connect_args win
+        options["connect_args"] = {**wanted, **options.get("connect_args", {})}
+    engine = sa.create_engine(settings.url, **options)
     statements = dialect.session_statements(
         settings.url, settings.lock_timeout, settings.durable_commit
     )

@@ -35,6 +35,8 @@ class Layout:
     group_seq: bool
     has_chord: bool
     has_chord_part: bool
+    #: Whether counted parts record their place in the header (revision 0007).
+    has_part_index: bool = False
     #: Bytes each binary/text column of the task table holds, where that is a real limit.
     task_capacity: dict[str, int] = field(default_factory=dict)
     #: Bytes one statement may take (MySQL's ``max_allowed_packet``), if limited.
@@ -68,6 +70,7 @@ def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None
         group_seq=dialect.id_from_sequence(dict(group["id"])),
         has_chord=chord_columns is not None,
         has_chord_part=part_columns is not None,
+        has_part_index=part_columns is not None and "group_index" in part_columns,
     )
 
 

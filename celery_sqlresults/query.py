@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import copy
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .statements import Statements
 from .store import BATCH_SIZE, Store
 
 __all__ = [
+    "Durations",
     "ResultQuery",
     "TaskRecord",
     "Truncated",
@@ -130,6 +132,19 @@ class TaskRecord:
     traceback: str | None
 
 
+@dataclass(frozen=True)
+class Durations:
+    """A histogram of durations in seconds, as :meth:`ResultQuery.durations` counts them.
+
+    ``buckets``: ``(upper bound, how many took at most that long)`` pairs,
+    cumulative as Prometheus' ``le`` buckets; ``count`` and ``sum`` over all.
+    """
+
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum: float
+
+
 @dataclass(frozen=True, repr=False)
 class Undecodable:
     """Stands in for a stored value this app may not (or cannot) decode.
@@ -184,10 +199,18 @@ class ResultQuery:
         self.backend = backend
         self._where: tuple[tuple[str, Any], ...] = ()
         self._limit: int | None = None
+        reading = backend.settings.for_reading()
+        self._reader = backend.store if reading is backend.settings else Store(reading)
 
     @property
     def store(self) -> Store:
+        """Where writes go (``forget``, ``cleanup``): the backend's own database."""
         return self.backend.store
+
+    @property
+    def reader(self) -> Store:
+        """Where reads go: ``sqlresults_read_url`` (a replica) if set, else :attr:`store`."""
+        return self._reader
 
     # ---- building -----------------------------------------------------
     def filter(
@@ -249,7 +272,7 @@ class ResultQuery:
         whole: it comes back as a :class:`Truncated` holding its first part
         (see :meth:`page`).
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -258,7 +281,7 @@ class ResultQuery:
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(self._limit)
             return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, [])
+        rows: list[Mapping[str, Any]] = self.reader.run(run, [])
         return [self._record(row, values_up_to) for row in rows]
 
     def get(self, task_id: str, values_up_to: int | None = None) -> TaskRecord | None:
@@ -266,7 +289,7 @@ class ResultQuery:
 
         ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> Mapping[str, Any] | None:
             layout = statements.layout
@@ -274,7 +297,7 @@ class ResultQuery:
             stmt = sa.select(*cols).where(t.c.task_id == task_id, *self._clauses(layout))
             return next(iter(self._fetch(conn, stmt, values_up_to)), None)
 
-        row = self.store.run(run, None)
+        row = self.reader.run(run, None)
         return None if row is None else self._record(row, values_up_to)
 
     def read_value(
@@ -291,7 +314,7 @@ class ResultQuery:
             raise ValueError(f"column must be one of {', '.join(_VALUES)}, got {column!r}")
         if start < 0 or size < 1:
             raise ValueError(f"start must be >= 0 and size >= 1, got {start!r} and {size!r}")
-        t = self.store.tables.task
+        t = self.reader.tables.task
         col = t.c[column]
         by_blob = self._by_blob(col)
         part = t.c.id if by_blob else sa.func.substr(col, start + 1, size, type_=col.type)
@@ -304,15 +327,15 @@ class ResultQuery:
             if row is None or row[1] is None:
                 return None
             piece = (
-                self.store.dialect.read_blob(conn, col, row[0], start, size) if by_blob else row[0]
+                self.reader.dialect.read_blob(conn, col, row[0], start, size) if by_blob else row[0]
             )
             return piece, int(row[1])
 
-        return self.store.run(run, None)
+        return self.reader.run(run, None)
 
     def count(self) -> int:
         """How many results match (at most the limit, if one is set)."""
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> int:
 
@@ -320,7 +343,7 @@ class ResultQuery:
             stmt = sa.select(sa.func.count()).select_from(t).where(*self._clauses(layout))
             return int(conn.execute(stmt).scalar_one())
 
-        n = self.store.run(run, 0)
+        n = self.reader.run(run, 0)
         return n if self._limit is None else min(n, self._limit)
 
     @overload
@@ -333,7 +356,7 @@ class ResultQuery:
         ``{"SUCCESS": 10, "FAILURE": 2}``, or with ``by_name``
         ``{"proj.add": {"SUCCESS": 10}, None: {...}}`` (``None``: no name stored).
         """
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[tuple[str | None, str, int]]:
 
@@ -349,12 +372,71 @@ class ResultQuery:
             rows = conn.execute(stmt).all()
             return [(r[0], r[1], r[2]) if named else (None, r[0], r[1]) for r in rows]
 
-        rows: list[tuple[str | None, str, int]] = self.store.run(run, [])
+        rows: list[tuple[str | None, str, int]] = self.reader.run(run, [])
         if not by_name:
             return {status: n for _, status, n in rows}
         out: dict[str | None, dict[str, int]] = {}
         for name, status, n in rows:
             out.setdefault(name, {})[status] = n
+        return out
+
+    def durations(
+        self, buckets: Iterable[float], newest: int
+    ) -> dict[str, dict[str | None, Durations]]:
+        """Queue wait and run time of the matching finished tasks, as histograms per task name.
+
+        ``{"queue_wait": {name: Durations}, "run_time": {...}}``: queue wait is
+        ``date_created`` to ``date_started`` (the publish time with
+        ``sqlresults_record_on_publish``, the start needs ``task_track_started``),
+        run time ``date_started`` to ``date_done``. Only the ``newest`` rows by
+        ``date_done`` are read, down the ``date_done`` index, and the buckets
+        (upper bounds in seconds) are counted in SQL: the cost is bounded
+        however large the table. Give a ``since`` filter for a recent window.
+        Empty where the table has no ``date_started`` (``db+`` before revision 0003).
+        """
+        bounds = sorted(float(b) for b in buckets)
+        if not all(math.isfinite(b) for b in bounds):  # written into the SQL as literals
+            raise ValueError(f"bucket bounds must be finite numbers, got {bounds!r}")
+        t = self.store.tables.task
+        seconds = self.store.dialect.seconds_between
+        out: dict[str, dict[str | None, Durations]] = {"queue_wait": {}, "run_time": {}}
+
+        def run(conn: Connection, statements: Statements) -> list[Any]:
+            layout = statements.layout
+            if not {"date_created", "date_started"} <= set(layout.task_columns):
+                return []
+            name = t.c.name if "name" in layout.task_columns else sa.null()
+            recent = (
+                sa.select(
+                    name.label("name"),
+                    seconds(t.c.date_created, t.c.date_started).label("queue_wait"),
+                    seconds(t.c.date_started, t.c.date_done).label("run_time"),
+                )
+                .where(t.c.date_done.is_not(None), *self._clauses(layout))
+                .order_by(t.c.date_done.desc())
+                .limit(newest)
+                .subquery()
+            )
+            r = recent.c
+            cols: list[sa.ColumnElement[Any]] = [r.name]
+            for took in (r.queue_wait, r.run_time):
+                cols += [
+                    sa.func.sum(sa.case((took <= sa.literal_column(repr(b)), 1), else_=0))
+                    for b in bounds
+                ]
+                cols += [sa.func.count(took), sa.func.sum(took)]
+            return list(conn.execute(sa.select(*cols).group_by(r.name)).all())
+
+        width = len(bounds) + 2
+        rows: list[Any] = self.store.run(run, [])
+        for row in rows:
+            for i, key in enumerate(out):
+                part = row[1 + i * width : 1 + (i + 1) * width]
+                count = int(part[-2] or 0)
+                if count:
+                    counts = tuple(int(n or 0) for n in part[:-2])
+                    pairs = tuple(zip(bounds, counts, strict=True))
+                    out[key][row[0]] = Durations(pairs, count, float(part[-1]))
         return out
 
     def page(
@@ -373,7 +455,7 @@ class ResultQuery:
         """
         if size < 1:
             raise ValueError(f"page size must be >= 1, got {size!r}")
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -382,7 +464,7 @@ class ResultQuery:
             stmt = stmt.order_by(t.c.date_done.desc(), t.c.id.desc()).limit(size + 1)
             return self._fetch(conn, stmt, values_up_to)
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, [])
+        rows: list[Mapping[str, Any]] = self.reader.run(run, [])
         more = len(rows) > size
         rows = rows[:size]
         cursor = encode_cursor(rows[-1]["date_done"], rows[-1]["id"]) if more else None
@@ -397,7 +479,7 @@ class ResultQuery:
         ``values_up_to`` bounds what is read of each value, as for :meth:`page`.
         """
         ids = list(dict.fromkeys(task_ids))
-        t = self.store.tables.task
+        t = self.reader.tables.task
 
         def run(conn: Connection, statements: Statements) -> list[Mapping[str, Any]]:
             layout = statements.layout
@@ -409,7 +491,7 @@ class ResultQuery:
                 out.extend(self._fetch(conn, stmt, values_up_to))
             return out
 
-        rows: list[Mapping[str, Any]] = self.store.run(run, []) if ids else []
+        rows: list[Mapping[str, Any]] = self.reader.run(run, []) if ids else []
         return {row["task_id"]: self._record(row, values_up_to) for row in rows}
 
     def group(self, group_id: str) -> GroupResult | Undecodable | None:
@@ -419,14 +501,14 @@ class ResultQuery:
         goes through the backend's retry loop, which keeps a caller waiting for
         ``sqlresults_retry_timeout`` while the database is down. Filters do not apply.
         """
-        g = self.store.tables.group
+        g = self.reader.tables.group
         stmt = sa.select(g.c.result).where(g.c.taskset_id == group_id)
 
         def run(conn: Connection, _: Statements) -> tuple[bytes | None] | None:
             row = conn.execute(stmt).first()
             return None if row is None else (row[0],)
 
-        found = self.store.run(run, None)
+        found = self.reader.run(run, None)
         if found is None:
             return None
         value = self._decode(found[0])
@@ -476,7 +558,7 @@ class ResultQuery:
 
     # ---- internals ----------------------------------------------------
     def _clauses(self, layout: Layout) -> list[sa.ColumnElement[bool]]:
-        t = self.store.tables.task
+        t = self.reader.tables.task
         out: list[sa.ColumnElement[bool]] = []
         for key, value in self._where:
             if key == "state":
@@ -487,7 +569,7 @@ class ResultQuery:
                 out.append(t.c.date_done < _naive(value))
             elif key == "after":
                 done, row_id = value
-                first = self.store.dialect.nulls_first_descending
+                first = self.reader.dialect.nulls_first_descending
                 out.append(_keyset(t, done, row_id, nulls_first=first))
             elif key in layout.task_columns:
                 out.append(_match(t.c[key], value))
@@ -504,8 +586,8 @@ class ResultQuery:
         self, layout: Layout, values_up_to: int | None, extra: tuple[str, ...] = ()
     ) -> list[sa.ColumnElement[Any]]:
         """The task columns to select: values cut to ``values_up_to``, with their sizes."""
-        t = self.store.tables.task
-        if values_up_to is not None and not self.store.dialect.cuts_blobs_in_sql:
+        t = self.reader.tables.task
+        if values_up_to is not None and not self.reader.dialect.cuts_blobs_in_sql:
             extra = (*extra, "id")  # for the blob reads
         out: list[sa.ColumnElement[Any]] = []
         for name in dict.fromkeys((*extra, *_COLUMNS)):
@@ -528,16 +610,16 @@ class ResultQuery:
 
         Where ``substr`` would load the whole value into this process (SQLite).
         """
-        return not self.store.dialect.cuts_blobs_in_sql and isinstance(col.type, sa.LargeBinary)
+        return not self.reader.dialect.cuts_blobs_in_sql and isinstance(col.type, sa.LargeBinary)
 
     def _fetch(
         self, conn: Connection, stmt: sa.Select[Any], values_up_to: int | None
     ) -> list[Mapping[str, Any]]:
         """Run a select built by :meth:`_columns`, reading the heads :meth:`_by_blob` left out."""
         rows = cast("list[Mapping[str, Any]]", list(conn.execute(stmt).mappings()))
-        if values_up_to is None or self.store.dialect.cuts_blobs_in_sql:
+        if values_up_to is None or self.reader.dialect.cuts_blobs_in_sql:
             return rows
-        t = self.store.tables.task
+        t = self.reader.tables.task
         out = []
         for row in rows:
             big = [
@@ -548,8 +630,9 @@ class ResultQuery:
             if big:
                 row = dict(row)
                 for name in big:
-                    head = self.store.dialect.read_blob(conn, t.c[name], row["id"], 0, values_up_to)
-                    row[name] = head
+                    row[name] = self.reader.dialect.read_blob(
+                        conn, t.c[name], row["id"], 0, values_up_to
+                    )
             out.append(row)
         return out
 

@@ -158,6 +158,8 @@ _OPERATIONS = {
     "chord_start": "starting a chord",
     "chord_set_size": "setting a chord's size",
     "chord_part_done": "counting a finished chord part",
+    "chord_add": "adding a task to a chord",
+    "chord_parts": "reading a chord's counted parts",
     "chord_delete": "removing a finished chord's counter",
     "cleanup": "deleting expired results",
 }

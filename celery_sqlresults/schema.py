@@ -54,7 +54,8 @@ class Tables:
 
     ``task`` and ``group`` are Celery's; ``chord`` (one counter row per running
     chord) and ``chord_part`` (the header tasks counted so far, so a redelivered
-    task is not counted twice) are ours and invisible to Celery's ``db+``. ``version`` names the
+    task is not counted twice, with their place in the header) are ours and
+    invisible to Celery's ``db+``. ``version`` names the
     table holding our schema revision (Alembic's ``version_table``, kept in
     the task table's schema and managed by Alembic, not part of ``metadata``).
     """
@@ -150,6 +151,7 @@ def build_tables(
         sa.Column("group_id", sa.String(155), primary_key=True),
         sa.Column("task_id", sa.String(155), primary_key=True),
         sa.Column("date_created", sa.DateTime, nullable=False),
+        sa.Column("group_index", sa.Integer, nullable=True),
         schema=group_schema,
     )
     return Tables(md, task, group, chord, chord_part, names["version"])

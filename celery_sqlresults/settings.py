@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -34,7 +34,15 @@ DEFAULTS: dict[str, Any] = {
     "sqlresults_notify": True,
     "sqlresults_notify_rows": "auto",
     "sqlresults_durable_commit": True,
+    "sqlresults_metrics_window": 600.0,
+    "sqlresults_pooler": None,
+    "sqlresults_listen_url": None,
+    "sqlresults_read_url": None,
+    "sqlresults_galera": "auto",
 }
+
+#: ``sqlresults_pooler`` values: what stands between the backend and the database.
+POOLERS = (None, "transaction")
 
 #: Engine options used when the user has not set ``database_engine_options``.
 #: Celery's default turns on ``pool_pre_ping``, a second round trip on every
@@ -96,9 +104,23 @@ class Settings:
     #: "auto": when every role that may connect may also read and write the results.
     notify_rows: bool | Literal["auto"] = "auto"
     durable_commit: bool = True
+    #: MariaDB Galera Cluster: ``"auto"`` asks the server (``wsrep_on``) at the first
+    #: connection; ``True`` forces the Galera variant (``settings.dialect`` is it), ``False``
+    #: never uses it.
+    galera: bool | Literal["auto"] = "auto"
     #: Celery's ``result_failure_expires``: how long FAILURE results are kept, if set
     #: (``timedelta(0)``: for ever, as Celery's Redis backend reads 0).
     failure_expires: timedelta | None = None
+    #: Seconds back from now whose finished tasks the ``/metrics`` histograms describe.
+    metrics_window: float = 600.0
+    #: ``sqlresults_pooler``: ``"transaction"`` behind PgBouncer's transaction mode, else None.
+    pooler: str | None = None
+    #: Where ``LISTEN`` connects: ``sqlresults_listen_url``, else ``url`` where a connection
+    #: keeps its session (``None`` behind a transaction pooler: waiters poll).
+    listen_url: URL | None = None
+    #: ``sqlresults_read_url``: where listings, counts and the monitoring view read (a
+    #: streaming replica); ``None``: ``url``. Stores and waiting never use it.
+    read_url: URL | None = None
 
     @property
     def masked_url(self) -> str:
@@ -113,6 +135,12 @@ class Settings:
     ) -> Settings:
         conf = app.conf
         parsed, dialect = _parse_url(url or conf.get("database_url"))
+        galera = _galera(conf, dialect)
+        if galera is True:
+            dialect = dialect.galera() or dialect
+        pooler = _pooler(conf)
+        if pooler is not None:
+            dialect = _pooled(dialect, pooler, parsed)
         return cls(
             url=parsed,
             dialect=dialect,
@@ -130,8 +158,20 @@ class Settings:
             notify=bool(_get(conf, "sqlresults_notify")),
             notify_rows=_notify_rows(conf),
             durable_commit=_durable_commit(conf, dialect),
+            galera=galera,
             failure_expires=_failure_expires(conf.get("result_failure_expires")),
+            metrics_window=_window(conf, "sqlresults_metrics_window"),
+            pooler=pooler,
+            listen_url=_listen_url(conf, parsed, dialect),
+            read_url=_same_database(conf, "sqlresults_read_url", parsed, "a streaming replica"),
         )
+
+    def for_reading(self) -> Settings:
+        """These settings on :attr:`read_url` (themselves when there is none); the same
+        dialect, so a replica behind the same kind of pooler is read the same way."""
+        if self.read_url is None:
+            return self
+        return replace(self, url=self.read_url, read_url=None)
 
 
 def _flag(conf: Any, key: str) -> bool:
@@ -141,13 +181,26 @@ def _flag(conf: Any, key: str) -> bool:
     return value
 
 
-def _notify_rows(conf: Any) -> bool | Literal["auto"]:
-    value = _get(conf, "sqlresults_notify_rows")
+def _true_false_auto(conf: Any, key: str) -> bool | Literal["auto"]:
+    value = _get(conf, key)
     if isinstance(value, str) and value.lower() == "auto":
         return "auto"
     if not isinstance(value, bool):
+        raise ImproperlyConfigured(f"{key} must be True, False or 'auto', got {value!r}.")
+    return value
+
+
+def _notify_rows(conf: Any) -> bool | Literal["auto"]:
+    return _true_false_auto(conf, "sqlresults_notify_rows")
+
+
+def _galera(conf: Any, dialect: Dialect) -> bool | Literal["auto"]:
+    value = _true_false_auto(conf, "sqlresults_galera")
+    if value is True and dialect.galera() is None:
         raise ImproperlyConfigured(
-            f"sqlresults_notify_rows must be True, False or 'auto', got {value!r}."
+            "sqlresults_galera = True needs a MariaDB URL (mysql+pymysql:// or "
+            "mysql+mysqldb://): Galera Cluster is MariaDB's. Remove the setting or fix "
+            "result_backend."
         )
     return value
 
@@ -158,6 +211,55 @@ def _durable_commit(conf: Any, dialect: Dialect) -> bool:
     if refusal is not None:
         raise ImproperlyConfigured(refusal)
     return durable
+
+
+def _pooler(conf: Any) -> str | None:
+    value = _get(conf, "sqlresults_pooler")
+    if isinstance(value, str) and value.lower() in ("none", "session", ""):
+        return None  # a session pooler keeps sessions: nothing changes
+    if value not in POOLERS:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler must be None or 'transaction' (PgBouncer's pool_mode = "
+            f"transaction in front of the database), got {value!r}."
+        )
+    return str(value) if value is not None else None
+
+
+def _pooled(dialect: Dialect, pooler: str, url: URL) -> Dialect:
+    pooled = dialect.behind_pooler()
+    if pooled is None:
+        raise ImproperlyConfigured(
+            f"sqlresults_pooler = {pooler!r} is for PostgreSQL behind PgBouncer; "
+            f"{mask_url(url)!r} is not PostgreSQL: remove sqlresults_pooler."
+        )
+    return pooled
+
+
+def _listen_url(conf: Any, url: URL, dialect: Dialect) -> URL | None:
+    if _get(conf, "sqlresults_listen_url") is None:
+        return url if dialect.keeps_sessions else None
+    return _same_database(conf, "sqlresults_listen_url", url, "the server directly")
+
+
+def _same_database(conf: Any, key: str, url: URL, what: str) -> URL | None:
+    """Setting ``key``: another URL of ``url``'s database (``sql+`` taken off), or ``None``."""
+    raw = _get(conf, key)
+    if raw is None:
+        return None
+    try:
+        listen = make_url(raw)
+    except ArgumentError:
+        listen = None
+    if listen is not None and "+" in listen.drivername:
+        scheme, rest = listen.drivername.split("+", 1)
+        if scheme in ("sql", "db", "database"):
+            listen = listen.set(drivername=rest)
+    if listen is None or listen.get_backend_name() != url.get_backend_name():
+        raise ImproperlyConfigured(
+            f"{key} must be a URL of the same database that reaches {what} (e.g. "
+            f"'postgresql+psycopg://user@db-host:5432/db'), got {mask_url(str(raw))!r}."
+        )
+    return listen
 
 
 def _get(conf: Any, key: str) -> Any:
@@ -294,6 +396,23 @@ def _failure_expires(value: Any) -> timedelta | None:
             f"got {value!r}."
         )
     return timedelta(seconds=seconds)
+
+
+def _window(conf: Any, key: str) -> float:
+    """A window of time: a positive number of seconds (or a timedelta) up to a week."""
+    value = _get(conf, key)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        seconds = math.nan
+    if not 0 < seconds <= _MAX_SECONDS:
+        raise ImproperlyConfigured(
+            f"{key} must be a number of seconds (or a timedelta) above 0 and at most "
+            f"{_MAX_SECONDS:.0f} (a week), e.g. 600 for the last 10 minutes, got {value!r}."
+        )
+    return seconds
 
 
 def _seconds(conf: Any, key: str) -> float:

@@ -278,7 +278,7 @@ def _needs_ddl(store: Store, conn: sa.Connection) -> bool:
     layout = store.layout(conn)
     return (
         layout is None
-        or not (layout.has_chord and layout.has_chord_part)
+        or not (layout.has_chord and layout.has_chord_part and layout.has_part_index)
         or bool(store.missing_columns(layout))
     )
 

@@ -162,7 +162,53 @@ class Statements:
         (``group_id``, ``task_id``, ``date_created``; returns ``done``, ``chord_size``)."""
         if not self.layout.has_chord_part:
             return None
-        return self.dialect.part_counter(self.tables.chord, self.tables.chord_part)
+        return self.dialect.part_counter(
+            self.tables.chord, self.tables.chord_part, self.part_columns
+        )
+
+    @property
+    def part_columns(self) -> tuple[str, ...]:
+        """The columns a counted part is recorded with, as the table has them."""
+        columns = ("group_id", "task_id", "date_created")
+        return (*columns, "group_index") if self.layout.has_part_index else columns
+
+    @_kept
+    def chord_parts_read(self) -> sa.Executable:
+        """The task ids counted for chord ``group_id``, in header order (``group_index``;
+        the tasks added to the header next to the task that added them)."""
+        p = self.tables.chord_part
+        return (
+            sa.select(p.c.task_id)
+            .where(p.c.group_id == sa.bindparam("group_id"))
+            .order_by(p.c.group_index, p.c.date_created, p.c.task_id)
+        )
+
+    @_kept
+    def chord_add(self) -> sa.Executable:
+        """Make chord ``chord`` wait for one more part (a task added to its header):
+        ``done`` goes down by one, so the count that completes it is one later."""
+        c = self.tables.chord
+        return sa.update(c).where(c.c.group_id == sa.bindparam("chord")).values(done=c.c.done - 1)
+
+    @_kept
+    def chord_read_locked(self) -> sa.Executable:
+        """``done`` and ``chord_size`` of chord ``chord``, its row locked to the transaction."""
+        c = self.tables.chord
+        return (
+            sa.select(c.c.done, c.c.chord_size)
+            .where(c.c.group_id == sa.bindparam("chord"))
+            .with_for_update()
+        )
+
+    @_kept
+    def group_read_locked(self) -> sa.Executable:
+        """The ``result`` of group ``taskset_id``, its row locked to the transaction."""
+        g = self.tables.group
+        return (
+            sa.select(g.c.result)
+            .where(g.c.taskset_id == sa.bindparam("taskset_id"))
+            .with_for_update()
+        )
 
     @_kept
     def chord_delete(self) -> sa.Executable:

@@ -37,7 +37,7 @@ from .schema import Tables, build_tables
 from .settings import Settings
 from .statements import Statements
 
-__all__ = ["BATCH_SIZE", "CLEANUP_BATCH", "Store"]
+__all__ = ["BATCH_SIZE", "CLEANUP_BATCH", "Grow", "Store"]
 
 #: Ids per query in :meth:`Store.get_ready`: well inside every driver's parameter limit.
 BATCH_SIZE = 1000
@@ -46,6 +46,9 @@ CLEANUP_BATCH = 5000
 #: Seconds before a refused oversized value makes the layout be reflected again.
 _RECHECK_AFTER = 10.0
 T = TypeVar("T")
+#: Makes a group's new ``result`` payload from the stored one (``None``: no row);
+#: returns ``None`` to leave the row as it is.
+Grow = Callable[[bytes | None], bytes | None]
 
 
 class Store:
@@ -79,6 +82,7 @@ class Store:
         self._known: Statements | None = None  # the layout's statements (None: reflect first)
         self._known_lock = threading.Lock()
         self._engine: tuple[int, Engine] | None = None
+        self._resolved = False  # the dialect asked the server what it is (Galera?)
 
     @property
     def channel(self) -> str:
@@ -94,15 +98,25 @@ class Store:
         """
         pid = os.getpid()
         known = self._engine
-        if known is not None and known[0] == pid and is_current(known[1]):
+        if known is not None and known[0] == pid and is_current(known[1]) and self._resolved:
             return known[1]
         engine = get_engine(self.settings)
         self._engine = (pid, engine)
+        self._resolve(engine)
         if known is not None and known[0] == pid and known[1] is not engine:
             self.forget_layout()
             if self.on_new_database is not None:
                 self.on_new_database(self)
         return engine
+
+    def _resolve(self, engine: Engine) -> None:
+        """Let the dialect look at the server once (a Galera node?); again if unreachable."""
+        self._resolved = False
+        try:
+            self.dialect = self.settings.dialect.resolve(engine, self.settings.galera == "auto")
+        except DBAPIError:
+            return  # the operation about to run meets the same error and is retried
+        self._resolved = True
 
     # ---- tasks --------------------------------------------------------
     def store_task(self, values: Mapping[str, Any], notify: bool = False) -> None:
@@ -202,18 +216,60 @@ class Store:
 
         self._write(write)
 
-    def chord_set_size(self, group_id: str, size: int) -> None:
-        values = {"chord": group_id, "size": size}
-        self.run(lambda c, s: c.execute(s.chord_set_size(), values), None)
+    def chord_set_size(self, group_id: str, size: int) -> tuple[int, int | None] | None:
+        """Fix a chord's size; ``(done, size)`` as they are then, ``None`` without a counter."""
+        return self._chord_change(group_id, "chord_set_size", {"size": size}, None)
+
+    def chord_add(self, group_id: str, now: datetime, grow: Grow) -> tuple[int, int | None] | None:
+        """Make a chord wait for one more task, and add it to the header group's row
+        (``grow`` makes the new row from the old, if there is one) in the same transaction;
+        ``(done, size)``, or ``None`` when the chord has no counter (done, or expired)."""
+        return self._chord_change(group_id, "chord_add", {}, (now, grow))
+
+    def _chord_change(
+        self,
+        group_id: str,
+        change: str,
+        values: dict[str, Any],
+        grow: tuple[datetime, Grow] | None,
+    ) -> tuple[int, int | None] | None:
+        """Change a chord's counter row and, under its lock, its header group's row.
+
+        The counter's UPDATE comes first and locks the row until the commit: a
+        part being counted, a size being set or a task being added to the
+        same chord waits, so each sees the others' changes whole.
+        """
+
+        def write(statements: Statements) -> tuple[int, int | None] | None:
+            params = {"chord": group_id, **values}
+            with self.connect() as conn, self.dialect.writing(conn):
+                conn.execute(getattr(statements, change)(), params)
+                row = conn.execute(statements.chord_read_locked(), {"chord": group_id}).first()
+                if row is None:
+                    return None
+                if grow is not None:
+                    now, grown_from = grow
+                    key = {"taskset_id": group_id}
+                    old = conn.execute(statements.group_read_locked(), key).first()
+                    grown = grown_from(None if old is None else old[0])
+                    if grown is not None:
+                        new = {**key, "result": grown, "date_done": now}
+                        conn.execute(statements.group_upsert(), new)
+                return int(row[0]), row[1]
+
+        return self._read(write, None)
 
     def chord_part_done(
-        self, group_id: str, task_id: str, now: datetime
+        self, group_id: str, task_id: str, now: datetime, group_index: int | None = None
     ) -> tuple[int, int | None] | None:
         """Count one finished header task once; ``(done, size)``, or ``None`` when this
-        task was counted already or the chord has no counter."""
-        part = {"group_id": group_id, "task_id": task_id, "date_created": now}
+        task was counted already or the chord has no counter. ``group_index``: its
+        place in the header (kept where the table has the column)."""
+        given = {"group_id": group_id, "task_id": task_id, "date_created": now}
 
         def count(statements: Statements) -> tuple[int, int | None] | None:
+            part = {**given, "group_index": group_index}
+            part = {c: part[c] for c in statements.part_columns}
             counter = statements.chord_count()
             if counter is not None:  # one statement, on the hot path's connection
                 row = fastpath.fetch_one(self.engine, self.dialect, counter, part)
@@ -223,6 +279,24 @@ class Store:
                 return self.dialect.count_part(conn, self.tables.chord, parts, part)
 
         return self._read(count, None)
+
+    def chord_parts(self, group_id: str) -> list[str] | None:
+        """The ids of the parts counted for a chord, in header order; ``None`` where
+        the parts' places are not recorded (a schema before revision 0007)."""
+
+        def read(conn: Connection, statements: Statements) -> list[str] | None:
+            if not statements.layout.has_part_index:
+                return None
+            rows = conn.execute(statements.chord_parts_read(), {"group_id": group_id})
+            return [row[0] for row in rows]
+
+        return self.run(read, None)
+
+    def generated_headers(self) -> bool:
+        """Whether a chord's header can be sent as it is generated: the counted parts
+        record their place (revision 0007), so no list of the header is needed first."""
+        layout = self.layout()
+        return layout is not None and layout.has_part_index
 
     def chord_delete(self, group_id: str) -> None:
         """Drop a finished chord's counter and its counted parts."""

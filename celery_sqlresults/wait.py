@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
 from .exceptions import one_line
 from .notices import split
 from .store import Store
 
-__all__ = ["Listener", "Notified", "Poller", "Wait", "waiter_for"]
+__all__ = ["Listener", "Notified", "Poller", "Wait", "time_left", "waiter_for"]
 
 logger = logging.getLogger("celery_sqlresults")
 
@@ -68,9 +70,15 @@ _CHECK_EVERY = 5.0
 
 
 class Poller:
-    """Adaptive polling, for databases without notifications."""
+    """Adaptive polling, for databases without notifications (or without a way to hear them).
 
-    notifies = False
+    ``notifies``: writes still notify, for processes that can listen (behind a
+    transaction pooler, those given ``sqlresults_listen_url``).
+    """
+
+    def __init__(self, notifies: bool = False) -> None:
+        self.notifies = notifies
+
     #: Whether a watch would first start something (nothing to start here).
     idle = False
 
@@ -304,10 +312,16 @@ class _Listening:
 def waiter_for(store: Store) -> Poller | Listener:
     """A :class:`Listener` where the database notifies (unless disabled), else a poller."""
     settings = store.settings
-    connect = store.dialect.listener_connect(settings.url) if settings.notify else None
+    url = settings.listen_url
+    if url is None:
+        if settings.notify and store.dialect.notifies:
+            _warn_deaf(settings.masked_url)
+            return Poller(notifies=True)
+        return Poller()
+    connect = store.dialect.listener_connect(url) if settings.notify else None
     if connect is None:
         return Poller()
-    key = (settings.url.render_as_string(hide_password=False), store.channel)
+    key = (url.render_as_string(hide_password=False), store.channel)
     with _listeners_lock:
         listener = _listeners.get(key)
         if listener is None:
@@ -317,6 +331,20 @@ def waiter_for(store: Store) -> Poller | Listener:
 
 _listeners: dict[tuple[str, str], Listener] = {}
 _listeners_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _warn_deaf(masked_url: str) -> None:
+    """Once per process and URL: behind a transaction pooler LISTEN hears nothing."""
+    if masked_url in _warned:
+        return
+    _warned.add(masked_url)
+    logger.warning(
+        "celery-sqlresults: %s is behind a transaction pooler (sqlresults_pooler), where "
+        "LISTEN hears nothing: waiting polls (up to the interval, 0.5 s by default). Set "
+        "sqlresults_listen_url to a URL reaching the server directly to wake at once.",
+        masked_url,
+    )
 
 
 def _after_fork_in_child() -> None:
@@ -329,3 +357,17 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value; None: no limit).
+
+    Raises Celery's ``TimeoutError`` once it has passed, as ``.get()`` does, for the sync and
+    the asyncio waits alike.
+    """
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CeleryTimeoutError("The operation timed out.")
+    return left

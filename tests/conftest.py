@@ -364,6 +364,7 @@ def start_together(db_url: str, tmp_path: Path, n: int, *kept: str) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's package, as the workers
             text=True,
         )
         for i in range(n)
@@ -483,3 +484,44 @@ def client_app(backend_url: str, queue: str, **conf: Any) -> Celery:
     app = worker_app.make_app(backend_url, REDIS_URL, queue)
     app.conf.update(conf)
     return app
+
+
+# ---- PostgreSQL beyond one server (tests/clusters.py) ---------------------------
+@pytest.fixture(scope="session")
+def pg_formation() -> Iterator[Any]:
+    """A pg_auto_failover formation (monitor, primary, synchronous standby) for the session."""
+    from tests import clusters
+
+    formation = clusters.Formation()
+    try:
+        formation.start()
+    except clusters.ClusterUnavailable as exc:
+        formation.close()
+        _unavailable("A pg_auto_failover formation", exc)
+    yield formation
+    formation.close()
+
+
+@pytest.fixture
+def formation_url(pg_formation: Any) -> str:
+    """The formation's multi-host URL, its database emptied on the current primary."""
+    url = pg_formation.node_url(pg_formation.primary_port())
+    with _admin(url).connect() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+    return str(pg_formation.url())
+
+
+@pytest.fixture(scope="session")
+def pg_bouncer() -> Iterator[Any]:
+    """PgBouncer in transaction pooling mode in front of the shared server (``PG_ADMIN``)."""
+    from tests import clusters
+
+    bouncer = clusters.PgBouncer(make_url(PG_ADMIN).port or 5432)
+    try:
+        bouncer.start()
+    except clusters.ClusterUnavailable as exc:
+        bouncer.close()
+        _unavailable("PgBouncer", exc)
+    yield bouncer
+    bouncer.close()

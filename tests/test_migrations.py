@@ -26,7 +26,7 @@ from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .conftest import task_request as request
 from .test_compat import db_plus_app
 
-HEAD = "0006"
+HEAD = "0007"
 TABLES = {
     "celery_taskmeta",
     "celery_tasksetmeta",
@@ -493,15 +493,15 @@ def test_database_newer_than_the_package(
 _NOT_ADDITIVE = '''
 """A destructive step, for the test.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 additive = False
@@ -526,17 +526,17 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 ) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0007_destructive.py").write_text(_NOT_ADDITIVE)
+    (scripts / "versions" / "0008_destructive.py").write_text(_NOT_ADDITIVE)
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
     assert version(db_url) == [HEAD]
-    assert "revision 0007" in caplog.text and "results upgrade" in caplog.text
+    assert "revision 0008" in caplog.text and "results upgrade" in caplog.text
     assert "destructive_marker" not in table_names(db_url)
     backend.store_result("t", 1, "SUCCESS")  # the tables work at the revision before
     assert run("check", "--url", db_url).exit_code == 1
     assert run("upgrade", "--url", db_url).exit_code == 0
-    assert version(db_url) == ["0007"] and "destructive_marker" in table_names(db_url)
+    assert version(db_url) == ["0008"] and "destructive_marker" in table_names(db_url)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])

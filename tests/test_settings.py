@@ -189,3 +189,21 @@ def test_masked_url_hides_password() -> None:
     s = Settings.from_app(app_with(), "postgresql+psycopg://user:hunter2@db.example/x")
     assert "hunter2" not in s.masked_url
     assert "user" in s.masked_url
+
+
+@pytest.mark.parametrize(
+    "value", ["10m", 0, -5, float("nan"), float("inf"), 10**9, True, timedelta(0)]
+)
+def test_bad_metrics_window(value: object) -> None:
+    with pytest.raises(
+        ImproperlyConfigured, match=r"sqlresults_metrics_window must be a number of seconds.*above"
+    ):
+        Settings.from_app(app_with(sqlresults_metrics_window=value), "sqlite://")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 600.0), (60, 60.0), (timedelta(hours=1), 3600.0), (0.5, 0.5)]
+)
+def test_metrics_window(value: object, seconds: float) -> None:
+    settings = Settings.from_app(app_with(sqlresults_metrics_window=value), "sqlite://")
+    assert settings.metrics_window == seconds

@@ -1,4 +1,4 @@
-"""The monitoring page in a real headless Chromium (SQLite only), driven by Selenium.
+"""The monitoring page in a real headless Chromium (SQLite; live progress on PostgreSQL too).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/test.sh`` installs them);
 without them the test is skipped (failed with ``CI=true``). Set
@@ -14,14 +14,17 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
+from celery import group as celery_group
 
-from tests.conftest import IN_CI, ROOT
+from tests.conftest import IN_CI, REDIS_URL, ROOT, Worker, client_app
 from tests.test_web import HTML, put
 
 uvicorn = pytest.importorskip("uvicorn")
@@ -40,7 +43,8 @@ from celery_sqlresults.web import create_app  # noqa: E402
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
+#: The databases the page is driven on (each test its own: a browser is costly).
+ON_SQLITE = pytest.mark.parametrize("db_kind", ["sqlite"])
 #: The states the page's filter always offers, in its order.
 STATE_ORDER = ["PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"]
 
@@ -152,6 +156,7 @@ def _click(driver: webdriver.Chrome, by: str, selector: str) -> None:
     pytest.fail(f"could not click {selector}")
 
 
+@ON_SQLITE
 def test_monitoring_page(
     make_app: Callable[..., Celery],
     serve: Callable[[Celery], str],
@@ -279,3 +284,61 @@ def test_monitoring_page(
         _click(browser, By.LINK_TEXT, "fail-1")
         _wait(browser, lambda d: "ValueError: boom" in _text(d, "d-traceback"))
         browser.save_screenshot(str(ROOT / shot))
+
+
+def _card(driver: webdriver.Chrome, task_id: str) -> dict[str, object]:
+    """One running task's card: its state, text and progress bar, read in one script."""
+    script = (
+        "const c = document.querySelector('#running-list .card[data-task-id=\"' + arguments[0]"
+        " + '\"]'); if (!c) return {}; const p = c.querySelector('progress');"
+        "return {state: c.dataset.state, text: c.innerText,"
+        " value: p ? p.value : null, max: p ? p.max : null}"
+    )
+    return dict(driver.execute_script(script, task_id))
+
+
+@pytest.mark.worker
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])  # polled, and notified
+def test_live_progress(
+    db_url: str,
+    worker_factory: Callable[..., Worker],
+    serve: Callable[[Celery], str],
+    browser: webdriver.Chrome,
+) -> None:
+    """A worker task reporting progress three times is seen at each step, then done.
+
+    The task waits for a go-ahead in Redis before each step, so each state lasts until
+    the page has shown it. Polling is switched off (*live* unticked) once the task is
+    shown: from then on only the event streams (the task's card, its group's view)
+    can move the page.
+    """
+    worker = worker_factory(db_url)
+    app = client_app(db_url, worker.queue)
+    # A custom state whose meta is no count: shown raw.
+    app.backend.store_result("stage-1", {"stage": "loading <b>"}, "LOADING")
+    key = f"go-{uuid.uuid4().hex}"
+    go = redis.Redis.from_url(REDIS_URL)
+    batch = celery_group([app.signature("t.steps", (key, 3))]).apply_async()
+    batch.save()
+    result = batch.results[0]
+    browser.get(serve(app) + f"#group/{batch.id}")
+
+    _wait(browser, lambda d: _card(d, result.id).get("state") == "STARTED", t=30)
+    _wait(browser, lambda d: "STARTED" in _text(d, "g-members"))
+    # LOADING is seen as a custom state on the first refresh, and followed from the next.
+    _wait(browser, lambda d: '"stage": "loading <b>"' in str(_card(d, "stage-1").get("text")))
+    assert _card(browser, "stage-1")["state"] == "LOADING"
+    _click(browser, By.ID, "f-live")  # no more polling
+    assert not browser.find_element(By.ID, "f-live").is_selected()
+
+    for step in (1, 2, 3):
+        go.rpush(key, "go")
+        _wait(browser, lambda d, n=step: _card(d, result.id).get("value") == n, t=30)
+        card = _card(browser, result.id)
+        assert card["state"] == "PROGRESS" and card["max"] == 3
+        assert f"{step} / 3" in str(card["text"]) and "t.steps" in str(card["text"])
+        _wait(browser, lambda d: "PROGRESS" in _text(d, "g-members"))  # its own stream
+    go.rpush(key, "go")
+    _wait(browser, lambda d: _card(d, result.id).get("state") == "SUCCESS", t=30)
+    _wait(browser, lambda d: "1 / 1 done" in _text(d, "g-text"))
+    assert result.get(timeout=30) == 3

@@ -77,7 +77,8 @@ def web_app(make_app: Callable[..., Celery]) -> Starlette:
     put(app, "running", "STARTED", date=None, name="proj.slow", worker="w2@h")
     members = [app.AsyncResult(i) for i in ("ok", "bad", "running", "never")]
     app.GroupResult("grp", members).save(backend=app.backend)
-    return create_app(app, allowed_hosts=["testserver"])  # schemathesis' Host
+    # Streams of unfinished tasks end after stream_seconds: short, so each case ends.
+    return create_app(app, allowed_hosts=["testserver"], stream_seconds=0.2)  # schemathesis' Host
 
 
 @schema.parametrize()
@@ -93,6 +94,8 @@ def test_generated_requests_conform(case: Case, web_app: Starlette) -> None:
         ("/api/tasks/{task_id}", {"task_id": "bad"}),
         ("/api/tasks/{task_id}", {"task_id": "running"}),
         ("/api/groups/{group_id}", {"group_id": "grp"}),
+        ("/api/tasks/{task_id}/events", {"task_id": "running"}),
+        ("/api/groups/{group_id}/events", {"group_id": "grp"}),
         ("/api/raw/{field}/{task_id}", {"field": "result", "task_id": "ok"}),
         ("/api/raw/{field}/{task_id}", {"field": "traceback", "task_id": "bad"}),
     ],

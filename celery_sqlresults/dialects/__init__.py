@@ -2,8 +2,8 @@
 
 The rest of the package asks :func:`dialect_for` for a :class:`Dialect` and
 never looks at a database or driver name itself. What MySQL does is in
-``mysql.py``, what PostgreSQL does in ``postgresql.py``; ``base.py`` holds
-what they share.
+``mysql.py``, what PostgreSQL does in ``postgresql.py``, what a MariaDB
+Galera Cluster changes in ``galera.py``; ``base.py`` holds what they share.
 """
 
 from __future__ import annotations
@@ -14,11 +14,22 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.engine.interfaces import Dialect as SQLAlchemyDialect
 
 from .base import Dialect, Expiry
+from .galera import Galera
 from .mysql import MySQL
-from .postgresql import PostgreSQL
+from .postgresql import PostgreSQL, TransactionPooled
 from .sqlite import SQLite
 
-__all__ = ["SUPPORTED", "Dialect", "Expiry", "MySQL", "PostgreSQL", "SQLite", "dialect_for"]
+__all__ = [
+    "SUPPORTED",
+    "Dialect",
+    "Expiry",
+    "Galera",
+    "MySQL",
+    "PostgreSQL",
+    "SQLite",
+    "TransactionPooled",
+    "dialect_for",
+]
 
 #: One instance each: dialects hold no state.
 _BY_NAME: dict[str, Dialect] = {

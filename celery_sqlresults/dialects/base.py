@@ -5,12 +5,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from celery import states
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoSuchTableError
 
 __all__ = ["Dialect", "Expiry", "OnConflict"]
@@ -47,6 +47,9 @@ class Dialect(abc.ABC):
     #: Whether indexes are built without blocking writers, outside a transaction
     #: (PostgreSQL's ``CREATE INDEX CONCURRENTLY``), by the schema revisions.
     builds_indexes_online: ClassVar[bool] = False
+    #: Whether one connection is one server session from start to end, so session state
+    #: (``SET``, session locks, ``LISTEN``) stays with it: not behind a transaction pooler.
+    keeps_sessions: ClassVar[bool] = True
     #: Whether the binary columns Celery's ``db+`` creates hold only 64 KB (MySQL ``BLOB``).
     has_narrow_blobs: ClassVar[bool] = False
     #: Whether name globs need an index of their own to be prefix matches (PostgreSQL).
@@ -112,7 +115,9 @@ class Dialect(abc.ABC):
         return upsert
 
     # ---- chords -------------------------------------------------------
-    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+    def part_counter(
+        self, table: sa.Table, parts: sa.Table, columns: Sequence[str]
+    ) -> sa.Executable | None:
         """The one statement that counts a part, where the database has one.
 
         Elsewhere ``None``: counting takes a transaction (:meth:`count_part`).
@@ -128,7 +133,8 @@ class Dialect(abc.ABC):
     ) -> tuple[int, int | None] | None:
         """Atomically add one finished part to a chord; return ``(done, chord_size)``.
 
-        ``part`` (``group_id``, ``task_id``, ``date_created``) is recorded in
+        ``part`` (``group_id``, ``task_id``, ``date_created``, ``group_index``
+        where the table has it) is recorded in
         ``parts`` with the count, atomically, so the same task reported again
         is not counted again: the insert and the count in one explicit
         transaction. ``None`` when the part was counted already or the chord
@@ -151,6 +157,20 @@ class Dialect(abc.ABC):
             raise
         conn.exec_driver_sql("COMMIT")
         return counted
+
+    @contextlib.contextmanager
+    def writing(self, conn: Connection) -> Iterator[None]:
+        """One explicit transaction on an autocommit connection: committed if the block
+        returns, rolled back if it raises. Its first write takes the row locks it needs
+        (SQLite: the database's write lock at once), so the block's reads see them held."""
+        conn.exec_driver_sql(self.begin_write)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(DBAPIError):
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")
 
     def add_one(
         self, conn: Connection, table: sa.Table, group_id: str
@@ -248,6 +268,18 @@ class Dialect(abc.ABC):
         conn.commit()
 
     # ---- connections --------------------------------------------------
+    def galera(self) -> Dialect | None:
+        """This database's Galera Cluster variant (``sqlresults_galera = True``), if it has one."""
+        return None
+
+    def resolve(self, engine: Engine, detect: bool) -> Dialect:
+        """The dialect for what ``engine`` reaches, set up for it (asked once per engine).
+
+        ``detect``: look at the server (a MariaDB that is a Galera node gets the
+        Galera variant). May connect; raises the driver's error if it cannot.
+        """
+        return self
+
     @abc.abstractmethod
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         """Statements that bound, for one session, how long a statement waits for a lock.
@@ -269,6 +301,15 @@ class Dialect(abc.ABC):
     def session_statements(self, url: URL, lock_timeout: float, durable: bool) -> list[str]:
         """Everything run on each new connection: lock bound, then commit durability."""
         return self.lock_timeout_statements(lock_timeout) + self.commit_statements(durable)
+
+    def behind_pooler(self) -> Dialect | None:
+        """This database reached through a transaction pooler (``sqlresults_pooler =
+        "transaction"``), where there is such a variant; ``None`` where there is none."""
+        return None
+
+    def connect_args(self) -> dict[str, Any]:
+        """Driver arguments every connection of the backend's engine is opened with."""
+        return {}
 
     def install_hint(self, driver: str) -> str:
         """How to install the missing DBAPI module of ``driver``."""
@@ -295,6 +336,10 @@ class Dialect(abc.ABC):
 
     def listener_connect(self, url: URL) -> Callable[[], Any] | None:
         """A function opening a dedicated connection for notifications, where there are any."""
+        return None
+
+    def async_listener_connect(self, url: URL) -> Callable[[], Awaitable[Any]] | None:
+        """Like :meth:`listener_connect`, a coroutine function, for an event loop's listener."""
         return None
 
     # ---- value sizes ----------------------------------------------------
@@ -328,6 +373,17 @@ class Dialect(abc.ABC):
         stmt = sa.select(sa.func.substr(column, start + 1, size, type_=column.type))
         value = conn.execute(stmt.where(table.c.id == row_id)).scalar()
         return b"" if value is None else bytes(value)
+
+    # ---- reads --------------------------------------------------------
+    @abc.abstractmethod
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        """Seconds from timestamp ``start`` to ``end``, as a float computed by the server.
+
+        SQL has no portable interval arithmetic; the metrics' histograms count
+        durations in SQL rather than reading rows.
+        """
 
     # ---- errors -------------------------------------------------------
     @abc.abstractmethod

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery import states
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from ..exceptions import ResultTooLarge
 from .base import (
@@ -95,14 +95,18 @@ class MySQL(Dialect):
         self, conn: Connection, table: sa.Table, group_id: str
     ) -> tuple[int, int | None] | None:
         """No ``UPDATE … RETURNING`` here: the new count goes through the
-        connection-local ``LAST_INSERT_ID(expr)``, read back on the same connection."""
+        connection-local ``LAST_INSERT_ID(expr)``, read back on the same connection
+        (as signed: the count is below zero while tasks added to the header are pending,
+        and ``LAST_INSERT_ID()`` is unsigned)."""
         where = table.c.group_id == group_id
+        counted = sa.func.last_insert_id(table.c.done + 1)
         updated = conn.execute(
-            sa.update(table).where(where).values(done=sa.func.last_insert_id(table.c.done + 1))
+            sa.update(table).where(where).values(done=sa.cast(counted, mysql.INTEGER()))
         )
         if not updated.rowcount:
             return None
-        row = conn.execute(sa.select(sa.func.last_insert_id(), table.c.chord_size).where(where))
+        done = sa.cast(sa.func.last_insert_id(), mysql.INTEGER())  # CAST(… AS SIGNED)
+        row = conn.execute(sa.select(done, table.c.chord_size).where(where))
         first = row.first()
         return None if first is None else (int(first[0]), first[1])
 
@@ -170,6 +174,19 @@ class MySQL(Dialect):
             conn.commit()
 
     # ---- connections --------------------------------------------------
+    def galera(self) -> Dialect:
+        from .galera import Galera  # the subclass of this one
+
+        return Galera()
+
+    def resolve(self, engine: Engine, detect: bool) -> Dialect:
+        """A MariaDB with ``wsrep_on`` is a Galera node: the Galera variant, set up."""
+        if not detect:
+            return self
+        from .galera import is_galera
+
+        return self.galera().resolve(engine, detect) if is_galera(engine) else self
+
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         """InnoDB row locks and metadata locks (``LOCK TABLES``, DDL), in whole seconds."""
         if seconds <= 0:
@@ -247,6 +264,12 @@ class MySQL(Dialect):
             )
 
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        micro = sa.func.timestampdiff(sa.literal_column("MICROSECOND"), start, end)
+        return sa.type_coerce(micro / 1e6, sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return driver_error(exc) is not None and error_number(exc) == _LOCK_WAIT_TIMEOUT
 

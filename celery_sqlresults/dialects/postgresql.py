@@ -1,11 +1,12 @@
-"""PostgreSQL: ``ON CONFLICT`` upserts, ``LISTEN/NOTIFY``, advisory locks, psycopg 3."""
+"""PostgreSQL: ``ON CONFLICT`` upserts, ``LISTEN/NOTIFY``, advisory locks, psycopg 3;
+and the same behind a transaction pooler (PgBouncer's ``pool_mode = transaction``)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,12 +24,17 @@ from .base import (
     error_text,
 )
 
-__all__ = ["PostgreSQL"]
+__all__ = ["PostgreSQL", "TransactionPooled"]
 
 #: Stable key of the advisory lock that serialises schema changes ("SQLR").
 SCHEMA_LOCK_KEY = 0x53514C52
 _UNDEFINED_TABLE = "42P01"
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
+_READ_ONLY = "25006"  # a write on a standby (or a read-only session)
+FIX_STANDBY = (
+    "the URL reached a read-only standby: name every node and add "
+    "target_session_attrs=read-write to result_backend (docs/scaling.md)"
+)
 #: Connection errors waiting cannot fix. They arrive as text only: libpq has no SQLSTATE
 #: before a session exists (the server's English messages).
 _PERMANENT = (
@@ -72,13 +78,15 @@ class PostgreSQL(OnConflict):
         return sa.select(sa.func.pg_notify(self.constant(channel), notice)).select_from(written)
 
     # ---- chords -------------------------------------------------------
-    def part_counter(self, table: sa.Table, parts: sa.Table) -> sa.Executable | None:
+    def part_counter(
+        self, table: sa.Table, parts: sa.Table, columns: Sequence[str]
+    ) -> sa.Executable | None:
         """The part's insert in a CTE, and the counter's ``UPDATE … RETURNING done,
-        chord_size`` only if it inserted; parameters ``group_id``, ``task_id`` and
-        ``date_created``."""
+        chord_size`` only if it inserted; parameters: ``columns`` (``group_id``,
+        ``task_id``, ``date_created``, ``group_index``)."""
         inserted = (
             postgresql.insert(parts)
-            .values({c: sa.bindparam(c) for c in ("group_id", "task_id", "date_created")})
+            .values({c: sa.bindparam(c, type_=parts.c[c].type) for c in columns})
             .on_conflict_do_nothing()
             .returning(parts.c.group_id)
             .cte("part")
@@ -193,6 +201,9 @@ class PostgreSQL(OnConflict):
                 conn.invalidate()  # closing the session releases the lock
 
     # ---- connections --------------------------------------------------
+    def behind_pooler(self) -> PostgreSQL:
+        return _POOLED
+
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         return [] if seconds <= 0 else [f"SET lock_timeout = {max(1, round(seconds * 1000))}"]
 
@@ -223,7 +234,25 @@ class PostgreSQL(OnConflict):
 
         return connect
 
+    def async_listener_connect(self, url: URL) -> Callable[[], Awaitable[Any]] | None:
+        """The same connection for an event loop: psycopg's ``AsyncConnection``, autocommit."""
+        if url.get_dialect().driver != "psycopg":
+            return None
+        import psycopg
+
+        cargs, cparams = url.get_dialect()().create_connect_args(url)
+
+        async def connect() -> Any:
+            return await psycopg.AsyncConnection.connect(*cargs, autocommit=True, **cparams)
+
+        return connect
+
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        return sa.extract("epoch", end - start).cast(sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
 
@@ -231,8 +260,88 @@ class PostgreSQL(OnConflict):
         return _sqlstate(exc) == _UNDEFINED_TABLE
 
     def permanent_error_fix(self, exc: BaseException) -> str | None:
+        if _sqlstate(exc) == _READ_ONLY:
+            return FIX_STANDBY
         text = error_text(exc)
         return next((fix for pattern, fix in _PERMANENT if pattern.search(text)), None)
+
+
+class TransactionPooled(PostgreSQL):
+    """PostgreSQL behind a pooler in transaction mode (PgBouncer's ``pool_mode = transaction``).
+
+    Each transaction (each statement, in autocommit) may run on another server
+    session, so nothing may rely on a session: statements are not prepared
+    (a name prepared on one server connection is missing, or taken, on the
+    next), the session settings are left to the server (``ALTER ROLE … SET``),
+    the schema lock is a transaction's, and ``LISTEN`` needs a direct
+    connection (``sqlresults_listen_url``).
+    """
+
+    keeps_sessions = False
+
+    def behind_pooler(self) -> PostgreSQL:
+        return self
+
+    def connect_args(self) -> dict[str, Any]:
+        return {"prepare_threshold": None}  # psycopg prepares nothing, nor does our libpq path
+
+    def session_statements(self, url: URL, lock_timeout: float, durable: bool) -> list[str]:
+        """None: a ``SET`` would stay with whichever server session ran it."""
+        return []
+
+    def relaxed_commit_refusal(self) -> str | None:
+        return (
+            "sqlresults_durable_commit = False cannot be set per session behind a transaction "
+            "pooler (sqlresults_pooler = 'transaction'): set it for the backend's role on the "
+            "server instead (ALTER ROLE … SET synchronous_commit = off) and leave "
+            "sqlresults_durable_commit at True"
+        )
+
+    @contextlib.contextmanager
+    def schema_lock(self, conn: Connection, timeout: float) -> Iterator[None]:
+        """A transaction-scoped advisory lock, held by an open transaction on a second
+        connection while ``conn`` changes the schema.
+
+        A session lock would stay with whichever server session took it, held
+        for ever or released by someone else's ``pg_advisory_unlock``; an open
+        transaction keeps its server session to itself, and ends (the lock
+        with it) when this process's connection goes. Polled, as the session
+        lock is: a process that waits holds no snapshot an index build waits for.
+        The holder's statement has no parameters, so psycopg sends it as a simple
+        query, which leaves no portal open: an open one keeps a snapshot, and
+        ``CREATE INDEX CONCURRENTLY`` on ``conn`` would wait for it for ever.
+        """
+        holder = conn.engine.connect().execution_options(isolation_level="READ COMMITTED")
+        try:
+            deadline = time.monotonic() + timeout
+            delay = 0.005
+            try_lock = f"SELECT pg_try_advisory_xact_lock({SCHEMA_LOCK_KEY})"
+            while not holder.exec_driver_sql(try_lock).scalar():
+                holder.rollback()
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"waited {timeout:.0f}s for the PostgreSQL schema lock")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+            conn.execution_options(isolation_level="READ COMMITTED")
+            try:
+                yield
+                conn.commit()
+            finally:
+                try:
+                    conn.rollback()
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                except DBAPIError:
+                    conn.invalidate()
+            holder.rollback()  # ends the transaction, and the lock with it
+        except BaseException:
+            with contextlib.suppress(DBAPIError):
+                holder.invalidate()  # closing the connection ends the transaction too
+            raise
+        finally:
+            holder.close()
+
+
+_POOLED = TransactionPooled()
 
 
 def _sqlstate(exc: BaseException) -> str | None:

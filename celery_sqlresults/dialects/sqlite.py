@@ -130,6 +130,14 @@ class SQLite(OnConflict):
         return dbapi_conn.isolation_level is None
 
     # ---- errors -------------------------------------------------------
+    def seconds_between(
+        self, start: sa.ColumnElement[Any], end: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[float]:
+        # julianday() of the stored ISO text: fractional days, good to the millisecond, so
+        # rounded there (unrounded, a whole second can come out a hair over one).
+        days = sa.func.julianday(end) - sa.func.julianday(start)
+        return sa.type_coerce(sa.func.round(days * 86400.0, 3), sa.Float)
+
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return _driver_says(exc, _BUSY)
 

@@ -6,9 +6,12 @@ Routes (all but ``/healthz`` behind the optional token / basic auth):
 - ``GET /api/tasks?state=&name=&worker=&since=&until=&limit=&cursor=``: newest first,
   keyset-paginated (``next_cursor``);
 - ``GET /api/tasks/{id}`` (404 if nothing is stored), ``GET /api/groups/{id}``,
+  and their Server-Sent Events streams ``GET /api/tasks/{id}/events`` and
+  ``GET /api/groups/{id}/events`` (:mod:`.events`);
   ``GET /api/stats?since=&until=&name=&worker=``;
 - ``GET /api/raw/{field}/{id}``: one stored value whole, streamed (lists and the
   task route give large values as a bounded preview and their size);
+- ``GET /metrics``: Prometheus' text format (:mod:`.metrics`);
 - ``GET /healthz``: 200 ``{"ok": true}`` when the database answers, else 503;
 - ``GET /openapi.json``, ``GET /`` (the page), ``GET /static/app.js``.
 
@@ -52,6 +55,9 @@ from ..backend import SQLResultsBackend
 from ..exceptions import one_line
 from ..query import ResultQuery, TaskRecord, Truncated, Undecodable, parse_when
 from ..settings import mask_url
+from ..wait import waiter_for
+from .events import MAX_STREAMS, STREAM_SECONDS, EventStreams, Read
+from .metrics import exposition, registry_for
 from .openapi import (
     DETAIL_VALUE_BYTES,
     LIST_VALUE_BYTES,
@@ -157,6 +163,7 @@ def create_app(
     token: str | None = None,
     basic_auth: str | None = None,
     allowed_hosts: Iterable[str] | None = None,
+    stream_seconds: float = STREAM_SECONDS,
 ) -> Starlette:
     """The monitoring application over the results ``source`` stores.
 
@@ -171,6 +178,8 @@ def create_app(
     are refused with 400, so a page on some other site cannot reach the view
     through a DNS name that points at it (DNS rebinding). Names may be
     ``*.example.com`` patterns; ``"*"`` accepts any host.
+
+    An event stream closes after ``stream_seconds`` (its client reconnects).
     """
     query = source if isinstance(source, ResultQuery) else ResultQuery(source)
     conf = query.backend.app.conf
@@ -182,13 +191,21 @@ def create_app(
         *_hosts(LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts, "allowed_hosts"),
         *_hosts(conf.get("sqlresults_web_allowed_hosts") or (), "sqlresults_web_allowed_hosts"),
     ]
-    api = _Api(query)
+    if not 0 < stream_seconds <= 86400:
+        raise ValueError(
+            f"stream_seconds must be above 0 and at most 86400, got {stream_seconds!r}"
+        )
+    api = _Api(query, EventStreams(waiter_for(query.store), stream_seconds))
     routes = [
         Route("/", api.page),
         Route("/static/app.js", api.script),
         Route("/openapi.json", api.openapi),
         Route("/healthz", api.healthz),
+        Route("/metrics", api.metrics),
         Route("/api/tasks", api.tasks),
+        # Before the {task_id:path} route, which would take ".../events" as part of an id.
+        Route("/api/tasks/{task_id:path}/events", api.task_events),
+        Route("/api/groups/{group_id:path}/events", api.group_events),
         Route("/api/tasks/{task_id:path}", api.task),
         Route("/api/stats", api.stats),
         Route("/api/groups/{group_id:path}", api.group),
@@ -215,8 +232,10 @@ def create_app(
 class _Api:
     """The route handlers, bound to one query (and so one backend and engine)."""
 
-    def __init__(self, query: ResultQuery) -> None:
+    def __init__(self, query: ResultQuery, streams: EventStreams) -> None:
         self.query = query
+        self.streams = streams
+        self.registry = registry_for(query, query.backend.settings.metrics_window)
         self._stats: OrderedDict[tuple[Any, ...], tuple[float, dict[str, Any]]] = OrderedDict()
         self._stats_lock = threading.Lock()
         self.js = (STATIC / "app.js").read_text(encoding="utf-8")
@@ -244,12 +263,16 @@ class _Api:
     # ---- API -------------------------------------------------------------
     def healthz(self, request: Request) -> Response:
         try:
-            with self.query.store.connect() as conn:
+            with self.query.reader.connect() as conn:  # what the view reads
                 conn.execute(sa.text("SELECT 1"))
         except Exception as exc:
             self._log_error("health check", exc)
             return JSONResponse({"ok": False, "error": "result database unreachable"}, 503)
         return JSONResponse({"ok": True})
+
+    def metrics(self, request: Request) -> Response:
+        body, content_type = exposition(self.registry, request.headers.get("accept", ""))
+        return Response(body, headers={"Content-Type": content_type})
 
     def tasks(self, request: Request) -> Response:
         params = request.query_params
@@ -347,13 +370,58 @@ class _Api:
 
     def group(self, request: Request) -> Response:
         group_id = _text(request.path_params["group_id"], "group_id")
+        found = self._stored_group(group_id)
+        if isinstance(found, Response):
+            return found
+        return JSONResponse(self._group(group_id, found))
+
+    # ---- event streams ---------------------------------------------------
+    def task_events(self, request: Request) -> Response:
+        task_id = _text(request.path_params["task_id"], "task_id")
+        query = self.query
+
+        def read() -> tuple[dict[str, Any], bool]:
+            record = query.get(task_id, values_up_to=LIST_VALUE_BYTES)
+            if record is None:  # not stored yet (or forgotten): as Celery reads it
+                return _unstored(task_id), False
+            return _task(record), record.status in states.READY_STATES
+
+        return self._stream([task_id], read, "task")
+
+    def group_events(self, request: Request) -> Response:
+        group_id = _text(request.path_params["group_id"], "group_id")
+        found = self._stored_group(group_id)
+        if isinstance(found, Response):
+            return found
+        ids = found
+
+        def read() -> tuple[dict[str, Any], bool]:
+            body = self._group(group_id, ids)
+            return body, body["progress"]["done"] == body["progress"]["total"]
+
+        return self._stream(ids, read, "group")
+
+    def _stream(self, ids: list[str], read: Read, event: str) -> Response:
+        if self.streams.full:
+            message = f"{MAX_STREAMS} event streams are open: close one, or poll the JSON routes"
+            return JSONResponse({"error": message}, 503)
+        return StreamingResponse(
+            self.streams.follow(ids, read, event),
+            media_type="text/event-stream",
+            headers={"X-Accel-Buffering": "no"},  # nginx: pass each event on at once
+        )
+
+    def _stored_group(self, group_id: str) -> list[str] | Response:
+        """The member ids of a stored group, or the answer saying why there are none."""
         group = self.query.group(group_id)  # not backend.restore_group: that one retries
         if group is None:
             return JSONResponse({"error": f"no group stored with id {_shown(group_id)}"}, 404)
         if isinstance(group, Undecodable):
             reason = f"cannot be decoded by this app: {group.reason}"
             return JSONResponse({"error": f"group {_shown(group_id)} {reason}"}, 422)
-        ids = _leaves(group)
+        return _leaves(group)
+
+    def _group(self, group_id: str, ids: list[str]) -> dict[str, Any]:
         records = self.query.get_many(ids, values_up_to=0)  # states and names: no values
         members: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
@@ -370,13 +438,12 @@ class _Api:
                 }
             )
         done = sum(n for st, n in counts.items() if st in states.READY_STATES)
-        body = {
+        return {
             "group_id": group_id,
             "members": members,
             "states": counts,
             "progress": {"done": done, "total": len(members)},
         }
-        return JSONResponse(body)
 
     # ---- errors ----------------------------------------------------------
     async def database_error(self, request: Request, exc: Exception) -> Response:
@@ -523,6 +590,15 @@ def _task(record: TaskRecord) -> dict[str, Any]:
             value = None
         body[field] = value if field == "traceback" else _jsonable(value)
     body["truncated"] = truncated
+    return body
+
+
+def _unstored(task_id: str) -> dict[str, Any]:
+    """A task with nothing stored, as :func:`_task` gives one: ``PENDING``, as Celery says."""
+    body: dict[str, Any] = {"task_id": task_id, "state": states.PENDING}
+    for key in ("name", "worker", "queue", "retries", "date_created", "date_started"):
+        body[key] = None
+    body.update({"date_done": None, **dict.fromkeys(VALUE_FIELDS), "truncated": {}})
     return body
 
 

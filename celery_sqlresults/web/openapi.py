@@ -64,6 +64,34 @@ _ERRORS = {
     "503": _json("Error", "The result database is unavailable."),
 }
 _NULLABLE_STR = {"type": ["string", "null"]}
+_EVENTS = (
+    "text/event-stream. The first event, at once, and one more each time it changes: "
+    "`event: {event}` with `data:` {what}, as JSON. Ends with `event: end` after {final}, or "
+    "`event: timeout` after the app's stream_seconds (900 s by default; an EventSource "
+    "reconnects and gets the current state first). `event: error` while the database is "
+    "unavailable (the stream retries). Comment lines keep an idle stream open. On PostgreSQL "
+    "ready and custom states (update_state's PROGRESS) are pushed by notifications, other "
+    "changes within 2 s; elsewhere the state is polled, within 2 s."
+)
+
+
+def _stream(event: str) -> dict[str, Any]:
+    """A Server-Sent Events answer; the schema is each event's, as OpenAPI 3.1 tools read it."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "event": {"enum": [event, "end", "timeout", "error"]},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }
+    return {
+        "description": "The event stream.",
+        "content": {"text/event-stream": {"schema": schema}},
+    }
+
+
+_BUSY = _json("Error", "Too many event streams are open, or the database is unavailable.")
 
 
 def openapi_document() -> dict[str, Any]:
@@ -174,6 +202,55 @@ def openapi_document() -> dict[str, Any]:
                             "outside its accept_content).",
                         ),
                         **_ERRORS,
+                    },
+                }
+            },
+            "/api/tasks/{task_id}/events": {
+                "get": {
+                    "summary": "Server-Sent Events: the task as it changes (live progress).",
+                    "description": _EVENTS.format(
+                        event="task",
+                        what="the task (a Task, values up to 1 KB as in listings; PENDING "
+                        "with nulls while nothing is stored)",
+                        final="a ready state (SUCCESS, FAILURE, REVOKED)",
+                    ),
+                    "parameters": [_path_param("task_id")],
+                    "responses": {"200": _stream("task"), "401": _ERRORS["401"], "503": _BUSY},
+                }
+            },
+            "/api/groups/{group_id}/events": {
+                "get": {
+                    "summary": "Server-Sent Events: the group's members as they change.",
+                    "description": _EVENTS.format(
+                        event="group",
+                        what="the group (a Group, as /api/groups/{group_id} answers)",
+                        final="every member ready",
+                    ),
+                    "parameters": [_path_param("group_id")],
+                    "responses": {
+                        "200": _stream("group"),
+                        "404": _json("Error", "No group is stored with this id."),
+                        "422": _json("Error", "The stored group cannot be decoded by this app."),
+                        "401": _ERRORS["401"],
+                        "503": _BUSY,
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics: results per state and task name, and "
+                    "histograms of queue wait and run time over sqlresults_metrics_window.",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus' text exposition format, or "
+                            "OpenMetrics when the Accept header asks for it.",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "401": _ERRORS["401"],
+                        "503": _ERRORS["503"],
                     },
                 }
             },

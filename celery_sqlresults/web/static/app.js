@@ -1,4 +1,5 @@
-// celery-sqlresults monitoring page: polls the JSON API and renders with the DOM API.
+// celery-sqlresults monitoring page: polls the JSON API and renders with the DOM API;
+// running tasks are followed through their event streams (/api/tasks/{id}/events).
 // Task data is only ever put into the page as text (textContent / attributes via
 // dataset), so a result holding HTML or a <script> is shown, never run.
 "use strict";
@@ -12,6 +13,12 @@
   var nextCursor = null;  // cursor of the page after the rows shown
   var generation = 0;     // answers to an older request are dropped
   var rendered = {};      // what each part of the page shows now, to skip identical redraws
+  var RUNNING_MAX = 20;   // running tasks followed at once (one event stream each)
+  var KEEP_FINISHED_MS = 30000;  // how long a finished task's card stays
+  var CELERY_STATES = STATE_ORDER.concat(["REJECTED", "IGNORED"]);
+  var customStates = ["PROGRESS"];  // custom states stored, as the counts tell
+  var running = {};       // task id -> {card, source, finished}
+  var groupStream = null; // {id, source}: the event stream of the group shown
 
   function $(id) { return document.getElementById(id); }
 
@@ -255,6 +262,111 @@
     body.replaceChildren.apply(body, rows);
   }
 
+  // ---- running tasks, live ------------------------------------------------
+  // A progress bar for meta holding current/total or done/total; null for any other meta.
+  function progressOf(meta) {
+    if (!meta || typeof meta !== "object" || Array.isArray(meta)) return null;
+    var total = Number(meta.total);
+    var current = Number("current" in meta ? meta.current : meta.done);
+    if (!("current" in meta || "done" in meta) || !isFinite(total) || total <= 0 ||
+        !isFinite(current)) return null;
+    return { value: Math.max(0, Math.min(current, total)), max: total,
+      text: meta.current !== undefined ? meta.current + " / " + meta.total
+        : meta.done + " / " + meta.total };
+  }
+
+  function renderCard(entry, task) {
+    var card = entry.card, head = el("div", null, "head");
+    card.dataset.state = task.state;
+    head.append(stateBadge(task.state), taskLink(task.task_id), el("span", task.name || "", "name"));
+    var took = runtime(task), clock = el("span", took.text, "runtime");
+    if (took.since) clock.dataset.since = took.since;
+    head.append(clock);
+    var nodes = [head], bar = progressOf(task.result);
+    if (bar) {
+      var meter = el("progress");
+      meter.max = bar.max;
+      meter.value = bar.value;
+      var line = el("div", null, "bar");
+      line.append(meter, el("span", bar.text, "count"));
+      nodes.push(line);
+    } else if (task.result !== null && task.result !== undefined) {
+      nodes.push(el("pre", valueText(task, "result").slice(0, 500), "meta"));
+    }
+    card.replaceChildren.apply(card, nodes);
+    card.classList.toggle("finished", READY.indexOf(task.state) >= 0);
+  }
+
+  function follow(task) {
+    var entry = { card: el("div", null, "card"), source: null, finished: 0 };
+    entry.card.dataset.taskId = task.task_id;
+    running[task.task_id] = entry;
+    renderCard(entry, task);
+    var url = new URL("api/tasks/" + encodeURIComponent(task.task_id) + "/events", document.baseURI);
+    if (token) url.searchParams.set("token", token);
+    entry.source = new EventSource(url);
+    entry.source.addEventListener("task", function (event) {
+      var data = JSON.parse(event.data);
+      renderCard(entry, data);
+      if (READY.indexOf(data.state) >= 0) entry.finished = entry.finished || Date.now();
+    });
+    entry.source.addEventListener("end", function () {
+      entry.source.close();
+      entry.finished = entry.finished || Date.now();
+    });
+    // On a dropped connection or a timeout the browser reconnects by itself.
+  }
+
+  function unfollow(id) {
+    var entry = running[id];
+    if (entry.source) entry.source.close();
+    entry.card.remove();
+    delete running[id];
+  }
+
+  function renderRunning(page) {
+    var listed = page.tasks.map(function (task) { return task.task_id; });
+    page.tasks.forEach(function (task) { if (!running[task.task_id]) follow(task); });
+    Object.keys(running).forEach(function (id) {
+      var entry = running[id], gone = listed.indexOf(id) < 0;
+      if (gone && entry.finished && Date.now() - entry.finished > KEEP_FINISHED_MS) unfollow(id);
+    });
+    var ids = Object.keys(running);
+    ids.filter(function (id) { return listed.indexOf(id) < 0 && !running[id].finished; })
+      .slice(0, Math.max(0, ids.length - 2 * RUNNING_MAX)).forEach(unfollow);
+    var box = $("running-list"), cards = listed.concat(Object.keys(running).filter(function (id) {
+      return listed.indexOf(id) < 0;
+    })).map(function (id) { return running[id] && running[id].card; }).filter(Boolean);
+    box.replaceChildren.apply(box, cards);
+    $("running").hidden = cards.length === 0;
+    $("running-count").textContent = "(" + listed.length +
+      (page.next_cursor ? "+, the newest " + RUNNING_MAX + " followed" : "") + ")";
+  }
+
+  // The group shown follows its event stream too (the poll still redraws it).
+  function followGroup(id) {
+    if (groupStream && groupStream.id === id) return;
+    unfollowGroup();
+    var url = new URL("api/groups/" + encodeURIComponent(id) + "/events", document.baseURI);
+    if (token) url.searchParams.set("token", token);
+    var source = new EventSource(url);
+    groupStream = { id: id, source: source };
+    source.addEventListener("group", function (event) {
+      var view = route();
+      if (view && view.kind === "group" && view.id === id) renderGroup(JSON.parse(event.data));
+    });
+    source.addEventListener("end", function () { source.close(); });
+  }
+
+  function unfollowGroup() {
+    if (groupStream) groupStream.source.close();
+    groupStream = null;
+  }
+
+  function runningStates() {
+    return ["STARTED"].concat(customStates).join(",");
+  }
+
   // ---- loading ------------------------------------------------------------
   function route() {
     var match = /^#(task|group)\/(.+)$/.exec(location.hash);
@@ -265,11 +377,13 @@
     var view = route();
     $("detail").hidden = !view || view.kind !== "task";
     $("group").hidden = !view || view.kind !== "group";
+    if (!view || view.kind !== "group") unfollowGroup();
     if (!view) return;
     var path = (view.kind === "task" ? "api/tasks/" : "api/groups/") + encodeURIComponent(view.id);
     try {
       var data = await api(path);
       if (view.kind === "task") renderDetail(data); else renderGroup(data);
+      if (view.kind === "group") followGroup(view.id);
     } catch (error) {
       if (error.status !== 404) throw error;
       if (view.kind === "task") {
@@ -291,10 +405,17 @@
       var results = await Promise.all([
         api("api/stats", { name: f.name, worker: f.worker, since: f.since }),
         api("api/tasks", Object.assign({ limit: Math.min(500, Math.max(50, shown)) }, f)),
+        api("api/tasks", { state: runningStates(), limit: RUNNING_MAX }),
       ]);
       if (mine !== generation) return;
+      var found = Object.keys(results[0].states).filter(function (state) {
+        return FILTERABLE.test(state) && CELERY_STATES.indexOf(state) < 0;
+      });
+      customStates = ["PROGRESS"].concat(found.filter(function (s) { return s !== "PROGRESS"; }))
+        .slice(0, 20);
       renderCounts(results[0]);
       renderTasks(results[1], false);
+      renderRunning(results[2]);
       await loadView();
       setError("");
       $("status").textContent = "updated " + new Date().toLocaleTimeString();
