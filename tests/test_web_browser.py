@@ -2,7 +2,8 @@
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``scripts/test.sh`` installs them);
 without them the test is skipped (failed with ``CI=true``). Set
-``SQLRESULTS_WEB_SCREENSHOT=docs/monitoring.png`` to save the README's screenshot.
+``SQLRESULTS_WEB_SCREENSHOT=docs/monitoring.png`` to retake the screenshot in docs/usage.md
+(``pytest tests/test_web_browser.py::test_monitoring_page``; it adds running tasks first).
 """
 
 from __future__ import annotations
@@ -281,6 +282,16 @@ def test_monitoring_page(
 
     shot = os.environ.get("SQLRESULTS_WEB_SCREENSHOT")
     if shot:
+        # The docs' picture: running tasks beside the finished ones, one with a progress bar.
+        at = datetime.now(timezone.utc).replace(tzinfo=None)
+        put(app, "run-2", "STARTED", None, date=at, date_started=at, name="proj.tasks.export")
+        meta = {"current": 7, "total": 10}
+        put(
+            app, "prog-2", "PROGRESS", meta, date=at, date_started=started, name="proj.tasks.import"
+        )
+        _wait(browser, lambda d: _card(d, "prog-2").get("value") == 7, t=8)
+        _wait(browser, lambda d: _card(d, "run-2").get("state") == "STARTED")
+        browser.set_window_size(1800, 1050)  # the list beside the detail without wrapping
         _click(browser, By.LINK_TEXT, "fail-1")
         _wait(browser, lambda d: "ValueError: boom" in _text(d, "d-traceback"))
         browser.save_screenshot(str(ROOT / shot))
