@@ -220,6 +220,7 @@ def test_monitoring_page(
     for task_id in ("run-1", "prog-1"):
         assert started.strftime("%Y-%m-%d %H:%M:%S") in _cells(browser, task_id)
         assert re.fullmatch(r"running \d+m \d\ds", _cells(browser, task_id)[5]), task_id
+        assert _cells(browser, task_id)[6] == "\u2013", task_id  # not finished: no finish time
     assert _cells(browser, "fail-1")[5] == "5s"
     assert _cells(browser, "add-1")[5] == "\u2013"  # never STARTED (task_track_started off)
 

@@ -62,6 +62,12 @@
     return { text: task.date_done ? duration(Date.parse(task.date_done) - started) : "–" };
   }
 
+  // Celery writes date_done on every store, progress reports included: a task that is not
+  // finished shows no finish time.
+  function finished(task) {
+    return READY.indexOf(task.state) >= 0 ? when(task.date_done) : "–";
+  }
+
   function runtimeCell(task) {
     var info = runtime(task), td = el("td", info.text, "runtime");
     if (info.since) td.dataset.since = info.since;
@@ -197,7 +203,7 @@
     var tr = idStateRow(task);
     var result = el("td", valueText(task, "result").slice(0, 200), "result");
     tr.append(el("td", task.name || "–"), el("td", task.worker || "–"),
-      el("td", when(task.date_started)), runtimeCell(task), el("td", when(task.date_done)), result);
+      el("td", when(task.date_started)), runtimeCell(task), el("td", finished(task)), result);
     if (location.hash === "#task/" + encodeURIComponent(task.task_id)) tr.classList.add("selected");
     return tr;
   }
@@ -222,7 +228,7 @@
     [["state", task.state], ["name", task.name], ["worker", task.worker], ["queue", task.queue],
       ["retries", task.retries], ["created (UTC)", when(task.date_created)],
       ["started (UTC)", when(task.date_started)],
-      ["finished (UTC)", when(task.date_done)]].forEach(function (pair) {
+      ["finished (UTC)", finished(task)]].forEach(function (pair) {
       fields.push(el("dt", pair[0]), el("dd", pair[1] === null ? "–" : pair[1]));
     });
     var took = runtime(task), dd = el("dd", took.text);
