@@ -5,8 +5,10 @@ turns interleaved so that the shared machine's busy moments fall on all alike:
 
 * ``fresh``: new processes, the first call each makes (:mod:`bench.fresh`);
 * ``size``: rates with the task table at 0 and ``--rows`` rows (bulk-loaded in
-  SQL, not through Celery), the table's and its indexes' size, then rounds of
-  "store ``--churn`` expired rows, run ``cleanup()``" for size creep;
+  SQL, not through Celery; with ``--roundtrips`` a ``.get()`` through a worker
+  too), the table's and its indexes' size, then rounds of "store ``--churn``
+  expired rows, run ``cleanup()``" for size creep, vacuumed only as autovacuum
+  would (PostgreSQL: ``--pg-autovacuum ours|server``);
 * ``writers``: 1, 2, 4, 8 prefork children storing at once, aggregate stores/s.
 
 Writes the report (``--out``), its figures as JSON beside it, and the PNG plots
@@ -31,6 +33,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_sqlresults.dialects import dialect_for
+from celery_sqlresults.dialects.postgresql import AUTOVACUUM
 
 from . import config, ops
 from .app import make_app
@@ -47,6 +50,7 @@ from .databases import (
 from .fresh import fresh_figures
 from .report import header
 from .run import side_by_side
+from .worker import running_worker
 
 PARTS = ("fresh", "size", "writers")
 DOCS = config.ROOT / "docs"
@@ -86,10 +90,10 @@ _BYTES = {
 }
 
 
-def bulk_load(url: str, lo: int, hi: int, prefix: str, age: int) -> float:
+def bulk_load(url: str, lo: int, hi: int, prefix: str, age: int, settle: bool = True) -> float:
     """Rows ``lo``..``hi`` finished ``age`` seconds ago (give or take an hour), in one
     ``INSERT … SELECT`` on the server, with the columns a worker writes; seconds the
-    insert took (the vacuum and checkpoint after it not counted)."""
+    insert took (the vacuum and checkpoint after it, with ``settle``, not counted)."""
     engine = admin_engine(url)
     kind = engine.dialect.name
     try:
@@ -127,6 +131,8 @@ def bulk_load(url: str, lo: int, hi: int, prefix: str, age: int) -> float:
             params["now"] = now.isoformat(sep=" ") if kind == "sqlite" else now  # type: ignore[assignment]
             conn.execute(sa.text(sql), params)
             loaded = time.perf_counter() - start
+            if not settle:  # churn: what autovacuum does is what is measured
+                return loaded
             # As a table that grew over days: vacuumed, analysed, its log checkpointed;
             # else the first stores after the load pay for that load's aftermath.
             if kind == "postgresql":
@@ -167,13 +173,24 @@ def table_bytes(url: str) -> tuple[float, float]:
 
 
 # ---- part 1: table size --------------------------------------------------------------
-def _point(apps: dict[str, Celery], n_ops: int, join_ids: int) -> dict[str, dict[str, float]]:
-    """Store/s, get/s (and for sql+ and Redis a join of ``join_ids`` stored ids, ms)."""
+def _point(
+    apps: dict[str, Celery],
+    n_ops: int,
+    join_ids: int,
+    workers: dict[str, Celery] | None = None,
+    roundtrips: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Store/s, get/s (and for sql+ and Redis a join of ``join_ids`` stored ids, ms); with
+    ``workers`` (an app per backend whose worker runs), the median ``add.delay().get()``."""
     out: dict[str, dict[str, float]] = {}
     for key, app in apps.items():
         n = n_ops if key != "db" else max(50, n_ops // 10)  # db+: a session per call
         rates = ops.store_get_rates(app.backend, n)
         fig = {"store": rates.store, "get": rates.get}
+        if workers:
+            add = workers[key].tasks["bench.add"]
+            calls = roundtrips if key != "db" else max(5, roundtrips // 5)  # db+ polls 0.5 s
+            fig["rt"] = median(ops.roundtrips_ms(add, calls, warmup=3))
         if key != "db":
             ids = set(rates.ids[:join_ids])
             wanted = len(ids)  # Redis' get_many empties the set it is given
@@ -186,47 +203,159 @@ def _point(apps: dict[str, Celery], n_ops: int, join_ids: int) -> dict[str, dict
     return out
 
 
+def autovacuums(url: str) -> int:
+    """How many times autovacuum has vacuumed the task table (PostgreSQL)."""
+    engine = admin_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT autovacuum_count FROM pg_stat_user_tables"
+                    " WHERE relid = to_regclass('celery_taskmeta')"
+                ).scalar()
+                or 0
+            )
+    finally:
+        engine.dispose()
+
+
+def server_autovacuum(url: str) -> None:
+    """Back to the server's autovacuum settings on the task table (``--pg-autovacuum
+    server``), to compare with those revision 0008 sets."""
+    engine = admin_engine(url)
+    names = ", ".join(AUTOVACUUM)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE celery_taskmeta RESET ({names})")
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+def autovacuum_limit(url: str) -> tuple[bool, float]:
+    """Whether the server runs autovacuum, and the dead rows past which it vacuums the task
+    table: its threshold plus its scale factor times the rows (the table's settings, else
+    the server's), as autovacuum decides."""
+    engine = admin_engine(url)
+    try:
+        with engine.connect() as conn:
+            on, rows, options, threshold, scale = conn.exec_driver_sql(
+                "SELECT current_setting('autovacuum') = 'on', c.reltuples, c.reloptions,"
+                " current_setting('autovacuum_vacuum_threshold'),"
+                " current_setting('autovacuum_vacuum_scale_factor')"
+                " FROM pg_class c WHERE c.oid = to_regclass('celery_taskmeta')"
+            ).one()
+    finally:
+        engine.dispose()
+    own = dict(str(o).partition("=")[::2] for o in options or ())
+    threshold = float(own.get("autovacuum_vacuum_threshold", threshold))
+    scale = float(own.get("autovacuum_vacuum_scale_factor", scale))
+    return bool(on), threshold + scale * max(float(rows), 0.0)
+
+
+def vacuum(url: str) -> None:
+    engine = admin_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("VACUUM celery_taskmeta")
+    finally:
+        engine.dispose()
+
+
+def wait_for_autovacuum(url: str, seen: int, wait: float) -> float | None:
+    """Seconds until autovacuum vacuumed the task table again (``None``: not in ``wait``)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < wait:
+        if autovacuums(url) > seen:
+            return time.perf_counter() - start
+        time.sleep(1.0)
+    return None
+
+
 def size_figures(
-    target: Target, steps: list[int], rounds: int, churn: int, n_ops: int, join_ids: int
+    target: Target,
+    steps: list[int],
+    rounds: int,
+    churn: int,
+    n_ops: int,
+    join_ids: int,
+    vacuum_wait: float = 0.0,
+    server_defaults: bool = False,
+    roundtrips: int = 0,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Rates at each table size, sizes per million, cleanup time and size across rounds."""
+    """Rates at each table size, sizes per million, cleanup time and size across rounds.
+
+    Churn rounds on PostgreSQL wait up to ``vacuum_wait`` seconds after each cleanup for
+    autovacuum to visit the table (it wakes once a minute by default), as the hours
+    between a day's cleanup and its next results would let it. A server with autovacuum
+    off gets the ``VACUUM`` autovacuum would have run, when the dead rows pass its limit
+    (reported as emulated). ``roundtrips`` > 0: a worker per backend (``--concurrency=1``)
+    and that many ``add.delay().get()`` at each size (db+ a fifth).
+    """
     url = target.sql_url
-    apps = {
-        "sql": make_app("sql+" + url),
-        "db": make_app("db+" + url),  # Celery's backend on the same tables
-        "redis": make_app(config.REDIS_RESULTS),
-    }
+    urls = {"sql": "sql+" + url, "db": "db+" + url, "redis": config.REDIS_RESULTS}
+    apps = {key: make_app(u) for key, u in urls.items()}  # db+: on the same tables
     apps["sql"].backend.get_task_meta("warm")  # the schema
     _point(apps, 50, 50)  # first calls (statements compiled, connections made): not counted
     points: list[dict[str, Any]] = []
     loaded = 0
-    for rows in [0, *steps]:
-        load_s = 0.0
-        if rows > loaded:
-            load_s = bulk_load(url, loaded + 1, rows, "live-", 0)
-            loaded = rows
-            log(f"{target.kind}: loaded {rows:,} rows in {load_s:.0f} s")
-        figs = [_point(apps, n_ops, join_ids) for _ in range(2)]
-        table, index = table_bytes(url)
-        points.append(
-            {
-                "rows": rows,
-                "load_s": load_s,
-                "table_bytes": table,
-                "index_bytes": index,
-                **{key: {m: median(f[key][m] for f in figs) for m in figs[0][key]} for key in apps},
-            }
-        )
-        log(f"{target.kind}: {rows:,} rows: {points[-1]['sql']}")
+    with contextlib.ExitStack() as stack:
+        workers: dict[str, Celery] = {}
+        if roundtrips > 0:
+            assert log_dir is not None
+            for key, u in urls.items():
+                queue = stack.enter_context(running_worker(u, 1, log_dir))
+                workers[key] = make_app(u, queue=queue)
+        for rows in [0, *steps]:
+            load_s = 0.0
+            if rows > loaded:
+                load_s = bulk_load(url, loaded + 1, rows, "live-", 0)
+                loaded = rows
+                log(f"{target.kind}: loaded {rows:,} rows in {load_s:.0f} s")
+            figs = [_point(apps, n_ops, join_ids, workers, roundtrips) for _ in range(2)]
+            table, index = table_bytes(url)
+            points.append(
+                {
+                    "rows": rows,
+                    "load_s": load_s,
+                    "table_bytes": table,
+                    "index_bytes": index,
+                    **{
+                        key: {m: median(f[key][m] for f in figs) for m in figs[0][key]}
+                        for key in apps
+                    },
+                }
+            )
+            log(f"{target.kind}: {rows:,} rows: {points[-1]['sql']}")
     # Churn: expired rows stored and cleaned up, round after round, over the live ones.
     backend = apps["sql"].backend
+    postgres = target.kind == "postgresql"
+    if postgres and server_defaults:
+        server_autovacuum(url)
     creep = []
+    dead = 0  # rows deleted since the last vacuum
+    emulated = False
     for r in range(rounds):
-        load_s = bulk_load(url, 1, churn, f"old{r}-", 2 * 86400)
+        seen = autovacuums(url) if postgres else 0
+        load_s = bulk_load(url, 1, churn, f"old{r}-", 2 * 86400, settle=False)
         before = table_bytes(url)
         start = time.perf_counter()
         backend.cleanup()
         cleanup_s = time.perf_counter() - start
+        dead += churn
+        vacuumed = None
+        if postgres:
+            running, limit = autovacuum_limit(url)
+            if running:
+                vacuumed = wait_for_autovacuum(url, seen, vacuum_wait)
+            elif dead > limit:
+                emulated = True
+                start = time.perf_counter()
+                vacuum(url)
+                vacuumed = time.perf_counter() - start
+            if vacuumed is not None:
+                dead = 0
         after = table_bytes(url)
         creep.append(
             {
@@ -237,10 +366,23 @@ def size_figures(
                 "index_before": before[1],
                 "table_after": after[0],
                 "index_after": after[1],
+                "autovacuum_s": vacuumed,
             }
         )
-        log(f"{target.kind}: churn round {r + 1}: cleanup {cleanup_s:.1f} s, size {after}")
-    return {"points": points, "creep": creep, "churn": churn, "live": loaded}
+        log(
+            f"{target.kind}: churn round {r + 1}: cleanup {cleanup_s:.1f} s, size {after},"
+            f" autovacuum after {vacuumed}"
+        )
+    autovacuum = "server defaults" if server_defaults else "revision 0008"
+    if emulated:
+        autovacuum += ", emulated: the server runs no autovacuum"
+    return {
+        "points": points,
+        "creep": creep,
+        "churn": churn,
+        "live": loaded,
+        "autovacuum": autovacuum if postgres else None,
+    }
 
 
 # ---- part 2: many writers -------------------------------------------------------------
@@ -483,23 +625,54 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
                     f"{_mb(last['index_bytes'] / (last['rows'] / 1e6))} indexes); "
                     f"loading {last['rows']:,} rows took {last['load_s']:.0f} s"
                 )
+        if any("rt" in p["sql"] for data in size.values() for p in data["points"]):
+            lines += [
+                "",
+                "`.get()` round trip: `add.delay(1, 1).get()` with a worker per backend"
+                " (`--concurrency=1`, all running at once), the median of `--roundtrips`"
+                " calls (db+ a fifth: its `.get()` polls every 0.5 s), twice at each size;"
+                " 'vs empty' as above (÷ Redis).",
+                "",
+                "| database | rows | sql+ | db+ | Redis | sql+ / Redis | sql+ vs empty |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for kind, data in size.items():
+                base = data["points"][0]
+                for p in data["points"]:
+                    if "rt" not in p["sql"]:
+                        continue
+                    vs_empty = (base["sql"]["rt"] / base["redis"]["rt"]) / (
+                        p["sql"]["rt"] / p["redis"]["rt"]
+                    )
+                    lines.append(
+                        f"| {config.SERVER_TITLES[kind]} | {p['rows']:,} |"
+                        f" {p['sql']['rt']:.1f} ms | {p['db']['rt']:.0f} ms |"
+                        f" {p['redis']['rt']:.1f} ms |"
+                        f" {_ratio(p['redis']['rt'], p['sql']['rt'])} | {vs_empty:.2f} |"
+                    )
         lines += [
             "",
             "Churn: each round bulk-loads the given number of rows finished two days ago"
             " over the live ones, then runs `backend.cleanup()` (what beat's"
             " `celery.backend_cleanup` runs; `result_expires` one day) and measures the"
-            " sizes again. Steady sizes mean the space of deleted rows is reused.",
+            " sizes again (PostgreSQL: once autovacuum has visited the table, or after"
+            " `--vacuum-wait` seconds without it, the autovacuum column). Steady sizes mean"
+            " the space of deleted rows is reused.",
             "",
-            "| database | live rows | round | expired rows | cleanup | table after |"
-            " indexes after |",
-            "|---|---|---|---|---|---|---|",
+            "| database | live rows | round | expired rows | cleanup | autovacuum |"
+            " table after | indexes after |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for kind, data in size.items():
             for c in data["creep"]:
+                vacuumed = c.get("autovacuum_s")
+                av = "—" if vacuumed is None else "vacuumed"
+                if data.get("autovacuum"):
+                    av += f" ({data['autovacuum']})"
                 lines.append(
                     f"| {config.SERVER_TITLES[kind]} | {data['live']:,} | {c['round']} |"
-                    f" {data['churn']:,} | {c['cleanup_s']:.1f} s | {_mb(c['table_after'])} |"
-                    f" {_mb(c['index_after'])} |"
+                    f" {data['churn']:,} | {c['cleanup_s']:.1f} s | {av} |"
+                    f" {_mb(c['table_after'])} | {_mb(c['index_after'])} |"
                 )
         lines.append("")
         if f"{PREFIX}-size.png" in plots:
@@ -555,6 +728,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqlite-rows", default="1000000", help="table sizes on SQLite")
     parser.add_argument("--churn", type=int, default=1_000_000, help="expired rows per round")
     parser.add_argument("--rounds", type=int, default=10, help="churn rounds")
+    parser.add_argument(
+        "--vacuum-wait",
+        type=float,
+        default=90.0,
+        help="PostgreSQL: seconds each churn round waits for autovacuum after the cleanup",
+    )
+    parser.add_argument(
+        "--roundtrips",
+        type=int,
+        default=0,
+        help="add.delay().get() calls per backend at each table size, with a worker (0: none)",
+    )
+    parser.add_argument(
+        "--pg-autovacuum",
+        choices=("ours", "server"),
+        default="ours",
+        help="PostgreSQL churn with revision 0008's autovacuum settings, or the server's",
+    )
     parser.add_argument("--fresh", type=int, default=7, help="fresh processes per backend")
     parser.add_argument("--writers", default="1,2,4,8", help="children storing at once")
     parser.add_argument("--writes", type=int, default=2000, help="results per child")
@@ -589,7 +780,16 @@ def main(argv: list[str] | None = None) -> int:
             if "size" in parts:
                 steps = _ints(args.sqlite_rows if kind == "sqlite" else args.rows)
                 results["size"][kind] = size_figures(
-                    prepare(kind, tmp), steps, args.rounds, args.churn, args.ops, 1000
+                    prepare(kind, tmp),
+                    steps,
+                    args.rounds,
+                    args.churn,
+                    args.ops,
+                    1000,
+                    args.vacuum_wait,
+                    args.pg_autovacuum == "server",
+                    args.roundtrips,
+                    tmp,
                 )
             if "writers" in parts and kind != "sqlite":
                 results["writers"][kind] = writer_figures(

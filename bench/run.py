@@ -36,6 +36,7 @@ from .databases import (
     redis_fsync_always,
     server_versions,
 )
+from .plots import BARS, draw_bars, from_results, save_results
 from .report import Results, render, table, targets_section
 from .startup import startup_figures
 from .worker import running_worker
@@ -307,6 +308,18 @@ def run(kinds: list[str], sizes: Sizes, tmp: Path) -> Results:
 KEPT_MARKER = "<!-- Sections below come from other bench scripts; bench.run keeps them. -->"
 
 
+#: The bar chart under the tables (``bench.plots``), redrawn by every run with ``--out``.
+BARS_SECTION = """
+## The figures as bar charts
+
+sql+ over db+ and over Redis for each figure of the tables above, per database (from 1:
+to the right sql+ is better, to the left worse; log scale). `python -m bench.plots --json
+FILE` draws it again from the figures a run keeps beside its report.
+
+![sql+ against db+ and Redis, per figure]({png})
+"""
+
+
 def kept_sections(out: Path) -> str:
     """The part of an existing report below ``KEPT_MARKER``, so a new run keeps it.
 
@@ -334,10 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {config.DB_TITLES[kind]}\n\n{table(results, kind, sizes)}")
     print("\n" + targets_section(results, args.kinds, sizes))
     if args.out is not None:
-        text = render(results, args.kinds, sizes, command, date, servers, load)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_results(results, args.kinds, args.quick, args.out.with_suffix(".json"))
+        bars = args.out.parent / BARS
+        ratios = from_results(results, args.kinds, sizes)
+        drawn = draw_bars(ratios, bars, f"{date}, {'--quick' if args.quick else 'full'} run")
+        text = render(results, args.kinds, sizes, command, date, servers, load)
+        if drawn:
+            text += BARS_SECTION.format(png=BARS)
         args.out.write_text(text + kept_sections(args.out))
-        log(f"wrote {args.out}")
+        log(f"wrote {args.out}, its figures as JSON beside it{' and ' + BARS if drawn else ''}")
     log("done")
     return 0
 

@@ -72,6 +72,12 @@ class Tables:
         return (self.task, self.group, self.chord, self.chord_part)
 
     @property
+    def growing(self) -> tuple[sa.Table, ...]:
+        """The tables that grow to millions of rows between cleanups (Celery's two), which
+        get storage settings of their own where the database has any (revision 0008)."""
+        return (self.task, self.group)
+
+    @property
     def expiring(self) -> dict[str, tuple[sa.Table, sa.Column[Any]]]:
         """Each table (by its settings key) with the timestamp ``cleanup()`` expires it by."""
         return {

@@ -288,6 +288,10 @@ def _repair(store: Store, conn: sa.Connection) -> None:
     missing = store.missing_tables(conn)
     if missing:
         store.tables.metadata.create_all(conn, tables=missing, checkfirst=True)
+        for table in store.tables.growing:
+            if table in missing:  # as revision 0008 left them
+                for statement in store.dialect.storage_statements(conn, table):
+                    conn.execute(statement)
     _add_missing_columns(store, conn)
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from celery_sqlresults import dialects, migrate, startup
 from celery_sqlresults import store as store_module
 from celery_sqlresults.cli import results
+from celery_sqlresults.dialects.postgresql import AUTOVACUUM
 from celery_sqlresults.exceptions import ResultTooLarge
 from celery_sqlresults.query import ResultQuery
 from celery_sqlresults.schema import build_tables
@@ -26,7 +27,7 @@ from .conftest import OTHER_SCHEMA, raw_engine, start_together, table_names
 from .conftest import task_request as request
 from .test_compat import db_plus_app
 
-HEAD = "0007"
+HEAD = "0008"
 TABLES = {
     "celery_taskmeta",
     "celery_tasksetmeta",
@@ -133,6 +134,94 @@ def test_name_pattern_index_serves_globs(make_app: Callable[..., Celery], db_url
     eng.dispose()
     assert run("downgrade", "0005", "--url", db_url).exit_code == 0
     assert PATTERN_INDEX not in index_names(db_url)
+
+
+# ---- autovacuum on PostgreSQL (0008) ------------------------------------------------
+GROWING = ("celery_taskmeta", "celery_tasksetmeta")
+
+
+def reloptions(db_url: str, table: str = "celery_taskmeta") -> dict[str, str]:
+    """PostgreSQL's storage settings of ``table`` (``pg_class.reloptions``)."""
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            options = conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s)", (table,)
+            ).scalar()
+    finally:
+        eng.dispose()
+    return dict(str(o).partition("=")[::2] for o in options or ())
+
+
+def definition(db_url: str, db_kind: str, table: str) -> str:
+    """What the database says ``table`` is, storage settings and options included."""
+    eng = raw_engine(db_url)
+    try:
+        with eng.connect() as conn:
+            if db_kind == "sqlite":
+                sql = "SELECT sql FROM sqlite_master WHERE name = ?"
+                return str(conn.exec_driver_sql(sql, (table,)).scalar())
+            if db_kind == "mysql":
+                return str(conn.exec_driver_sql(f"SHOW CREATE TABLE {table}").all()[0][1])
+            sql = "SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s)"
+            return str(conn.exec_driver_sql(sql, (table,)).scalar())
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_start_up_sets_autovacuum_on_the_growing_tables(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """An empty database, and tables dropped behind our back and made again, get them."""
+    backend = make_app().backend
+    for table in GROWING:
+        assert reloptions(db_url, table) == AUTOVACUUM, table
+    assert reloptions(db_url, "celery_sqlresults_chord") == {}  # emptied whole: defaults do
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE celery_taskmeta")
+    eng.dispose()
+    backend.store_result("t", 1, "SUCCESS")  # puts the table back
+    assert reloptions(db_url) == AUTOVACUUM
+    assert backend.get_task_meta("t", cache=False)["result"] == 1
+
+
+def test_upgrade_from_0007_sets_autovacuum_on_postgresql_only(
+    make_app: Callable[..., Celery], db_url: str, db_kind: str
+) -> None:
+    assert run("upgrade", "0007", "--url", db_url).exit_code == 0
+    before = {t: definition(db_url, db_kind, t) for t in TABLES}
+    make_app().backend.store_result("t", 1, "SUCCESS")  # start-up upgrades
+    assert version(db_url) == [HEAD]
+    after = {t: definition(db_url, db_kind, t) for t in TABLES}
+    if db_kind != "postgresql":
+        assert after == before
+        return
+    assert before["celery_taskmeta"] == "None"
+    for table in TABLES:
+        assert reloptions(db_url, table) == (AUTOVACUUM if table in GROWING else {}), table
+    assert run("downgrade", "0007", "--url", db_url).exit_code == 0
+    assert {t: definition(db_url, db_kind, t) for t in TABLES} == before
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_autovacuum_settings_of_the_owner_are_kept(db_url: str) -> None:
+    assert run("upgrade", "0007", "--url", db_url).exit_code == 0
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql(
+            "ALTER TABLE celery_taskmeta"
+            " SET (autovacuum_vacuum_scale_factor = 0.1, fillfactor = 90)"
+        )
+    eng.dispose()
+    owner = {"autovacuum_vacuum_scale_factor": "0.1", "fillfactor": "90"}
+    assert run("upgrade", "--url", db_url).exit_code == 0
+    assert reloptions(db_url) == {**AUTOVACUUM, **owner}
+    assert reloptions(db_url, "celery_tasksetmeta") == AUTOVACUUM
+    assert run("downgrade", "0007", "--url", db_url).exit_code == 0
+    assert reloptions(db_url) == owner
+    assert reloptions(db_url, "celery_tasksetmeta") == {}
 
 
 def test_head_layout_is_what_schema_py_describes(
@@ -383,8 +472,8 @@ def test_errors_are_one_masked_line(db_url: str) -> None:
         assert result.exit_code == 1, (args, result.output)
         assert result.stdout == "" and len(result.stderr.splitlines()) == 1
         assert "secret" not in result.output and "u:***@" in result.stderr
-    bad = run("upgrade", "0009", "--url", db_url)
-    assert bad.exit_code == 1 and len(bad.stderr.splitlines()) == 1 and "0009" in bad.stderr
+    bad = run("upgrade", "0042", "--url", db_url)
+    assert bad.exit_code == 1 and len(bad.stderr.splitlines()) == 1 and "0042" in bad.stderr
 
 
 def _apply(db_url: str, sql: str) -> None:
@@ -412,6 +501,8 @@ def test_printed_sql_applies_cleanly(
     _apply(db_url, sql)
     check = run("check", "--url", db_url)
     assert check.exit_code == 0, check.output
+    if db_kind == "postgresql":
+        assert reloptions(db_url) == AUTOVACUUM
     backend = make_app().backend
     backend.store_result("t", 5, "SUCCESS")
     assert backend.get_task_meta("t")["result"] == 5
@@ -493,15 +584,15 @@ def test_database_newer_than_the_package(
 _NOT_ADDITIVE = '''
 """A destructive step, for the test.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 additive = False
@@ -526,17 +617,17 @@ def test_start_up_refuses_a_revision_that_is_not_additive(
 ) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(migrate.__file__).parent / "migrations", scripts)
-    (scripts / "versions" / "0008_destructive.py").write_text(_NOT_ADDITIVE)
+    (scripts / "versions" / "0009_destructive.py").write_text(_NOT_ADDITIVE)
     monkeypatch.setattr(migrate, "SCRIPT_LOCATION", str(scripts))
     with caplog.at_level(logging.WARNING, logger="celery_sqlresults"):
         backend = make_app().backend
     assert version(db_url) == [HEAD]
-    assert "revision 0008" in caplog.text and "results upgrade" in caplog.text
+    assert "revision 0009" in caplog.text and "results upgrade" in caplog.text
     assert "destructive_marker" not in table_names(db_url)
     backend.store_result("t", 1, "SUCCESS")  # the tables work at the revision before
     assert run("check", "--url", db_url).exit_code == 1
     assert run("upgrade", "--url", db_url).exit_code == 0
-    assert version(db_url) == ["0008"] and "destructive_marker" in table_names(db_url)
+    assert version(db_url) == ["0009"] and "destructive_marker" in table_names(db_url)
 
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])

@@ -263,6 +263,21 @@ class Dialect(abc.ABC):
         each object exactly once. Raises :class:`TimeoutError` after ``timeout``.
         """
 
+    def storage_statements(self, conn: Connection | None, table: sa.Table) -> list[sa.Executable]:
+        """Statements giving ``table``, one that grows between cleanups, our storage settings
+        (revision 0008), leaving any its owner set; ``conn`` ``None``: offline SQL, all of them.
+
+        None by default: only PostgreSQL needs a vacuum to reuse the space of deleted rows.
+        """
+        return []
+
+    def storage_reset_statements(
+        self, conn: Connection | None, table: sa.Table
+    ) -> list[sa.Executable]:
+        """The settings of :meth:`storage_statements` back to the server's defaults, where
+        they still hold our values (``conn`` ``None``: all of them)."""
+        return []
+
     def end_version_read(self, conn: Connection) -> None:
         """End the transaction reading the version left open (SQLite keeps its lock)."""
         conn.commit()

@@ -24,7 +24,7 @@ from .base import (
     error_text,
 )
 
-__all__ = ["PostgreSQL", "TransactionPooled"]
+__all__ = ["AUTOVACUUM", "PostgreSQL", "TransactionPooled"]
 
 #: Stable key of the advisory lock that serialises schema changes ("SQLR").
 SCHEMA_LOCK_KEY = 0x53514C52
@@ -45,6 +45,23 @@ _PERMANENT = (
     (re.compile(r"permission denied for database", re.I), FIX_GRANT),
     (re.compile(r"failed to resolve host|could not translate host name", re.I), FIX_HOST),
 )
+
+#: Autovacuum settings on the tables that grow between cleanups (task, group; revision
+#: 0008). PostgreSQL reuses a deleted row's space only after a vacuum, which autovacuum
+#: starts when dead rows pass 20 % of the table (analyze: changes pass 10 %). A cleanup
+#: that expires less than that (a day's results out of a week's) then leaves the next
+#: results to grow the table, and the indexes with it, until a later cleanup tips it over.
+#: 2 % plus a fixed 10 000 rows: any cleanup of a table of millions starts a vacuum, while a
+#: small table is not vacuumed for every few dozen rows; analyze follows at the same pace,
+#: so the planner's counts by state and ``date_done`` keep up with the turnover. Inserts
+#: leave nothing to reclaim: the insert trigger (PostgreSQL 13+) keeps its default. A TOAST
+#: table without settings of its own (large results) is vacuumed by its table's.
+AUTOVACUUM = {
+    "autovacuum_vacuum_scale_factor": "0.02",
+    "autovacuum_vacuum_threshold": "10000",
+    "autovacuum_analyze_scale_factor": "0.02",
+    "autovacuum_analyze_threshold": "10000",
+}
 
 
 class PostgreSQL(OnConflict):
@@ -200,6 +217,28 @@ class PostgreSQL(OnConflict):
             except DBAPIError:
                 conn.invalidate()  # closing the session releases the lock
 
+    def storage_statements(self, conn: Connection | None, table: sa.Table) -> list[sa.Executable]:
+        """``ALTER TABLE … SET`` the :data:`AUTOVACUUM` settings the table lacks.
+
+        Takes the lock a ``VACUUM`` takes (``SHARE UPDATE EXCLUSIVE``): reads and
+        writes carry on. A setting the table has (its owner's) is left as it is.
+        """
+        have = {} if conn is None else _reloptions(conn, table)
+        wanted = {k: v for k, v in AUTOVACUUM.items() if k not in have}
+        if not wanted:
+            return []
+        settings = ", ".join(f"{k} = {v}" for k, v in wanted.items())
+        return [sa.text(f"ALTER TABLE {_quoted(table)} SET ({settings})")]
+
+    def storage_reset_statements(
+        self, conn: Connection | None, table: sa.Table
+    ) -> list[sa.Executable]:
+        have = None if conn is None else _reloptions(conn, table)
+        ours = [k for k, v in AUTOVACUUM.items() if have is None or have.get(k) == v]
+        if not ours:
+            return []
+        return [sa.text(f"ALTER TABLE {_quoted(table)} RESET ({', '.join(ours)})")]
+
     # ---- connections --------------------------------------------------
     def behind_pooler(self) -> PostgreSQL:
         return _POOLED
@@ -346,3 +385,16 @@ _POOLED = TransactionPooled()
 
 def _sqlstate(exc: BaseException) -> str | None:
     return getattr(driver_error(exc), "sqlstate", None)
+
+
+def _quoted(table: sa.Table) -> str:
+    return str(postgresql.dialect().identifier_preparer.format_table(table))
+
+
+def _reloptions(conn: Connection, table: sa.Table) -> dict[str, str]:
+    """The table's storage settings (``pg_class.reloptions``), by name."""
+    options = conn.execute(
+        sa.text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:t)"),
+        {"t": _quoted(table)},
+    ).scalar()
+    return dict(str(o).partition("=")[::2] for o in options or ())
