@@ -171,7 +171,12 @@ def galera(galera_cluster: Cluster) -> Cluster:
 
 
 class HAProxy:
-    """``haproxy`` on :data:`PROXY_PORT`, balancing over the nodes, checking each twice a second."""
+    """``haproxy`` on :data:`PROXY_PORT` in front of the nodes, checking each twice a second.
+
+    ``balance first``: every connection goes to the first node that is up, the others stand
+    by — the usual way to put one Galera writer behind a proxy (no certification conflicts
+    between clients), and it lets a test know which node the writes are on.
+    """
 
     def __init__(self, tmp_path: Path) -> None:
         self.config = tmp_path / "haproxy.cfg"
@@ -191,7 +196,7 @@ class HAProxy:
                     option redispatch
                 listen galera
                     bind 127.0.0.1:{PROXY_PORT}
-                    balance roundrobin
+                    balance first
                 """
             )
             + servers
