@@ -96,7 +96,8 @@ def main() -> None:
     )
     print(
         f"\n{seen.samples} samples of pg_stat_activity; errors after start-up: "
-        f"{len(out.run_errors)}; whole run {total_s:.0f} s"
+        f"{len(out.run_errors)}; workers that created the tables: {out.creators}; "
+        f"whole run {total_s:.0f} s"
     )
     for line in (out.exited + out.startup_errors + out.run_errors)[:20]:
         print("  ", line)

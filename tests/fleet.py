@@ -37,6 +37,9 @@ ERROR_LINE = re.compile(
     r"schema not checked|not reachable"
 )
 
+#: What the worker that created the tables logs (startup.create_schema).
+CREATED = "celery-sqlresults: created "
+
 
 @dataclass
 class Activity:
@@ -63,6 +66,8 @@ class Outcome:
     startup_errors: list[str] = field(default_factory=list)
     run_errors: list[str] = field(default_factory=list)
     exited: list[str] = field(default_factory=list)
+    #: Workers whose log says they created the tables: one, the schema lock's holder.
+    creators: int = 0
 
     @property
     def stores_per_s(self) -> float:
@@ -270,4 +275,5 @@ def run_fleet(
         startup_errors=[line for lines in startup.values() for line in lines],
         run_errors=run_errors,
         exited=exited,
+        creators=sum(1 for text in logs.values() if CREATED in text),
     )
