@@ -99,6 +99,8 @@ def main() -> None:
         f"{len(out.run_errors)}; workers that created the tables: {out.creators}; "
         f"whole run {total_s:.0f} s"
     )
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(seen.by_kind.items()))
+    print(f"most sessions at once by backend_type/application_name: {kinds}")
     for line in (out.exited + out.startup_errors + out.run_errors)[:20]:
         print("  ", line)
 

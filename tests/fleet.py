@@ -43,12 +43,17 @@ CREATED = "celery-sqlresults: created "
 
 @dataclass
 class Activity:
-    """The most server sessions seen at once on one database, by kind."""
+    """The most server sessions seen at once on one database, by kind.
+
+    ``total`` counts client sessions (the pool's and the listeners'); ``by_kind``
+    has the most seen of each ``backend_type/application_name`` (autovacuum too).
+    """
 
     total: int = 0
     listeners: int = 0
     others: int = 0
     samples: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,22 +93,26 @@ class _Sampler(threading.Thread):
     def run(self) -> None:
         database = make_url(self.url).database
         query = sa.text(
-            "SELECT count(*), count(*) FILTER (WHERE application_name = :listener) "
+            "SELECT backend_type, coalesce(application_name, ''), count(*) "
             "FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'"
+            "GROUP BY 1, 2"
         )
         engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool)
         try:
             with engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 while not self._done.is_set():
-                    total, listeners = conn.execute(
-                        query, {"db": database, "listener": LISTENER_NAME}
-                    ).one()
+                    rows = conn.execute(query, {"db": database}).all()
                     seen = self.activity
+                    clients = [(name, n) for kind, name, n in rows if kind == "client backend"]
+                    total = sum(n for _, n in clients)
+                    listeners = sum(n for name, n in clients if name == LISTENER_NAME)
                     seen.total = max(seen.total, total)
                     seen.listeners = max(seen.listeners, listeners)
                     seen.others = max(seen.others, total - listeners)
+                    for kind, name, n in rows:
+                        key = f"{kind}/{name or '-'}"
+                        seen.by_kind[key] = max(seen.by_kind.get(key, 0), n)
                     seen.samples += 1
                     self._done.wait(self.period)
         except BaseException as exc:  # reported by stop(): a sampler that died saw nothing
