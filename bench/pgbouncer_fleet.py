@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=4000)
     parser.add_argument("--pool", type=int, default=20, help="PgBouncer's default_pool_size")
+    parser.add_argument("--nap", type=float, default=0.0, help="each task sleeps this long")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--logs", type=Path, default=None, help="keep the workers' logs here")
     args = parser.parse_args()
@@ -75,6 +76,7 @@ def main() -> None:
             args.tasks,
             log_dir,
             ready_timeout=args.ready_timeout,
+            nap=args.nap,
         )
     finally:
         bouncer.close()
@@ -85,18 +87,19 @@ def main() -> None:
     print(f"workers' logs: {log_dir}\n")
     print(
         "| workers | processes | start-up errors | all ready after | tasks | lost | failed "
-        "| max server sessions (pool + listeners) | pool size | wall time | stores/s |"
+        "| max server sessions (pool + listeners + others) | pool size | wall time | stores/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {out.workers} | {out.processes} | {len(out.startup_errors) + len(out.exited)} "
         f"| {out.ready_s:.0f} s | {out.tasks} | {out.lost} | {out.failed} "
-        f"| {seen.total} ({seen.others} + {seen.listeners}) | {args.pool} "
+        f"| {seen.total} ({seen.pooled} + {seen.listeners} + {seen.others}) | {args.pool} "
         f"| {out.wall_s:.1f} s | {out.stores_per_s:.0f} |"
     )
     print(
         f"\n{seen.samples} samples of pg_stat_activity; errors after start-up: "
         f"{len(out.run_errors)}; workers that created the tables: {out.creators}; "
+        f"children that ran tasks: {out.children} of {out.processes}; "
         f"whole run {total_s:.0f} s"
     )
     kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(seen.by_kind.items()))

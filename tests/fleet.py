@@ -29,7 +29,10 @@ from celery.result import ResultSet
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
-#: ``application_name`` of the client's listening connection, to tell it from the pool's.
+#: ``application_name`` of the fleet's connections to PgBouncer, which gives it to the server
+#: sessions it opens or lends for them: the pool's sessions, told from any other.
+POOLED_NAME = "sqlr-fleet"
+#: ``application_name`` of the client's listening connection (direct).
 LISTENER_NAME = "sqlr-fleet-listen"
 #: Lines of a worker's log that count as errors.
 ERROR_LINE = re.compile(
@@ -40,16 +43,21 @@ ERROR_LINE = re.compile(
 #: What the worker that created the tables logs (startup.create_schema).
 CREATED = "celery-sqlresults: created "
 
+#: A task's success line, naming the prefork child that ran it.
+CHILD_RAN = re.compile(r"/(ForkPoolWorker-\d+)\] Task t\.\w+\[[^]]+\] succeeded")
+
 
 @dataclass
 class Activity:
     """The most server sessions seen at once on one database, by kind.
 
-    ``total`` counts client sessions (the pool's and the listeners'); ``by_kind``
+    ``total`` counts client sessions: the pool's (``pooled``), the fleet's
+    listeners, and ``others`` (any other process's on the database); ``by_kind``
     has the most seen of each ``backend_type/application_name`` (autovacuum too).
     """
 
     total: int = 0
+    pooled: int = 0
     listeners: int = 0
     others: int = 0
     samples: int = 0
@@ -73,6 +81,8 @@ class Outcome:
     exited: list[str] = field(default_factory=list)
     #: Workers whose log says they created the tables: one, the schema lock's holder.
     creators: int = 0
+    #: Prefork children (of all workers) that ran at least one task.
+    children: int = 0
 
     @property
     def stores_per_s(self) -> float:
@@ -106,10 +116,12 @@ class _Sampler(threading.Thread):
                     seen = self.activity
                     clients = [(name, n) for kind, name, n in rows if kind == "client backend"]
                     total = sum(n for _, n in clients)
+                    pooled = sum(n for name, n in clients if name == POOLED_NAME)
                     listeners = sum(n for name, n in clients if name == LISTENER_NAME)
                     seen.total = max(seen.total, total)
+                    seen.pooled = max(seen.pooled, pooled)
                     seen.listeners = max(seen.listeners, listeners)
-                    seen.others = max(seen.others, total - listeners)
+                    seen.others = max(seen.others, total - pooled - listeners)
                     for kind, name, n in rows:
                         key = f"{kind}/{name or '-'}"
                         seen.by_kind[key] = max(seen.by_kind.get(key, 0), n)
@@ -200,16 +212,20 @@ def run_fleet(
     log_dir: Path,
     ready_timeout: float = 600,
     join_timeout: float = 600,
+    nap: float = 0.0,
 ) -> Outcome:
     """Start ``workers`` prefork workers at once through ``pooled_url`` (PgBouncer,
     transaction mode) on an empty database, run ``tasks`` ``t.add`` tasks, and report.
 
     ``direct_url`` reaches the same database without the pooler: the client
     listens there, the sampler counts sessions there, the results are checked there.
+    ``nap``: each task sleeps that long (``t.nap``), so that all children get tasks.
     """
     from tests import worker_app
 
     log_dir.mkdir(parents=True, exist_ok=True)
+    tagged = make_url(pooled_url).update_query_dict({"application_name": POOLED_NAME})
+    pooled_url = tagged.render_as_string(hide_password=False)
     queue = f"fleet-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
@@ -250,9 +266,11 @@ def run_fleet(
                 sqlresults_pooler="transaction",
                 sqlresults_listen_url=listen.render_as_string(hide_password=False),
             )
-            add = app.tasks["t.add"]
             began = time.monotonic()
-            results = [add.delay(i, i) for i in range(tasks)]
+            if nap:
+                results = [app.tasks["t.nap"].delay(i, i, nap) for i in range(tasks)]
+            else:
+                results = [app.tasks["t.add"].delay(i, i) for i in range(tasks)]
             values = ResultSet(results, app=app).join(timeout=join_timeout, propagate=False)
             wall_s = time.monotonic() - began
             failed = sum(1 for i, v in enumerate(values) if v != i + i)
@@ -285,4 +303,5 @@ def run_fleet(
         run_errors=run_errors,
         exited=exited,
         creators=sum(1 for text in logs.values() if CREATED in text),
+        children=sum(len(set(CHILD_RAN.findall(text))) for text in logs.values()),
     )
