@@ -37,7 +37,7 @@ LISTENER_NAME = "sqlr-fleet-listen"
 #: Lines of a worker's log that count as errors.
 ERROR_LINE = re.compile(
     r"\b(ERROR|CRITICAL)\b|Traceback|already exists|Duplicate|eadlock|"
-    r"schema not checked|not reachable"
+    r"schema not checked|not reachable|; retry \d+ in "
 )
 
 #: What the worker that created the tables logs (startup.create_schema).
