@@ -8,7 +8,10 @@ through PgBouncer (``sqlresults_pooler = "transaction"``, a server pool of
 for in the table, the workers' logs are searched for errors, and the server's
 sessions on the database are counted throughout (tests/fleet.py). Prints Markdown.
 
-    python -m bench.pgbouncer_fleet --workers 25 --concurrency 8 --tasks 4000
+    python -m bench.pgbouncer_fleet --workers 25 --concurrency 8 --tasks 4000 [--nap 1]
+
+``--nap S``: each task sleeps S seconds, so that every child holds tasks at once
+(instant tasks are kept up with by fewer children). Figures: docs/scaling.md.
 """
 
 from __future__ import annotations
