@@ -525,3 +525,38 @@ def pg_bouncer() -> Iterator[Any]:
         _unavailable("PgBouncer", exc)
     yield bouncer
     bouncer.close()
+
+
+# ---- a fleet of workers through a small pool (tests/fleet.py) ---------------------------
+#: The server pool of :func:`fleet_bouncer`: fewer than the fleet's processes.
+FLEET_POOL = 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def fleet_bouncer() -> Iterator[Any]:
+    """A PgBouncer of the test's own (port, directory), server pool :data:`FLEET_POOL`;
+    and the broker checked, as the fleet's workers need it."""
+    from tests import clusters
+
+    _redis_ok()
+    bouncer = clusters.PgBouncer(
+        make_url(PG_ADMIN).port or 5432,
+        root=clusters.ROOT / f"pgbouncer-{TEST_DB}",
+        pool_size=FLEET_POOL,
+        port=_free_port(),
+    )
+    try:
+        bouncer.start()
+    except clusters.ClusterUnavailable as exc:
+        bouncer.close()
+        _unavailable("PgBouncer", exc)
+    yield bouncer
+    bouncer.close()

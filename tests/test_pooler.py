@@ -31,7 +31,17 @@ from celery_sqlresults.dialects.postgresql import SCHEMA_LOCK_KEY
 from celery_sqlresults.settings import Settings
 from celery_sqlresults.wait import Listener, Poller
 
-from .conftest import ROOT, Worker, client_app, listening, raw_engine, reset_database
+from .conftest import (
+    FLEET_POOL,
+    REDIS_URL,
+    ROOT,
+    Worker,
+    client_app,
+    listening,
+    raw_engine,
+    reset_database,
+)
+from .fleet import run_fleet
 
 pytestmark = pytest.mark.pgcluster
 
@@ -199,3 +209,35 @@ def test_awaits_poll_behind_the_pooler_and_listen_on_the_listen_url(
     assert isinstance(deaf_waiter, AsyncPoller)
     assert isinstance(heard_waiter, AsyncListener)
     assert value == 5
+
+
+# ---- a fleet of workers through a small pool (tests/fleet.py) ----------------------
+@pytest.mark.worker
+def test_sixteen_worker_processes_start_at_once_through_a_pool_of_four(
+    fleet_bouncer: Any, direct_url: str, tmp_path: Path
+) -> None:
+    """Issue #23's scale proof, small: 4 prefork workers x 4 on an empty database, all
+    started before any is ready, through a server pool of four."""
+    pooled = make_url(direct_url).set(host="127.0.0.1", port=fleet_bouncer.port)
+    out = run_fleet(
+        pooled.render_as_string(hide_password=False),
+        direct_url,
+        REDIS_URL,
+        workers=4,
+        concurrency=4,
+        tasks=160,
+        log_dir=tmp_path / "fleet",
+        ready_timeout=120,
+        join_timeout=120,
+        nap=0.25,  # longer than sending takes: every child gets tasks, all at once
+    )
+    assert (out.exited, out.startup_errors, out.run_errors) == ([], [], [])
+    assert (out.lost, out.failed) == (0, 0)
+    assert out.creators == 1  # the others found the schema made, under the lock
+    assert out.children == 16  # every process stored through the pool
+    seen = out.activity
+    assert seen.samples > 0
+    # The server sees the pool's sessions and the client's direct LISTEN; others are
+    # this test process's own (a listener an earlier test left; not the sampler).
+    assert 0 < seen.pooled <= FLEET_POOL, seen
+    assert seen.listeners <= 1, seen

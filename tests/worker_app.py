@@ -26,6 +26,14 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
     def add(x: int, y: int) -> int:
         return x + y
 
+    @app.task(name="t.nap", shared=False)
+    def nap(x: int, y: int, seconds: float) -> int:
+        """``t.add`` that takes ``seconds``: keeps every child of a worker busy at once."""
+        import time
+
+        time.sleep(seconds)
+        return x + y
+
     @app.task(name="t.fail", shared=False)
     def fail(msg: str) -> None:
         raise ValueError(msg)
