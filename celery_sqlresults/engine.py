@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import lease
+from .dialects import Dialect
 from .settings import Settings
 
 __all__ = ["dispose_all", "get_engine", "is_current"]
@@ -129,7 +130,8 @@ def _create(settings: Settings) -> Engine:
         settings.url, settings.lock_timeout, settings.durable_commit
     )
     if statements:
-        sa.event.listen(engine, "connect", functools.partial(_session_setup, statements))
+        set_up = functools.partial(_session_setup, dialect, statements)
+        sa.event.listen(engine, "connect", set_up)
     path = dialect.database_file(settings.url)
     if path is not None:
         watched = _files[engine] = _File(os.path.abspath(path))
@@ -139,15 +141,9 @@ def _create(settings: Settings) -> Engine:
     return engine
 
 
-def _session_setup(statements: list[str], dbapi_conn: Any, _record: Any) -> None:
+def _session_setup(dialect: Dialect, statements: list[str], dbapi_conn: Any, _record: Any) -> None:
     """Each new connection's session settings (lock bound, commit durability, WAL)."""
-    cur = dbapi_conn.cursor()
-    try:
-        for statement in statements:
-            cur.execute(statement)
-    finally:
-        cur.close()
-    dbapi_conn.commit()  # psycopg opened a transaction for the SET; end it
+    dialect.set_up_session(dbapi_conn, statements)
 
 
 def _remember_file(watched: _File, _dbapi_conn: Any, _record: Any) -> None:

@@ -155,3 +155,33 @@ def test_lock_timeout_is_set_on_every_connection(
         row = conn.exec_driver_sql(sql).first()
     assert row is not None
     assert (row[0] if len(row) == 1 else tuple(row)) == expected
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mysql"])
+def test_the_session_set_up_leaves_no_transaction_behind(
+    make_app: Callable[..., Celery], db_kind: str
+) -> None:
+    """The set-up runs outside any transaction (no ``BEGIN``/``COMMIT`` around it on
+    PostgreSQL): a new connection is idle, and a rolled-back transaction keeps the bound."""
+    sql, expected = {
+        "postgresql": ("SHOW lock_timeout", "2500ms"),
+        "mysql": ("SELECT @@innodb_lock_wait_timeout, @@lock_wait_timeout", (3, 3)),
+    }[db_kind]
+    engine = make_app(sqlresults_lock_timeout=2.5).backend.store.engine
+    with engine.connect() as conn:
+        if db_kind == "postgresql":
+            import psycopg
+
+            status = conn.connection.dbapi_connection.info.transaction_status  # type: ignore[union-attr]
+            assert status == psycopg.pq.TransactionStatus.IDLE
+        else:
+            cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            cur.execute("SELECT @@in_transaction")
+            assert cur.fetchone()[0] == 0
+            cur.close()
+        tx = conn.execution_options(isolation_level="READ COMMITTED")
+        tx.exec_driver_sql("SELECT 1")
+        tx.rollback()
+        row = tx.exec_driver_sql(sql).first()
+        assert row is not None
+        assert (row[0] if len(row) == 1 else tuple(row)) == expected

@@ -80,6 +80,7 @@ def make_app(backend: str, broker: str, queue: str) -> Celery:
         if r.blpop(key, timeout=60) is None:
             raise TimeoutError(f"no go-ahead to finish on {key}")
         return total
+
     @app.task(name="t.grow", bind=True, shared=False)
     def grow(self, x: int, n: int) -> int:  # type: ignore[no-untyped-def]
         """Chord header task adding ``n`` tasks to its chord (``add(x, i)``)."""

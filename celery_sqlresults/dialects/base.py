@@ -317,6 +317,20 @@ class Dialect(abc.ABC):
         """Everything run on each new connection: lock bound, then commit durability."""
         return self.lock_timeout_statements(lock_timeout) + self.commit_statements(durable)
 
+    def set_up_session(self, dbapi_conn: Any, statements: list[str]) -> None:
+        """Run :meth:`session_statements` on a new raw connection.
+
+        Each statement in turn, then a commit ending whatever transaction the
+        driver opened for them; dialects that can do it in fewer round trips do.
+        """
+        cur = dbapi_conn.cursor()
+        try:
+            for statement in statements:
+                cur.execute(statement)
+        finally:
+            cur.close()
+        dbapi_conn.commit()
+
     def behind_pooler(self) -> Dialect | None:
         """This database reached through a transaction pooler (``sqlresults_pooler =
         "transaction"``), where there is such a variant; ``None`` where there is none."""

@@ -192,10 +192,16 @@ class MySQL(Dialect):
         if seconds <= 0:
             return []
         whole = max(1, math.ceil(seconds))
-        return [
-            f"SET SESSION innodb_lock_wait_timeout = {whole}",
-            f"SET SESSION lock_wait_timeout = {whole}",
-        ]
+        return [f"SET SESSION innodb_lock_wait_timeout = {whole}, lock_wait_timeout = {whole}"]
+
+    def set_up_session(self, dbapi_conn: Any, statements: list[str]) -> None:
+        """No commit after: a ``SET`` opens no transaction on MySQL/MariaDB."""
+        cur = dbapi_conn.cursor()
+        try:
+            for statement in statements:
+                cur.execute(statement)
+        finally:
+            cur.close()
 
     def relaxed_commit_refusal(self) -> str | None:
         return (

@@ -246,6 +246,21 @@ class PostgreSQL(OnConflict):
     def lock_timeout_statements(self, seconds: float) -> list[str]:
         return [] if seconds <= 0 else [f"SET lock_timeout = {max(1, round(seconds * 1000))}"]
 
+    def set_up_session(self, dbapi_conn: Any, statements: list[str]) -> None:
+        """One round trip: the ``SET`` statements sent together, in autocommit for the moment
+        (no ``BEGIN`` before them, no ``COMMIT`` after); psycopg and psycopg2
+        both take several statements in one call when it has no parameters."""
+        was = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        try:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("; ".join(statements))
+            finally:
+                cur.close()
+        finally:
+            dbapi_conn.autocommit = was
+
     def commit_statements(self, durable: bool) -> list[str]:
         """``synchronous_commit = off``: a commit is confirmed before its WAL is flushed.
 
