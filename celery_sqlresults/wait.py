@@ -73,17 +73,23 @@ class Poller:
     """Adaptive polling, for databases without notifications (or without a way to hear them).
 
     ``notifies``: writes still notify, for processes that can listen (behind a
-    transaction pooler, those given ``sqlresults_listen_url``).
+    transaction pooler, those given ``sqlresults_listen_url``). ``deaf``: the
+    masked URL whose ``LISTEN`` would hear nothing, warned about at the first
+    wait (a worker's parent, which never waits, stays quiet).
     """
 
-    def __init__(self, notifies: bool = False) -> None:
+    def __init__(self, notifies: bool = False, deaf: str | None = None) -> None:
         self.notifies = notifies
+        self._deaf = deaf
 
     #: Whether a watch would first start something (nothing to start here).
     idle = False
 
     @contextlib.contextmanager
     def watch(self, task_ids: Iterable[str], interval: float) -> Iterator[Wait]:
+        deaf, self._deaf = self._deaf, None
+        if deaf is not None:
+            _warn_deaf(deaf)
         yield _Polling(max(interval, _FIRST_POLL))
 
 
@@ -315,8 +321,7 @@ def waiter_for(store: Store) -> Poller | Listener:
     url = settings.listen_url
     if url is None:
         if settings.notify and store.dialect.notifies:
-            _warn_deaf(settings.masked_url)
-            return Poller(notifies=True)
+            return Poller(notifies=True, deaf=settings.masked_url)
         return Poller()
     connect = store.dialect.listener_connect(url) if settings.notify else None
     if connect is None:
@@ -331,14 +336,10 @@ def waiter_for(store: Store) -> Poller | Listener:
 
 _listeners: dict[tuple[str, str], Listener] = {}
 _listeners_lock = threading.Lock()
-_warned: set[str] = set()
 
 
 def _warn_deaf(masked_url: str) -> None:
-    """Once per process and URL: behind a transaction pooler LISTEN hears nothing."""
-    if masked_url in _warned:
-        return
-    _warned.add(masked_url)
+    """Behind a transaction pooler LISTEN hears nothing: say so, and what to set."""
     logger.warning(
         "celery-sqlresults: %s is behind a transaction pooler (sqlresults_pooler), where "
         "LISTEN hears nothing: waiting polls (up to the interval, 0.5 s by default). Set "

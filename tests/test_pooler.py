@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import TimeoutError as WaitTimeout
 from celery.result import AsyncResult
 from sqlalchemy.engine import make_url
 
@@ -158,19 +159,31 @@ def test_eight_processes_start_at_once_through_pgbouncer(
     assert (stored, held, len(version)) == (8 * 20, 0, 1)
 
 
-def test_without_a_listen_url_waiters_poll_with_one_warning(
+def test_without_a_listen_url_waiters_poll_and_warn_at_their_first_wait(
     pooled_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A process that never waits (a worker's parent) says nothing; one that waits, once."""
+
+    def warnings() -> int:
+        return sum("sqlresults_listen_url" in r.getMessage() for r in caplog.records)
+
     with caplog.at_level(logging.WARNING, "celery_sqlresults"):
         first, second = _app(pooled_url, **POOLED), _app(pooled_url, **POOLED)
         assert isinstance(first.backend._waiter, Poller) and isinstance(
             second.backend._waiter, Poller
         )
-    assert first.backend._waiter.notifies, "writes still notify, for those who can listen"
-    warned = [r for r in caplog.records if "sqlresults_listen_url" in r.getMessage()]
-    assert len(warned) <= 1  # once per process (an earlier test may have had it)
-    first.backend.store_result("t1", 7, "SUCCESS")
-    assert first.backend.get_task_meta("t1")["result"] == 7
+        assert first.backend._waiter.notifies, "writes still notify, for those who can listen"
+        first.backend.store_result("t1", 7, "SUCCESS")
+        assert first.backend.get_task_meta("t1")["result"] == 7
+        assert warnings() == 0, "nothing waited yet"
+        for _ in range(2):
+            with pytest.raises(WaitTimeout):
+                first.backend.wait_for("never-stored", timeout=0.05, interval=0.01)
+        assert warnings() == 1, "one warning, at the first wait"
+        assert first.backend.wait_for("t1", timeout=5)["result"] == 7
+        with pytest.raises(WaitTimeout):
+            second.backend.wait_for("never-stored", timeout=0.05, interval=0.01)
+        assert warnings() == 2, "each backend warns at its own first wait"
 
 
 @pytest.mark.worker
