@@ -126,10 +126,20 @@ def server_versions(kinds: list[str]) -> dict[str, str]:
         "postgresql": (config.PG_ADMIN, "SHOW server_version"),
         "mysql": (config.MYSQL_ADMIN, "SELECT VERSION()"),
     }
-    #: The settings that decide whether a commit waits for the disk.
+    #: The settings that decide whether a commit waits for the disk, and how much of a
+    #: big table's pages stay in memory.
     flushing = {
-        "postgresql": {"fsync": "SHOW fsync", "synchronous_commit": "SHOW synchronous_commit"},
-        "mysql": {"innodb_flush_log_at_trx_commit": "SELECT @@innodb_flush_log_at_trx_commit"},
+        "postgresql": {
+            "fsync": "SHOW fsync",
+            "synchronous_commit": "SHOW synchronous_commit",
+            "shared_buffers": "SHOW shared_buffers",
+        },
+        "mysql": {
+            "innodb_flush_log_at_trx_commit": "SELECT @@innodb_flush_log_at_trx_commit",
+            "innodb_buffer_pool_size": (
+                "SELECT CONCAT(ROUND(@@innodb_buffer_pool_size / 1048576), 'MB')"
+            ),
+        },
     }
     for kind in kinds:
         if kind == "sqlite":

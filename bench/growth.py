@@ -765,8 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     flush_redis()
     with tempfile.TemporaryDirectory(prefix="bench-growth-") as tmp_name:
         tmp = Path(tmp_name)
-        for part in parts:
-            results[part] = {}
+        for part in parts:  # a merged run keeps the other databases' figures of a part
+            results.setdefault(part, {})
         for kind in kinds:
             if "fresh" in parts:
                 target = prepare(kind, tmp)

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -144,11 +143,14 @@ def read_version(store: Store, conn: Connection) -> str | None:
 
     The start-up fast path: no reflection, no lock.
     """
-    version = sa.table(
-        store.tables.version, sa.column("version_num"), schema=store.tables.task.schema
-    )
+    # Rendered by the dialect's quoting rather than compiled from a select(): a new
+    # process's first statement pays the compiler's first use, and this one is fixed.
+    prep = conn.dialect.identifier_preparer
+    name = prep.quote(store.tables.version)
+    schema = store.tables.task.schema
+    table = name if schema is None else f"{prep.quote_schema(schema)}.{name}"
     try:
-        rows = conn.execute(sa.select(version.c.version_num)).scalars().all()
+        rows = conn.exec_driver_sql(f"SELECT version_num FROM {table}").scalars().all()
     except DBAPIError as exc:
         if not store.dialect.is_missing_table(exc):
             raise
