@@ -297,7 +297,9 @@ def size_figures(
     urls = {"sql": "sql+" + url, "db": "db+" + url, "redis": config.REDIS_RESULTS}
     apps = {key: make_app(u) for key, u in urls.items()}  # db+: on the same tables
     apps["sql"].backend.get_task_meta("warm")  # the schema
-    _point(apps, 50, 50)  # first calls (statements compiled, connections made): not counted
+    # First calls (statements compiled and prepared, connections made): not counted. The
+    # join is warmed at its full size: PostgreSQL prepares an IN list per length.
+    _point(apps, join_ids, join_ids)
     points: list[dict[str, Any]] = []
     loaded = 0
     with contextlib.ExitStack() as stack:
@@ -424,12 +426,15 @@ def writer_figures(
 
 # ---- plots ---------------------------------------------------------------------------
 def relative(point: dict[str, Any], empty: dict[str, Any], key: str, measure: str) -> float:
-    """``key``'s rate at ``point`` over its rate on the empty table, each first divided
-    by Redis's in the same round (the machine's drift between the two cancels out)."""
+    """``key``'s speed at ``point`` over its speed on the empty table (above 1: faster).
+
+    Redis's own ratio, which no table size touches, says how much of that is the
+    machine drifting between the two points.
+    """
 
     def speed(p: dict[str, Any]) -> float:
-        ours, redis = p[key][measure], p["redis"][measure]
-        return redis / ours if measure == "join" else ours / redis  # join: ms, lower wins
+        value = float(p[key][measure])
+        return 1 / value if measure in ("join", "rt") else value  # ms: lower wins
 
     return speed(point) / speed(empty)
 
@@ -486,7 +491,7 @@ def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
         ):
             for kind, data in size.items():
                 rows = [p["rows"] / 1e6 for p in data["points"]]
-                for key, style in (("sql", "-o"), ("db", "--s")):
+                for key, style in (("sql", "-o"), ("db", "--s"), ("redis", ":^")):
                     if any(measure not in p[key] for p in data["points"]):
                         continue
                     values = [relative(p, data["points"][0], key, measure) for p in data["points"]]
@@ -495,7 +500,7 @@ def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.axhspan(0.8, 1.2, color="grey", alpha=0.12, label="within 20 % of empty")
             ax.set_xlabel("rows in the task table (millions)")
-            ax.set_ylabel("rate vs the empty table (÷ Redis)")
+            ax.set_ylabel("speed vs the empty table")
             ax.set_title(title, fontsize=10)
             ax.set_ylim(bottom=0)
             ax.legend(fontsize=7)
@@ -545,9 +550,8 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
     )
     lines += [
         "",
-        "The machine (2 cores) was shared with other work while this ran: several test",
-        "suites at once. The backends took turns within each part, so a busy moment fell",
-        "on all of them alike; read the ratios, not the absolute figures.",
+        "The backends took turns within each part, so a busy moment of the machine fell",
+        "on all of them alike; docs/growth.md says what else ran while these were taken.",
         "",
     ]
     fresh = results.get("fresh", {})
@@ -592,13 +596,14 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
             " worker writes them (uuid-like ids spread over the index). At each size: store/s"
             " and get/s of fresh ids in this process (db+ on the same tables, fewer calls),"
             " and a 1000-id `get_many`, the median of two rounds; Redis beside them as the"
-            " machine's drift control. Ratios are sql+ at that size over sql+ on the empty"
-            " table, each first divided by Redis in the same round.",
+            " machine's drift control. *vs empty*: sql+'s speed at that size over its speed"
+            " on the empty table (1.00: unchanged; a join's speed is 1 / its time); *Redis"
+            " drift*: the same for Redis's store and get, which no table size touches.",
             "",
             "| database | rows | table | indexes | sql+ store/s | get/s | join ms |"
             " db+ store/s | get/s | Redis store/s | get/s | sql+ store vs empty |"
-            " get vs empty | join vs empty |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            " get vs empty | join vs empty | Redis drift (store / get) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, data in size.items():
             base = data["points"][0]
@@ -613,6 +618,8 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
                     f" {p['db']['store']:.0f} | {p['db']['get']:.0f} |"
                     f" {p['redis']['store']:.0f} | {p['redis']['get']:.0f} |"
                     f" {norm_store:.2f} | {norm_get:.2f} | {norm_join:.2f} |"
+                    f" {relative(p, base, 'redis', 'store'):.2f} /"
+                    f" {relative(p, base, 'redis', 'get'):.2f} |"
                 )
         lines += ["", "Size per million results (table + indexes, at the largest size):", ""]
         for kind, data in size.items():
@@ -631,24 +638,24 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
                 "`.get()` round trip: `add.delay(1, 1).get()` with a worker per backend"
                 " (`--concurrency=1`, all running at once), the median of `--roundtrips`"
                 " calls (db+ a fifth: its `.get()` polls every 0.5 s), twice at each size;"
-                " 'vs empty' as above (÷ Redis).",
+                " *vs empty* as above (speed, 1 / time), Redis's beside it.",
                 "",
-                "| database | rows | sql+ | db+ | Redis | sql+ / Redis | sql+ vs empty |",
-                "|---|---|---|---|---|---|---|",
+                "| database | rows | sql+ | db+ | Redis | sql+ / Redis | sql+ vs empty |"
+                " Redis vs empty |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for kind, data in size.items():
                 base = data["points"][0]
                 for p in data["points"]:
                     if "rt" not in p["sql"]:
                         continue
-                    vs_empty = (base["sql"]["rt"] / base["redis"]["rt"]) / (
-                        p["sql"]["rt"] / p["redis"]["rt"]
-                    )
                     lines.append(
                         f"| {config.SERVER_TITLES[kind]} | {p['rows']:,} |"
                         f" {p['sql']['rt']:.1f} ms | {p['db']['rt']:.0f} ms |"
                         f" {p['redis']['rt']:.1f} ms |"
-                        f" {_ratio(p['redis']['rt'], p['sql']['rt'])} | {vs_empty:.2f} |"
+                        f" {_ratio(p['redis']['rt'], p['sql']['rt'])} |"
+                        f" {relative(p, base, 'sql', 'rt'):.2f} |"
+                        f" {relative(p, base, 'redis', 'rt'):.2f} |"
                     )
         lines += [
             "",
