@@ -84,7 +84,7 @@ class Statements:
 
     @_kept
     def ready_tasks(self, extended: bool) -> sa.Executable:
-        """The meta of those of ``ids`` (an expanding list) that are in a ready state.
+        """The meta of those of ``ids`` (a list) that are in a ready state.
 
         The state is tested through ``coalesce`` (the same truth: a missing state is
         not ready) so that no planner takes the ``status`` index for it: SQLite's,
@@ -93,7 +93,7 @@ class Statements:
         """
         t = self.tables.task
         return sa.select(*self.meta_columns(extended)).where(
-            t.c.task_id.in_(sa.bindparam("ids", expanding=True)),
+            self.dialect.one_of(t.c.task_id, "ids"),
             sa.func.coalesce(t.c.status, "").in_(_READY),
         )
 

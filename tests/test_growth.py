@@ -51,3 +51,33 @@ def test_a_join_reads_by_id_not_by_state(
     plan = " ".join(" ".join(str(v) for v in row) for row in rows)
     assert "ix_celery_taskmeta_status" not in plan, plan
     assert "task_id" in plan or "autoindex_celery_taskmeta" in plan, plan
+
+
+def test_a_join_on_postgresql_is_one_statement_for_any_number_of_ids(
+    make_app: Callable[..., Celery], db_kind: str
+) -> None:
+    """The ids go as one array (``= ANY``): the server parses and plans one parameter, and
+    joins of different sizes share one statement (and its preparation)."""
+    backend = make_app().backend
+    for n in range(700):
+        backend.store_result(f"t{n}", n, "SUCCESS")
+    seen: list[str] = []
+
+    def capture(conn: object, cursor: object, statement: str, *_: object) -> None:
+        if "celery_taskmeta" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    engine = backend.store.engine
+    sa.event.listen(engine, "before_cursor_execute", capture)
+    try:
+        small = dict(backend.get_many({f"t{n}" for n in range(3)}, timeout=5))
+        large = dict(backend.get_many({f"t{n}" for n in range(700)}, timeout=5))
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", capture)
+    assert (len(small), len(large)) == (3, 700)
+    assert large["t699"]["result"] == 699
+    if db_kind == "postgresql":
+        assert len(set(seen)) == 1, seen
+        assert "ANY" in seen[0]
+    else:  # an IN list, rendered for its length
+        assert len(set(seen)) == 2

@@ -63,6 +63,12 @@ class Dialect(abc.ABC):
     #: parts of large values are read with :meth:`read_blob` there.
     cuts_blobs_in_sql: ClassVar[bool] = True
 
+    # ---- reads --------------------------------------------------------
+    def one_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+        """``column`` is one of the list bound as ``name``: an ``IN`` list, one
+        parameter per value, rendered at each call for its length."""
+        return column.in_(sa.bindparam(name, expanding=True))
+
     # ---- writes -------------------------------------------------------
     @abc.abstractmethod
     def upsert(

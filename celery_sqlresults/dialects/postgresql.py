@@ -77,6 +77,13 @@ class PostgreSQL(OnConflict):
     #: query); our tables have no such column.
     engine_defaults = {"use_native_hstore": False}
 
+    # ---- reads --------------------------------------------------------
+    def one_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+        """``column = ANY(:name)``, the list bound as one array: the same statement text
+        for any number of ids, so the server parses and plans one parameter, not a
+        thousand, and a prepared statement serves every length."""
+        return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(sa.String)))
+
     # ---- writes -------------------------------------------------------
     def insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
