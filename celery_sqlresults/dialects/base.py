@@ -62,6 +62,8 @@ class Dialect(abc.ABC):
     #: (the server cuts it); SQLite's, run in this process, loads the whole value first, so
     #: parts of large values are read with :meth:`read_blob` there.
     cuts_blobs_in_sql: ClassVar[bool] = True
+    #: Whether a session's ``SET``/``PRAGMA`` statements leave a transaction to commit.
+    set_opens_transaction: ClassVar[bool] = True
 
     # ---- reads --------------------------------------------------------
     def one_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
@@ -326,8 +328,9 @@ class Dialect(abc.ABC):
     def set_up_session(self, dbapi_conn: Any, statements: list[str]) -> None:
         """Run :meth:`session_statements` on a new raw connection.
 
-        Each statement in turn, then a commit ending whatever transaction the
-        driver opened for them; dialects that can do it in fewer round trips do.
+        Each statement in turn, then (:attr:`set_opens_transaction`) a commit ending
+        the transaction the driver opened for them; dialects that can do it in fewer
+        round trips do.
         """
         cur = dbapi_conn.cursor()
         try:
@@ -335,7 +338,8 @@ class Dialect(abc.ABC):
                 cur.execute(statement)
         finally:
             cur.close()
-        dbapi_conn.commit()
+        if self.set_opens_transaction:
+            dbapi_conn.commit()
 
     def behind_pooler(self) -> Dialect | None:
         """This database reached through a transaction pooler (``sqlresults_pooler =

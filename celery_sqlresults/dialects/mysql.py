@@ -61,6 +61,7 @@ class MySQL(Dialect):
     driver_extras = {"pymysql": "mysql", "mysqldb": "mysqlclient"}
     fast_drivers = frozenset({"pymysql", "mysqldb"})
     has_narrow_blobs = True
+    set_opens_transaction = False  # a SET opens no transaction on MySQL/MariaDB
 
     # ---- writes -------------------------------------------------------
     def upsert(
@@ -193,15 +194,6 @@ class MySQL(Dialect):
             return []
         whole = max(1, math.ceil(seconds))
         return [f"SET SESSION innodb_lock_wait_timeout = {whole}, lock_wait_timeout = {whole}"]
-
-    def set_up_session(self, dbapi_conn: Any, statements: list[str]) -> None:
-        """No commit after: a ``SET`` opens no transaction on MySQL/MariaDB."""
-        cur = dbapi_conn.cursor()
-        try:
-            for statement in statements:
-                cur.execute(statement)
-        finally:
-            cur.close()
 
     def relaxed_commit_refusal(self) -> str | None:
         return (
