@@ -14,6 +14,12 @@ on all of them alike. Each child (``python -m bench.fresh --child``) times:
   the same call once more in that child. db+ has no ``get_many`` (a join
   reads id after id, a session each: tens of seconds): not measured.
 
+Two more children show the floor under sql+'s first call, on the same stored row
+and URL, outside Celery: ``core`` is SQLAlchemy Core's ``create_engine``, a
+connection and one text ``SELECT`` of the row; ``driver`` is the driver's own
+connect and that ``SELECT``. Nothing built on SQLAlchemy Core and that driver
+starts below ``core``.
+
 Medians over the children; the report divides sql+ by Redis and by db+.
 """
 
@@ -36,10 +42,55 @@ _MODULES = {
 }
 #: What a child reports, in milliseconds.
 MEASURES = ("imports", "first", "join", "join_again")
+#: The floors, measured for the first call only (see the module's docstring).
+FLOORS = ("core", "driver")
+_READ = "SELECT status, result FROM celery_taskmeta WHERE task_id = "
+
+
+def _floor(kind: str, url: str, task_id: str) -> dict[str, float]:
+    """The first read of ``task_id`` through SQLAlchemy Core or the bare driver."""
+    import sqlalchemy as sa
+
+    target = sa.engine.make_url(url.removeprefix("sql+"))
+    driver = target.get_dialect().driver  # imports SQLAlchemy's dialect: not timed
+    modules = {"psycopg": "psycopg", "mysqldb": "MySQLdb", "pymysql": "pymysql"}
+    module = __import__(modules.get(driver, "sqlite3"))  # imports as sql+'s do: not timed
+    t0 = time.perf_counter()
+    if kind == "core":
+        engine = sa.create_engine(target)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(_READ + ":id"), {"id": task_id}).first()
+    elif driver == "psycopg":
+        with module.connect(
+            host=target.host, port=target.port, user=target.username, dbname=target.database
+        ) as raw:
+            row = raw.execute(_READ + "%s", (task_id,)).fetchone()
+    elif driver in ("mysqldb", "pymysql"):
+        raw = module.connect(
+            host=target.host,
+            port=target.port or 3306,
+            user=target.username or "",
+            password=target.password or "",
+            database=target.database,
+        )
+        cur = raw.cursor()
+        cur.execute(_READ + "%s", (task_id,))
+        row = cur.fetchone()
+        raw.close()
+    else:
+        raw = module.connect(target.database or "")
+        row = raw.execute(_READ + "?", (task_id,)).fetchone()
+        raw.close()
+    out = {"first": (time.perf_counter() - t0) * 1000}
+    if row is None or row[0] != "SUCCESS":
+        raise RuntimeError(f"{kind}: stored result not found: {row}")
+    return out
 
 
 def _child(kind: str, url: str, ids_file: str, mode: str) -> dict[str, float]:
     """Run in the new process: imports, then the first call (``mode`` "get" or "join")."""
+    if kind in FLOORS:
+        return _floor(kind, url, json.loads(Path(ids_file).read_text())[0])
     t0 = time.perf_counter()
     import importlib
 
@@ -96,18 +147,24 @@ def fresh_figures(
     urls: dict[str, str], repeats: int, join_ids: int, tmp: Path, log: Any = None
 ) -> dict[str, dict[str, float]]:
     """Median milliseconds per backend (``urls``: kind -> full Celery URL), interleaved."""
+    """``urls`` may hold the :data:`FLOORS` too (sql+'s URL): they read sql+'s stored row."""
     files: dict[str, Path] = {}
     for kind, url in urls.items():
         files[kind] = tmp / f"fresh-{kind}.json"
+        if kind in FLOORS:
+            continue
         n = 1 if kind == "db" else join_ids  # db+ is not joined (no get_many)
         files[kind].write_text(json.dumps(store_ids(url, n)))
+    for kind in FLOORS:
+        if kind in files:
+            files[kind] = files["sql"]
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in urls}
     kinds = list(urls)
     for r in range(repeats):
         order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]  # each goes first in turn
         for mode in ("get", "join"):
             for kind in order:
-                if mode == "join" and kind == "db":
+                if mode == "join" and kind in ("db", *FLOORS):
                     continue
                 for key, value in _spawn(kind, urls[kind], files[kind], mode).items():
                     samples[kind].setdefault(key, []).append(value)

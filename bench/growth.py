@@ -47,7 +47,7 @@ from .databases import (
     redis_fsync_always,
     server_versions,
 )
-from .fresh import fresh_figures
+from .fresh import FLOORS, fresh_figures
 from .report import header
 from .run import side_by_side
 from .worker import running_worker
@@ -439,8 +439,20 @@ def relative(point: dict[str, Any], empty: dict[str, Any], key: str, measure: st
     return speed(point) / speed(empty)
 
 
-LABELS = {**config.LABELS, "redis_durable": "Redis (appendfsync always)"}
-COLORS = {"sql": "#1f77b4", "db": "#d62728", "redis": "#2ca02c", "redis_durable": "#98df8a"}
+LABELS = {
+    **config.LABELS,
+    "redis_durable": "Redis (appendfsync always)",
+    "core": "SQLAlchemy Core alone",
+    "driver": "driver alone",
+}
+COLORS = {
+    "sql": "#1f77b4",
+    "db": "#d62728",
+    "redis": "#2ca02c",
+    "redis_durable": "#98df8a",
+    "core": "#aec7e8",
+    "driver": "#c7c7c7",
+}
 
 
 def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
@@ -469,10 +481,11 @@ def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
             (axes[1], "join", "first get_many of 1000 ids"),
         ):
             kinds = list(fresh)
-            width = 0.25
-            for j, key in enumerate(("sql", "db", "redis")):
+            keys = ["sql", "db", "redis", *(f for f in FLOORS if measure == "first")]
+            width = 0.8 / len(keys)
+            for j, key in enumerate(keys):
                 values = [fresh[k].get(key, {}).get(measure, 0.0) for k in kinds]
-                xs = [x + (j - 1) * width for x in range(len(kinds))]
+                xs = [x + (j - (len(keys) - 1) / 2) * width for x in range(len(kinds))]
                 ax.bar(xs, values, width, label=LABELS[key], color=COLORS[key])
             ax.set_xticks(range(len(kinds)), [config.SERVER_TITLES[k] for k in kinds])
             ax.set_ylabel("ms (median, lower is better)")
@@ -564,10 +577,14 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
             " backend's module; *first call*: building the app's backend and its first"
             " `get_task_meta` of a stored id (connect, session set-up, schema check, the"
             " tables' layout); *first join*: in another new process, `get_many` of 1000"
-            " stored ids as the first call, then the same again. db+ has no `get_many`.",
+            " stored ids as the first call, then the same again. db+ has no `get_many`."
+            " The floors, for the first call, read the same row outside Celery in new"
+            " processes too: *Core alone* is SQLAlchemy Core's `create_engine`, a connection"
+            " and one text `SELECT`; *driver alone* the driver's connect and that `SELECT`.",
             "",
-            "| database | measure | sql+ | db+ | Redis | sql+ / Redis | sql+ / db+ |",
-            "|---|---|---|---|---|---|---|",
+            "| database | measure | sql+ | db+ | Redis | Core alone | driver alone |"
+            " sql+ / Redis | Core alone / Redis | sql+ / db+ |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for kind, figs in fresh.items():
             for measure, title in (
@@ -576,11 +593,12 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
                 ("join", "first join (1000 ids)"),
                 ("join_again", "second join"),
             ):
-                row = [figs.get(k, {}).get(measure) for k in ("sql", "db", "redis")]
+                row = [figs.get(k, {}).get(measure) for k in ("sql", "db", "redis", *FLOORS)]
                 cells = ["—" if v is None else f"{v:.1f} ms" for v in row]
                 lines.append(
                     f"| {config.SERVER_TITLES[kind]} | {title} | {' | '.join(cells)} | "
-                    f"{_ratio(row[0], row[2])} | {_ratio(row[0], row[1])} |"
+                    f"{_ratio(row[0], row[2])} | {_ratio(row[3], row[2])} |"
+                    f" {_ratio(row[0], row[1])} |"
                 )
         lines.append("")
         if f"{PREFIX}-fresh.png" in plots:
@@ -782,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                     "db": target.backend_url("db"),
                     "redis": config.REDIS_RESULTS,
                 }
+                urls.update(dict.fromkeys(FLOORS, urls["sql"]))  # they read sql+'s row
                 results["fresh"][kind] = fresh_figures(urls, args.fresh, 1000, tmp, log)
                 log(f"{kind}: fresh {results['fresh'][kind]}")
             if "size" in parts:
