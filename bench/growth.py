@@ -752,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1000000,10000000", help="table sizes to measure")
     parser.add_argument("--sqlite-rows", default="1000000", help="table sizes on SQLite")
     parser.add_argument("--churn", type=int, default=1_000_000, help="expired rows per round")
+    parser.add_argument(
+        "--sqlite-churn",
+        type=int,
+        default=100_000,
+        help="expired rows per round on SQLite (10 %% of its table, as --churn is of 10 million)",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="churn rounds")
     parser.add_argument(
         "--vacuum-wait",
@@ -809,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     prepare(kind, tmp),
                     steps,
                     args.rounds,
-                    args.churn,
+                    args.sqlite_churn if kind == "sqlite" else args.churn,
                     args.ops,
                     1000,
                     args.vacuum_wait,
