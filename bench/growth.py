@@ -187,7 +187,7 @@ def _point(
         n = n_ops if key != "db" else max(50, n_ops // 10)  # db+: a session per call
         rates = ops.store_get_rates(app.backend, n)
         fig = {"store": rates.store, "get": rates.get}
-        if workers:
+        if workers and key in workers:
             add = workers[key].tasks["bench.add"]
             calls = roundtrips if key != "db" else max(5, roundtrips // 5)  # db+ polls 0.5 s
             fig["rt"] = median(ops.roundtrips_ms(add, calls, warmup=3))
@@ -296,7 +296,11 @@ def size_figures(
     url = target.sql_url
     urls = {"sql": "sql+" + url, "db": "db+" + url, "redis": config.REDIS_RESULTS}
     apps = {key: make_app(u) for key, u in urls.items()}  # db+: on the same tables
+    # The control: sql+ on tables that stay empty (the db+ database, unused here), measured
+    # in the same rounds, so "vs empty" compares two figures taken a moment apart.
+    apps[CONTROL] = make_app("sql+" + target.db_url)
     apps["sql"].backend.get_task_meta("warm")  # the schema
+    apps[CONTROL].backend.get_task_meta("warm")
     # First calls (statements compiled and prepared, connections made): not counted. The
     # join is warmed at its full size: PostgreSQL prepares an IN list per length.
     _point(apps, join_ids, join_ids)
@@ -425,6 +429,23 @@ def writer_figures(
 
 
 # ---- plots ---------------------------------------------------------------------------
+#: sql+ on tables that stay empty, measured beside sql+ at every size (see size_figures).
+CONTROL = "sql_empty"
+
+
+def versus_empty(point: dict[str, Any], empty: dict[str, Any], measure: str) -> float:
+    """sql+'s speed at ``point`` over its speed on empty tables: against the control
+    measured in the same rounds where the figures have one, else the empty point."""
+    if CONTROL in point:
+        return _speed(point, "sql", measure) / _speed(point, CONTROL, measure)
+    return relative(point, empty, "sql", measure)
+
+
+def _speed(p: dict[str, Any], key: str, measure: str) -> float:
+    value = float(p[key][measure])
+    return 1 / value if measure in ("join", "rt") else value  # ms: lower wins
+
+
 def relative(point: dict[str, Any], empty: dict[str, Any], key: str, measure: str) -> float:
     """``key``'s speed at ``point`` over its speed on the empty table (above 1: faster).
 
@@ -432,11 +453,7 @@ def relative(point: dict[str, Any], empty: dict[str, Any], key: str, measure: st
     machine drifting between the two points.
     """
 
-    def speed(p: dict[str, Any]) -> float:
-        value = float(p[key][measure])
-        return 1 / value if measure in ("join", "rt") else value  # ms: lower wins
-
-    return speed(point) / speed(empty)
+    return _speed(point, key, measure) / _speed(empty, key, measure)
 
 
 LABELS = {
@@ -455,7 +472,7 @@ COLORS = {
 }
 
 
-def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
+def plot_all(results: dict[str, Any], prefix: str, folder: Path = DOCS) -> list[str]:
     """PNG files in ``docs/`` (names returned); nothing when matplotlib is missing."""
     try:
         import matplotlib
@@ -469,7 +486,7 @@ def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(DOCS / name, dpi=110)
+        fig.savefig(folder / name, dpi=110)
         plt.close(fig)
         written.append(name)
 
@@ -507,7 +524,13 @@ def plot_all(results: dict[str, Any], prefix: str) -> list[str]:
                 for key, style in (("sql", "-o"), ("db", "--s"), ("redis", ":^")):
                     if any(measure not in p[key] for p in data["points"]):
                         continue
-                    values = [relative(p, data["points"][0], key, measure) for p in data["points"]]
+                    first = data["points"][0]
+                    values = [
+                        versus_empty(p, first, measure)
+                        if key == "sql"
+                        else relative(p, first, key, measure)
+                        for p in data["points"]
+                    ]
                     label = f"{LABELS[key]} {config.SERVER_TITLES[kind]}"
                     ax.plot(rows, values, style, label=label, color=db_colors[kind])
             ax.axhline(1.0, color="grey", lw=0.8)
@@ -615,8 +638,10 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
             " and get/s of fresh ids in this process (db+ on the same tables, fewer calls),"
             " and a 1000-id `get_many`, the median of two rounds; Redis beside them as the"
             " machine's drift control. *vs empty*: sql+'s speed at that size over its speed"
-            " on the empty table (1.00: unchanged; a join's speed is 1 / its time); *Redis"
-            " drift*: the same for Redis's store and get, which no table size touches.",
+            " on tables that stay empty (another database on the same server, measured in"
+            " the same rounds; where a run has no such control, over the empty point),"
+            " 1.00: unchanged, a join's speed is 1 / its time; *Redis drift*: Redis's store"
+            " and get at that point over the empty point, which no table size touches.",
             "",
             "| database | rows | table | indexes | sql+ store/s | get/s | join ms |"
             " db+ store/s | get/s | Redis store/s | get/s | sql+ store vs empty |"
@@ -626,9 +651,9 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
         for kind, data in size.items():
             base = data["points"][0]
             for p in data["points"]:
-                norm_store = relative(p, base, "sql", "store")
-                norm_get = relative(p, base, "sql", "get")
-                norm_join = relative(p, base, "sql", "join")
+                norm_store = versus_empty(p, base, "store")
+                norm_get = versus_empty(p, base, "get")
+                norm_join = versus_empty(p, base, "join")
                 lines.append(
                     f"| {config.SERVER_TITLES[kind]} | {p['rows']:,} | {_mb(p['table_bytes'])} |"
                     f" {_mb(p['index_bytes'])} | {p['sql']['store']:.0f} |"
@@ -811,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{kind}: fresh {results['fresh'][kind]}")
             if "size" in parts:
                 steps = _ints(args.sqlite_rows if kind == "sqlite" else args.rows)
+                earlier = results["size"].get(kind, {})
                 results["size"][kind] = size_figures(
                     prepare(kind, tmp),
                     steps,
@@ -823,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
                     args.roundtrips,
                     tmp,
                 )
+                if args.rounds == 0 and earlier.get("creep"):  # rates again, churn kept
+                    for key in ("creep", "churn", "live", "autovacuum"):
+                        results["size"][kind][key] = earlier.get(key)
             if "writers" in parts and kind != "sqlite":
                 results["writers"][kind] = writer_figures(
                     prepare(kind, tmp),
@@ -832,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
                     tmp,
                 )
             figures.write_text(json.dumps(results, indent=1, default=str))
-    plots = plot_all(json.loads(figures.read_text()), PREFIX)
+    plots = plot_all(json.loads(figures.read_text()), PREFIX, out.parent)  # beside the report
     command = "python -m bench.growth " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render(json.loads(figures.read_text()), command, plots, server_versions(kinds))
     out.write_text(text)
