@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -54,9 +55,16 @@ def test_join_rereads_only_the_notified_ids(make_app: Callable[..., Celery], row
     ids = [f"j{i}" for i in range(30)]
     queried: list[int] = []
 
-    def count(conn: object, cursor: object, statement: str, params: object, *_: object) -> None:
+    def count(conn: object, cursor: object, statement: str, params: Any, *_: object) -> None:
         if statement.lstrip().upper().startswith("SELECT") and "celery_taskmeta" in statement:
-            queried.append(sum(1 for p in (params or {}) if str(p).startswith("ids")))
+            # ids_1, ids_2, … for an IN list; one "ids" array on PostgreSQL
+            queried.append(
+                sum(
+                    len(v) if isinstance(v, (list, tuple)) else 1
+                    for k, v in dict(params or {}).items()
+                    if str(k).startswith("ids")
+                )
+            )
 
     sa.event.listen(backend.store.engine, "before_cursor_execute", count)
     # This process's listener lost its connection when the test database was recreated;
