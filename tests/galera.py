@@ -210,14 +210,18 @@ class HAProxy:
             _unavailable("haproxy is not installed")
         assert binary is not None
         self.proc = subprocess.Popen([binary, "-db", "-f", str(self.config)])
-        deadline = time.monotonic() + 20
+        # Its health checks must pass before it sends a connection on: after a node's
+        # restart in an earlier test that can take longer than a fresh cluster does.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}")
             try:
                 cluster_size(PROXY_PORT)
                 return self
             except sa.exc.OperationalError:
-                time.sleep(0.2)
-        raise RuntimeError("haproxy did not come up")
+                time.sleep(0.5)
+        raise RuntimeError("haproxy did not come up in 90 s")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
