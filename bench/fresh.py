@@ -6,7 +6,10 @@ then starts new Python processes one after another, the backends taking turns
 (sql+, db+, Redis, sql+, …) so that a busy moment of the shared machine falls
 on all of them alike. Each child (``python -m bench.fresh --child``) times:
 
-* ``imports``: ``import celery`` and the backend's module (with its driver);
+* ``imports``: ``import celery`` and the backend's module with its driver
+  (Celery's Redis backend imports ``redis`` with its module; sql+ and db+
+  import SQLAlchemy's dialect and the driver when they first connect, so
+  the child imports those here, for every backend alike);
 * ``first``: building the app's backend and its first ``get_task_meta`` of a
   stored id: connect, session set-up, schema check, reading the layout;
 * ``join``: in another child, the first thing done is ``backend.get_many``
@@ -87,6 +90,13 @@ def _floor(kind: str, url: str, task_id: str) -> dict[str, float]:
     return out
 
 
+def _import_driver(url: str) -> None:
+    """Import SQLAlchemy's dialect for ``url`` and its driver (sql+ and db+ import them late)."""
+    import sqlalchemy as sa
+
+    sa.engine.make_url(url.split("+", 1)[1]).get_dialect().import_dbapi()
+
+
 def _child(kind: str, url: str, ids_file: str, mode: str) -> dict[str, float]:
     """Run in the new process: imports, then the first call (``mode`` "get" or "join")."""
     if kind in FLOORS:
@@ -97,6 +107,8 @@ def _child(kind: str, url: str, ids_file: str, mode: str) -> dict[str, float]:
     from celery import Celery
 
     importlib.import_module(_MODULES[kind])
+    if kind != "redis":  # the driver, as importing Celery's Redis backend imports redis
+        _import_driver(url)
     t1 = time.perf_counter()
     ids = json.loads(Path(ids_file).read_text())
     app = Celery("bench-fresh", set_as_current=False)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from .dialects import Dialect
 from .schema import Tables
 
-__all__ = ["Layout", "missing_columns", "missing_tables", "reflect"]
+__all__ = ["Layout", "missing_columns", "missing_tables", "newest", "reflect"]
 
 #: Task columns whose values can be large (checked against what the column holds).
 _SIZED_COLUMNS = ("result", "traceback", "children", "args", "kwargs", "stamps")
@@ -46,6 +46,24 @@ class Layout:
     def task_row(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """``values`` without the columns this task table lacks."""
         return {k: v for k, v in values.items() if k in self.task_columns}
+
+
+def newest(tables: Tables) -> Layout:
+    """The layout as our newest revision makes it, assumed by a task read before reflecting.
+
+    Only reads may use it: what a write needs to know (how ``id`` is made,
+    what a column holds) is not assumed. A read it does not fit fails with a
+    missing column, and the store reflects then.
+    """
+    return Layout(
+        task_columns=frozenset(tables.task.c.keys()),
+        group_columns=frozenset(tables.group.c.keys()),
+        task_seq=False,
+        group_seq=False,
+        has_chord=True,
+        has_chord_part=True,
+        has_part_index=True,
+    )
 
 
 def reflect(conn: Connection, tables: Tables, dialect: Dialect) -> Layout | None:

@@ -31,7 +31,7 @@ from . import fastpath, lease
 from .dialects import Dialect, Expiry
 from .engine import get_engine, is_current
 from .exceptions import ResultTooLarge, SchemaMissing
-from .layout import Layout, missing_columns, missing_tables, reflect
+from .layout import Layout, missing_columns, missing_tables, newest, reflect
 from .notices import Notices
 from .schema import Tables, build_tables
 from .settings import Settings
@@ -80,6 +80,10 @@ class Store:
             columns=lambda: None if self._known is None else self._known.layout.task_columns,
         )
         self._known: Statements | None = None  # the layout's statements (None: reflect first)
+        # A task read before anything is reflected assumes the newest layout, until one
+        # finds a column missing (tables of an older Celery that could not be altered).
+        self._assumed: Statements | None = None
+        self._may_assume = True
         self._known_lock = threading.Lock()
         self._engine: tuple[int, Engine] | None = None
         self._resolved = False  # the dialect asked the server what it is (Galera?)
@@ -155,7 +159,7 @@ class Store:
                 row["task_id"] = task_id
             return row
 
-        return self._read(read, None)
+        return self._read(read, None, assume=True)
 
     def get_ready(self, task_ids: Sequence[str], extended: bool = True) -> list[RowMapping]:
         """Rows of the given tasks that are in a ready state, one query per batch of ids."""
@@ -168,7 +172,7 @@ class Store:
                 out.extend(r._mapping for r in conn.execute(stmt, {"ids": chunk}))
             return out
 
-        return self.run(read, []) if task_ids else []
+        return self.run(read, [], assume=True) if task_ids else []
 
     def task_exists(self, task_id: str) -> bool:
         return bool(
@@ -389,6 +393,7 @@ class Store:
     def forget_layout(self) -> None:
         """Reflect again on next use (after DDL, or when a table vanished)."""
         self._known = None
+        self._assumed = None
 
     def missing_tables(self, conn: Connection) -> list[sa.Table]:
         """Tables of ours that do not exist."""
@@ -408,23 +413,48 @@ class Store:
         lease.release(self.engine)
         return self.engine.connect()
 
-    def run(self, fn: Callable[[Connection, Statements], T], default: T) -> T:
+    def run(self, fn: Callable[[Connection, Statements], T], default: T, assume: bool = False) -> T:
         """Run ``fn`` on a connection of its own; a missing table means "nothing there"."""
         with self.connect() as conn:
-            return self._read(lambda statements: fn(conn, statements), default, conn)
+            return self._read(lambda statements: fn(conn, statements), default, conn, assume)
 
-    def _read(self, fn: Callable[[Statements], T], default: T, conn: Connection | None = None) -> T:
-        """Run ``fn`` (which takes its own connection); ``default`` if a table is missing."""
-        statements = self.statements(conn)
+    def _read(
+        self,
+        fn: Callable[[Statements], T],
+        default: T,
+        conn: Connection | None = None,
+        assume: bool = False,
+    ) -> T:
+        """Run ``fn`` (which takes its own connection); ``default`` if a table is missing.
+
+        ``assume``: a read that may run with the newest layout while none is
+        reflected yet, which spares a new process's first read the catalog
+        queries; should a column be missing, it runs again on the reflected one.
+        """
+        assumed = assume and self._known is None and self._may_assume
+        statements = self._newest() if assumed else self.statements(conn)
         if statements is None:
             return default
         try:
             return fn(statements)
         except DBAPIError as exc:
+            if assumed and self.dialect.is_missing_column(exc):
+                self._may_assume = False
+                return self._read(fn, default, conn)
             if not self.dialect.is_missing_table(exc):
                 raise
             self.forget_layout()
             return default
+
+    def _newest(self) -> Statements:
+        """The statements for the newest layout, built for the dialect the server resolved."""
+        self.engine  # noqa: B018 (resolves the dialect: a Galera node, a transaction pooler)
+        assumed = self._assumed
+        if assumed is None:
+            assumed = self._assumed = Statements(
+                self.tables, self.dialect, newest(self.tables), self.channel
+            )
+        return assumed
 
     def _write(self, fn: Callable[[Statements], None]) -> None:
         """Run ``fn``; if the tables are missing, have them created and run it once more."""

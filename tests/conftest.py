@@ -187,6 +187,43 @@ def raw_engine(db_url: str) -> sa.Engine:
     return sa.create_engine(db_url, poolclass=sa.pool.NullPool)
 
 
+def old_celery_tables(engine: sa.Engine, task_id: str, result: bytes) -> None:
+    """Celery 5.4's tables (no ``children``/``stamps``, no extended columns), one result in."""
+    md = sa.MetaData()
+    seq = sa.Sequence("task_id_sequence")
+    old_task = sa.Table(
+        "celery_taskmeta",
+        md,
+        sa.Column("id", sa.Integer, seq, primary_key=True),
+        sa.Column("task_id", sa.String(155), unique=True),
+        sa.Column("status", sa.String(50)),
+        sa.Column("result", sa.LargeBinary),
+        sa.Column("date_done", sa.DateTime),
+        sa.Column("traceback", sa.Text),
+        sqlite_autoincrement=True,
+    )
+    sa.Table(
+        "celery_tasksetmeta",
+        md,
+        sa.Column("id", sa.Integer, sa.Sequence("taskset_id_sequence"), primary_key=True),
+        sa.Column("taskset_id", sa.String(155), unique=True),
+        sa.Column("result", sa.LargeBinary),
+        sa.Column("date_done", sa.DateTime),
+        sqlite_autoincrement=True,
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            old_task.insert().values(
+                id=seq.next_value() if engine.dialect.supports_sequences else None,
+                task_id=task_id,
+                status="SUCCESS",
+                result=result,
+                date_done=sa.func.now(),
+            )
+        )
+
+
 def session_id(conn: sa.Connection, db_kind: str) -> int:
     """The server's id of ``conn``'s session (PostgreSQL backend pid, MySQL connection id)."""
     own = "SELECT pg_backend_pid()" if db_kind == "postgresql" else "SELECT CONNECTION_ID()"

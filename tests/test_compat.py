@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.result import GroupResult
 
-from .conftest import OTHER_SCHEMA, raw_engine, table_names
+from .conftest import OTHER_SCHEMA, old_celery_tables, raw_engine, table_names
 from .conftest import task_request as request
 
 
@@ -80,29 +80,7 @@ def test_adopts_tables_of_an_older_celery_without_new_columns(
 ) -> None:
     """Tables from Celery 5.4 (no children/stamps columns, no extended columns) keep working."""
     eng = raw_engine(db_url)
-    md = sa.MetaData()
-    seq = sa.Sequence("task_id_sequence")
-    old_task = sa.Table(
-        "celery_taskmeta",
-        md,
-        sa.Column("id", sa.Integer, seq, primary_key=True),
-        sa.Column("task_id", sa.String(155), unique=True),
-        sa.Column("status", sa.String(50)),
-        sa.Column("result", sa.LargeBinary),
-        sa.Column("date_done", sa.DateTime),
-        sa.Column("traceback", sa.Text),
-        sqlite_autoincrement=True,
-    )
-    md.create_all(eng)
-    with eng.begin() as conn:
-        conn.execute(
-            old_task.insert().values(
-                id=seq.next_value() if eng.dialect.supports_sequences else None,
-                task_id="legacy",
-                status="SUCCESS",
-                result=b'"kept"',
-            )
-        )
+    old_celery_tables(eng, "legacy", b'"kept"')
     app = make_app(result_extended=True)
     backend = app.backend
     assert backend.get_task_meta("legacy")["result"] == "kept"

@@ -23,7 +23,7 @@ from celery_sqlresults.dialects import dialect_for
 from celery_sqlresults.dialects.base import Dialect
 from celery_sqlresults.schema import build_tables
 
-from .conftest import ROOT, raw_engine, store_later
+from .conftest import ROOT, old_celery_tables, raw_engine, store_later
 from .test_compat import db_plus_app
 
 _FIRST_CALL = textwrap.dedent(
@@ -176,3 +176,57 @@ def test_a_join_read_before_subscribing_still_wakes(
     joined = dict(backend.get_many({"r0", "late"}, timeout=15, interval=60))
     assert joined["late"]["result"] == 7 and joined["r0"]["result"] == 0
     assert backend._waiter._thread is not None  # it waited on a notification
+
+
+#: What reading the tables' layout sends, on each database.
+_CATALOG = ("pg_attribute", "information_schema", "pragma", "max_allowed_packet", "pg_class")
+
+
+def _statements(app: Celery) -> list[str]:
+    """Every statement the app's backend sends from now on (listeners force the normal path)."""
+    seen: list[str] = []
+    sa.event.listen(
+        app.backend.store.engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *_: seen.append(" ".join(statement.split()).lower()),
+    )
+    return seen
+
+
+def test_a_first_read_assumes_the_newest_layout(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """A new process's first read and first join send no catalog query: they assume the
+    tables our revisions make, which start-up has just checked."""
+    make_app(result_extended=True).backend.store_result("stored", {"v": 1}, "SUCCESS")
+    app = make_app(result_extended=True)
+    sent = _statements(app)
+    assert app.backend.get_task_meta("stored")["result"] == {"v": 1}
+    assert app.backend.get_task_meta("absent")["status"] == "PENDING"
+    assert dict(app.backend.get_many({"stored"}, timeout=5))["stored"]["result"] == {"v": 1}
+    assert len(sent) == 3 and all("celery_taskmeta" in s for s in sent)
+    assert not [s for s in sent if any(word in s for word in _CATALOG)]
+    app.backend.store_result("later", 2, "SUCCESS")  # a write reflects: it needs the truth
+    assert [s for s in sent if any(word in s for word in _CATALOG)]
+    assert app.backend.get_task_meta("later")["result"] == 2
+
+
+def test_a_first_read_of_older_tables_reflects_and_answers(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """Tables of an older Celery, not upgraded (no start-up creation here), lack columns the
+    newest layout has: the first read finds one missing, reflects, and reads what is there."""
+    eng = raw_engine(db_url)
+    try:
+        old_celery_tables(eng, "legacy", b'"kept"')
+    finally:
+        eng.dispose()
+    app = make_app(result_extended=True, database_create_tables_on_startup=False)
+    sent = _statements(app)
+    meta = app.backend.get_task_meta("legacy")
+    assert (meta["status"], meta["result"], meta.get("name")) == ("SUCCESS", "kept", None)
+    assert [s for s in sent if any(word in s for word in _CATALOG)]  # it did reflect
+    assert dict(app.backend.get_many({"legacy"}, timeout=5))["legacy"]["result"] == "kept"
+    assert app.backend.get_task_meta("absent")["status"] == "PENDING"
+    fresh = make_app(result_extended=True, database_create_tables_on_startup=False)
+    assert dict(fresh.backend.get_many({"legacy"}, timeout=5))["legacy"]["result"] == "kept"

@@ -434,6 +434,10 @@ class Dialect(abc.ABC):
         """True when ``exc`` says a table does not exist (and nothing else went wrong)."""
 
     @abc.abstractmethod
+    def is_missing_column(self, exc: BaseException) -> bool:
+        """True when ``exc`` says a column does not exist: the table is older than assumed."""
+
+    @abc.abstractmethod
     def permanent_error_fix(self, exc: BaseException) -> str | None:
         """What to do about ``exc`` if waiting cannot fix it (else ``None``: worth a retry).
 

@@ -32,6 +32,7 @@ __all__ = ["MySQL"]
 #: Name of the ``GET_LOCK`` lock that serialises schema changes.
 SCHEMA_LOCK_NAME = "celery_sqlresults.schema"
 _NO_SUCH_TABLE = 1146
+_NO_SUCH_COLUMN = 1054  # ER_BAD_FIELD_ERROR, "Unknown column"
 _LOCK_WAIT_TIMEOUT = 1205  # row and metadata locks
 #: Error numbers waiting cannot fix: unknown database, access denied (login, socket auth,
 #: database), unknown host (mysqlclient's; PyMySQL says 2003 with the resolver's text).
@@ -273,6 +274,9 @@ class MySQL(Dialect):
 
     def is_missing_table(self, exc: BaseException) -> bool:
         return driver_error(exc) is not None and error_number(exc) == _NO_SUCH_TABLE
+
+    def is_missing_column(self, exc: BaseException) -> bool:
+        return driver_error(exc) is not None and error_number(exc) == _NO_SUCH_COLUMN
 
     def permanent_error_fix(self, exc: BaseException) -> str | None:
         code = error_number(exc)

@@ -29,6 +29,7 @@ __all__ = ["AUTOVACUUM", "PostgreSQL", "TransactionPooled"]
 #: Stable key of the advisory lock that serialises schema changes ("SQLR").
 SCHEMA_LOCK_KEY = 0x53514C52
 _UNDEFINED_TABLE = "42P01"
+_UNDEFINED_COLUMN = "42703"
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
 _READ_ONLY = "25006"  # a write on a standby (or a read-only session)
 FIX_STANDBY = (
@@ -319,6 +320,9 @@ class PostgreSQL(OnConflict):
 
     def is_missing_table(self, exc: BaseException) -> bool:
         return _sqlstate(exc) == _UNDEFINED_TABLE
+
+    def is_missing_column(self, exc: BaseException) -> bool:
+        return _sqlstate(exc) == _UNDEFINED_COLUMN
 
     def permanent_error_fix(self, exc: BaseException) -> str | None:
         if _sqlstate(exc) == _READ_ONLY:

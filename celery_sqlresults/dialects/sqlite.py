@@ -17,6 +17,7 @@ from .base import Expiry, OnConflict, error_text
 __all__ = ["SQLite"]
 
 _MISSING_TABLE = re.compile(r"no such table|doesn't exist|does not exist|undefined_?table", re.I)
+_MISSING_COLUMN = re.compile(r"no such column", re.I)
 _BUSY = re.compile(r"database is locked|database table is locked", re.I)
 _UNOPENABLE = re.compile(r"unable to open database file", re.I)
 _FIX_PATH = (
@@ -143,6 +144,9 @@ class SQLite(OnConflict):
 
     def is_missing_table(self, exc: BaseException) -> bool:
         return _driver_says(exc, _MISSING_TABLE)
+
+    def is_missing_column(self, exc: BaseException) -> bool:
+        return _driver_says(exc, _MISSING_COLUMN)
 
     def permanent_error_fix(self, exc: BaseException) -> str | None:
         return _FIX_PATH if _UNOPENABLE.search(error_text(exc)) else None
