@@ -49,15 +49,16 @@ class Layout:
 
 
 def newest(tables: Tables) -> Layout:
-    """The layout as our newest revision makes it, assumed by a task read before reflecting.
+    """The task table as our newest revision makes it, assumed by a task read before reflecting.
 
-    Only reads may use it: what a write needs to know (how ``id`` is made,
-    what a column holds) is not assumed. A read it does not fit fails with a
-    missing column, and the store reflects then.
+    Only task reads may use it: what a write needs to know (how ``id`` is made,
+    what a column holds) is not assumed, nor anything of the other tables
+    (which stay unbuilt). A read it does not fit fails with a missing column,
+    and the store reflects then.
     """
     return Layout(
         task_columns=frozenset(tables.task.c.keys()),
-        group_columns=frozenset(tables.group.c.keys()),
+        group_columns=frozenset(),
         task_seq=False,
         group_seq=False,
         has_chord=True,

@@ -14,7 +14,9 @@ the revisions get a database there, and a test checks they agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,7 +50,6 @@ def utc_now() -> datetime:
 _Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
-@dataclass(frozen=True)
 class Tables:
     """The tables of one configuration, in their own ``MetaData``.
 
@@ -58,18 +59,47 @@ class Tables:
     invisible to Celery's ``db+``. ``version`` names the
     table holding our schema revision (Alembic's ``version_table``, kept in
     the task table's schema and managed by Alembic, not part of ``metadata``).
+
+    Each table is built on first use: a new process whose first call reads a
+    task builds only the task table (a ``Table`` costs more to build than the
+    read does to run).
     """
 
-    metadata: sa.MetaData
-    task: sa.Table
-    group: sa.Table
-    chord: sa.Table
-    chord_part: sa.Table
-    version: str = DEFAULT_NAMES["version"]
+    def __init__(self, names: dict[str, str], schemas: dict[str, str | None]) -> None:
+        self.metadata = sa.MetaData()
+        self.version = names["version"]
+        self._names = names
+        self._schemas = {"task": schemas.get("task"), "group": schemas.get("group")}
+        self._lock = threading.Lock()
+
+    @functools.cached_property
+    def task(self) -> sa.Table:
+        return self._build("task", _task_table)
+
+    @functools.cached_property
+    def group(self) -> sa.Table:
+        return self._build("group", _group_table)
+
+    @functools.cached_property
+    def chord(self) -> sa.Table:
+        return self._build("chord", _chord_table)
+
+    @functools.cached_property
+    def chord_part(self) -> sa.Table:
+        return self._build("chord_part", _chord_part_table)
 
     @property
     def all(self) -> tuple[sa.Table, ...]:
         return (self.task, self.group, self.chord, self.chord_part)
+
+    @property
+    def fullnames(self) -> tuple[str, ...]:
+        """The four tables' schema-qualified names, without building them."""
+        out = []
+        for key in ("task", "group", "chord", "chord_part"):
+            schema = self._schemas["task" if key == "task" else "group"]
+            out.append(self._names[key] if schema is None else f"{schema}.{self._names[key]}")
+        return tuple(out)
 
     @property
     def growing(self) -> tuple[sa.Table, ...]:
@@ -87,6 +117,16 @@ class Tables:
             "chord_part": (self.chord_part, self.chord_part.c.date_created),
         }
 
+    def _build(
+        self, key: str, make: Callable[[sa.MetaData, str, str | None], sa.Table]
+    ) -> sa.Table:
+        """``make`` the table once, whichever thread asks first."""
+        schema = self._schemas["task" if key == "task" else "group"]
+        name = self._names[key]
+        with self._lock:
+            made = self.metadata.tables.get(name if schema is None else f"{schema}.{name}")
+            return made if made is not None else make(self.metadata, name, schema)
+
 
 def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:
     """Celery's surrogate key: a named sequence where the database has them."""
@@ -98,15 +138,15 @@ def _id_column(sequence: str, schema: str | None) -> sa.Column[int]:
 def build_tables(
     names: dict[str, str] | None = None, schemas: dict[str, str | None] | None = None
 ) -> Tables:
-    """Build the tables for the given ``database_table_names``/``database_table_schemas``."""
-    names = {**DEFAULT_NAMES, **(names or {})}
-    schemas = schemas or {}
-    md = sa.MetaData()
-    task_schema, group_schema = schemas.get("task"), schemas.get("group")
+    """The tables for the given ``database_table_names``/``database_table_schemas``."""
+    return Tables({**DEFAULT_NAMES, **(names or {})}, schemas or {})
+
+
+def _task_table(md: sa.MetaData, name: str, schema: str | None) -> sa.Table:
     task = sa.Table(
-        names["task"],
+        name,
         md,
-        _id_column("task_id_sequence", task_schema),
+        _id_column("task_id_sequence", schema),
         sa.Column("task_id", sa.String(155), unique=True),
         sa.Column("status", sa.String(50), default=states.PENDING, index=True),
         sa.Column("result", _Blob, nullable=True),
@@ -123,7 +163,7 @@ def build_tables(
         # Ours (revision 0003); Celery's db+ does not map them.
         sa.Column("date_created", sa.DateTime, nullable=True),
         sa.Column("date_started", sa.DateTime, nullable=True),
-        schema=task_schema,
+        schema=schema,
         sqlite_autoincrement=True,
     )
     # Revision 0006: name globs as prefix matches under any collation (PostgreSQL only).
@@ -132,32 +172,41 @@ def build_tables(
         task.c.name,
         postgresql_ops={"name": "varchar_pattern_ops"},
     ).ddl_if(dialect="postgresql")
-    group = sa.Table(
-        names["group"],
+    return task
+
+
+def _group_table(md: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    return sa.Table(
+        name,
         md,
-        _id_column("taskset_id_sequence", group_schema),
+        _id_column("taskset_id_sequence", schema),
         sa.Column("taskset_id", sa.String(155), unique=True),
         sa.Column("result", _Blob, nullable=True),
         sa.Column("date_done", sa.DateTime, nullable=True, index=True),
-        schema=group_schema,
+        schema=schema,
         sqlite_autoincrement=True,
     )
-    chord = sa.Table(
-        names["chord"],
+
+
+def _chord_table(md: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    return sa.Table(
+        name,
         md,
         sa.Column("group_id", sa.String(155), primary_key=True),
         sa.Column("chord_size", sa.Integer, nullable=True),
         sa.Column("done", sa.Integer, nullable=False, server_default="0"),
         sa.Column("date_created", sa.DateTime, nullable=False, index=True),
-        schema=group_schema,
+        schema=schema,
     )
-    chord_part = sa.Table(
-        names["chord_part"],
+
+
+def _chord_part_table(md: sa.MetaData, name: str, schema: str | None) -> sa.Table:
+    return sa.Table(
+        name,
         md,
         sa.Column("group_id", sa.String(155), primary_key=True),
         sa.Column("task_id", sa.String(155), primary_key=True),
         sa.Column("date_created", sa.DateTime, nullable=False),
         sa.Column("group_index", sa.Integer, nullable=True),
-        schema=group_schema,
+        schema=schema,
     )
-    return Tables(md, task, group, chord, chord_part, names["version"])

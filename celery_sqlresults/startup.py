@@ -51,7 +51,7 @@ _ready_lock = threading.Lock()
 
 
 def _target(store: Store) -> str:
-    return ",".join(t.fullname for t in store.tables.all)
+    return ",".join(store.tables.fullnames)
 
 
 def create_schema(store: Store, trust_version: bool = False) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from celery import states
+from sqlalchemy.sql.compiler import IdentifierPreparer
 
 from .dialects import Dialect
 from .layout import Layout
@@ -49,11 +50,19 @@ def _kept(
 class Statements:
     """The statements for ``tables`` as ``layout`` found them, on ``dialect``."""
 
-    def __init__(self, tables: Tables, dialect: Dialect, layout: Layout, channel: str) -> None:
+    def __init__(
+        self,
+        tables: Tables,
+        dialect: Dialect,
+        layout: Layout,
+        channel: str,
+        quoting: IdentifierPreparer,
+    ) -> None:
         self.tables = tables
         self.dialect = dialect
         self.layout = layout
         self.channel = channel
+        self.quoting = quoting  # the database's rules for quoting names (SQLAlchemy's)
         self._built: dict[Any, Any] = {}
 
     # ---- tasks ----------------------------------------------------------
@@ -76,11 +85,21 @@ class Statements:
 
     @_kept
     def task_read(self, extended: bool) -> sa.Executable:
-        """One task's meta columns (parameter ``task_id``, not selected: it is known)."""
-        t = self.tables.task
+        """One task's meta columns (parameter ``task_id``, not selected: it is known).
+
+        Written as text, quoted by the database's rules, and typed by the table's
+        columns (the values are converted as a select()'s are): a new process's
+        first read would otherwise pay the SQL compiler's first use.
+        """
+        t, q = self.tables.task, self.quoting
         # A column the caller knows costs a driver's metadata parsing per query.
         cols = [c for c in self.meta_columns(extended) if c.name != "task_id"]
-        return sa.select(*cols).where(t.c.task_id == sa.bindparam("task_id"))
+        sql = (
+            f"SELECT {', '.join(q.quote(c.name) for c in cols)} FROM {q.format_table(t)}"
+            f" WHERE {q.quote(t.c.task_id.name)} = :task_id"
+        )
+        task_id = sa.bindparam("task_id", type_=t.c.task_id.type)
+        return sa.text(sql).bindparams(task_id).columns(*cols)
 
     @_kept
     def ready_tasks(self, extended: bool) -> sa.Executable:

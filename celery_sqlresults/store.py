@@ -387,7 +387,7 @@ class Store:
                 else:
                     layout = reflect(conn, self.tables, self.dialect)
                 if layout is not None:
-                    self._known = Statements(self.tables, self.dialect, layout, self.channel)
+                    self._known = self._statements(layout)
             return self._known
 
     def forget_layout(self) -> None:
@@ -451,10 +451,12 @@ class Store:
         self.engine  # noqa: B018 (resolves the dialect: a Galera node, a transaction pooler)
         assumed = self._assumed
         if assumed is None:
-            assumed = self._assumed = Statements(
-                self.tables, self.dialect, newest(self.tables), self.channel
-            )
+            assumed = self._assumed = self._statements(newest(self.tables))
         return assumed
+
+    def _statements(self, layout: Layout) -> Statements:
+        quoting = self.engine.dialect.identifier_preparer
+        return Statements(self.tables, self.dialect, layout, self.channel, quoting)
 
     def _write(self, fn: Callable[[Statements], None]) -> None:
         """Run ``fn``; if the tables are missing, have them created and run it once more."""
