@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from celery_sqlresults.cli import results
 from celery_sqlresults.dialects import Galera, MySQL
+from celery_sqlresults.dialects.galera import is_galera
 from celery_sqlresults.migrate import head
 
 from .conftest import REDIS_URL, Worker, client_app
@@ -94,6 +95,13 @@ def test_bad_galera_setting_is_refused_by_name(url: str, value: object, message:
 
     with pytest.raises(ImproperlyConfigured, match=message):
         _ = app_on(url, sqlresults_galera=value).backend
+
+
+@pytest.mark.parametrize("db_kind", ["mysql"])
+def test_a_plain_mariadb_is_not_taken_for_galera(make_app: Callable[..., Celery]) -> None:
+    backend = make_app().backend
+    assert not is_galera(backend.store.engine)
+    assert type(backend.store.dialect) is MySQL
 
 
 def test_galera_is_detected_and_can_be_forced_or_refused(galera: Cluster) -> None:

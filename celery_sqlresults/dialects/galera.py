@@ -42,6 +42,7 @@ RENEW_SECONDS = 5.0
 _SYNC_READS = "SET SESSION wsrep_sync_wait = 1"
 _DEADLOCK = 1213
 _DUPLICATE = 1062
+_UNKNOWN_VARIABLE = 1193  # MySQL has no wsrep_on
 #: Errors a DDL statement meets while the cluster orders another node's DDL: try again.
 _DDL_RACE = {_DEADLOCK, 1684, 1205, 1047}
 
@@ -54,20 +55,24 @@ def is_galera(engine: Engine) -> bool:
     """Whether ``engine``'s server replicates with Galera (``wsrep_on``; absent on MySQL).
 
     Asked on the driver's own cursor, as SQLAlchemy asks for the server's
-    version: part of setting the engine up, not a statement of ours.
+    version: part of setting the engine up, not a statement of ours. Read as
+    ``@@wsrep_on``, not with ``SHOW VARIABLES``, which scans every variable:
+    part of a new process's first call.
     """
     dbapi_error = engine.dialect.loaded_dbapi.Error
     with engine.connect() as conn:  # connection errors come wrapped, as from any statement
         cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+            cur.execute("SELECT @@wsrep_on")
             row = cur.fetchone()
         except dbapi_error as exc:
+            if error_number(exc) == _UNKNOWN_VARIABLE:
+                return False
             conn.invalidate(exc)
             raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
         finally:
             cur.close()
-    return row is not None and str(row[1]).upper() == "ON"
+    return row is not None and str(row[0]).upper() in ("1", "ON")
 
 
 class Galera(MySQL):
