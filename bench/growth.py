@@ -575,6 +575,36 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "—" if not a or not b else f"{a / b:.2f}x"
 
 
+def _taken(results: dict[str, Any], parts: list[str], kind: str, argv: list[str] | None) -> None:
+    """Record when, by which command and on which server settings a part's figures were taken.
+
+    A merged report holds figures of several runs; the header's servers line is
+    only the last run's.
+    """
+    server = "; ".join(f"{k} {v}" for k, v in server_versions([kind]).items() if k != "Redis")
+    command = shlex.join(argv if argv is not None else sys.argv[1:])
+    at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for part in parts:
+        results.setdefault("taken", {}).setdefault(part, {})[kind] = {
+            "at": at,
+            "args": command,
+            "server": server,
+        }
+
+
+def _provenance(results: dict[str, Any]) -> list[str]:
+    taken = results.get("taken", {})
+    if not taken:
+        return []
+    lines = ["Where each part's figures come from (this report merges runs):", ""]
+    lines += ["| part | database | taken | arguments | server |", "|---|---|---|---|---|"]
+    for part in PARTS:
+        for kind, run in taken.get(part, {}).items():
+            name = config.SERVER_TITLES.get(kind, kind)
+            lines.append(f"| {part} | {name} | {run['at']} | `{run['args']}` | {run['server']} |")
+    return [*lines, ""]
+
+
 def render(results: dict[str, Any], command: str, plots: list[str], servers: dict[str, str]) -> str:
     load = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     lines = header(
@@ -589,6 +619,7 @@ def render(results: dict[str, Any], command: str, plots: list[str], servers: dic
         "The backends took turns within each part, so a busy moment of the machine fell",
         "on all of them alike; docs/growth.md says what else ran while these were taken.",
         "",
+        *_provenance(results),
     ]
     fresh = results.get("fresh", {})
     if fresh:
@@ -802,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
         default="ours",
         help="PostgreSQL churn with revision 0008's autovacuum settings, or the server's",
     )
-    parser.add_argument("--fresh", type=int, default=7, help="fresh processes per backend")
+    parser.add_argument(
+        "--fresh", type=int, default=21, help="fresh processes per backend (fewer: noisier medians)"
+    )
     parser.add_argument("--writers", default="1,2,4,8", help="children storing at once")
     parser.add_argument("--writes", type=int, default=2000, help="results per child")
     parser.add_argument("--writer-repeats", type=int, default=2)
@@ -860,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.writer_repeats,
                     tmp,
                 )
+            _taken(results, [p for p in parts if p != "writers" or kind != "sqlite"], kind, argv)
             figures.write_text(json.dumps(results, indent=1, default=str))
     plots = plot_all(json.loads(figures.read_text()), PREFIX, out.parent)  # beside the report
     command = "python -m bench.growth " + shlex.join(argv if argv is not None else sys.argv[1:])
