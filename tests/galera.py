@@ -29,8 +29,9 @@ from .conftest import IN_CI, ROOT, TEST_DB
 SCRIPT = ROOT / "scripts" / "galera.sh"
 CLUSTER_ROOT = Path(os.environ.get("GALERA_ROOT", "/tmp/sqlr-galera"))
 PORTS = (33061, 33062, 33063)
-#: HAProxy's port in front of the three nodes.
-PROXY_PORT = 33060
+#: HAProxy's port in front of the three nodes. Below Linux's ephemeral range (32768 and
+#: up): HAProxy starts late in a run, when a client socket may hold any port in that range.
+PROXY_PORT = 23060
 
 
 def _unavailable(what: str) -> None:
