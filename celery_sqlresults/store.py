@@ -424,12 +424,16 @@ class Store:
         default: T,
         conn: Connection | None = None,
         assume: bool = False,
+        again: bool = True,
     ) -> T:
         """Run ``fn`` (which takes its own connection); ``default`` if a table is missing.
 
         ``assume``: a read that may run with the newest layout while none is
         reflected yet, which spares a new process's first read the catalog
-        queries; should a column be missing, it runs again on the reflected one.
+        queries. A column found missing (the newest layout assumed, or a
+        column dropped since the layout was reflected) makes it run once more
+        on the tables as they are now, rather than fail, or be retried, on
+        statements that can never succeed.
         """
         assumed = assume and self._known is None and self._may_assume
         statements = self._newest() if assumed else self.statements(conn)
@@ -438,9 +442,12 @@ class Store:
         try:
             return fn(statements)
         except DBAPIError as exc:
-            if assumed and self.dialect.is_missing_column(exc):
-                self._may_assume = False
-                return self._read(fn, default, conn)
+            if again and self.dialect.is_missing_column(exc):
+                if assumed:
+                    self._may_assume = False
+                else:
+                    self.forget_layout()
+                return self._read(fn, default, conn, again=False)
             if not self.dialect.is_missing_table(exc):
                 raise
             self.forget_layout()

@@ -142,3 +142,22 @@ def test_autocommit_turned_off_still_commits(make_app: Callable[..., Celery], db
         assert pooled.dbapi_connection.info.transaction_status.name == "IDLE"
     finally:
         pooled.close()
+
+
+def test_a_column_dropped_behind_our_back_is_met_once(
+    make_app: Callable[..., Celery], db_url: str
+) -> None:
+    """A write or read whose kept layout names a column dropped since runs again on the
+    tables as they are: nothing fails, and nothing waits out the retry timeout."""
+    app = make_app(result_extended=True, sqlresults_retry_timeout=1)
+    backend = app.backend
+    backend.store_result("before", 1, states.SUCCESS, request=task_request())
+    assert backend.get_task_meta("before", cache=False)["worker"] == "w1@host"  # layout kept
+    eng = raw_engine(db_url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE celery_taskmeta DROP COLUMN worker")
+    eng.dispose()
+    backend.store_result("after", 2, states.SUCCESS, request=task_request())
+    meta = backend.get_task_meta("after", cache=False)
+    assert (meta["result"], meta["name"], meta.get("worker")) == (2, "proj.add", None)
+    assert backend.get_task_meta("before", cache=False)["result"] == 1

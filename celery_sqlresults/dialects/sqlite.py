@@ -17,7 +17,7 @@ from .base import Expiry, OnConflict, error_text
 __all__ = ["SQLite"]
 
 _MISSING_TABLE = re.compile(r"no such table|doesn't exist|does not exist|undefined_?table", re.I)
-_MISSING_COLUMN = re.compile(r"no such column", re.I)
+_MISSING_COLUMN = re.compile(r"no such column|has no column named", re.I)
 _BUSY = re.compile(r"database is locked|database table is locked", re.I)
 _UNOPENABLE = re.compile(r"unable to open database file", re.I)
 _FIX_PATH = (
